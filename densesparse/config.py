@@ -1,0 +1,99 @@
+"""One config object per command: the single source of the CLI flags, the saved recipe and the Python API."""
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field
+
+from densesparse.errors import DenseSparseError
+
+GROUPINGS = ("coactivation", "weights", "contiguous")
+DEFAULT_SWEEP = (1.0, 0.75, 0.5, 0.35, 0.25)
+
+
+def opt(default, help: str, flag: str | None = None):
+    """A config field that also describes its CLI option."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+class ConfigError(DenseSparseError):
+    pass
+
+
+@dataclass
+class ConvertConfig:
+    model: str | None = opt(None, "Hugging Face model directory (safetensors) or .gguf file; default: the "
+                                  "embedded SmolLM2-135M-Instruct.")
+    out: str = opt("sparse", "Output directory of the sparse model.")
+    data: list[str] | None = opt(None, "Calibration text files (repeatable); default: the shipped calibration/ corpus.")
+    calib_tokens: int = opt(65536, "Calibration tokens to run through the dense model.")
+    seq_len: int = opt(512, "Calibration window length in tokens.")
+    grouping: str = opt("coactivation", "Neuron grouping: coactivation | weights | contiguous.")
+    expert_size: int = opt(8, "Neurons per expert.")
+    shared_experts: int = opt(0, "Always-on experts made of the most often active neurons (CMoE/DeepSeekMoE).")
+    router_width: int = opt(64, "Hidden width of each layer's 2-layer router.")
+    router_epochs: int = opt(30, "Router training epochs over the calibration tokens.")
+    down_skip: bool = opt(True, "Also skip down-projection rows whose activation is tiny inside chosen experts "
+                                "(exact, no prediction).")
+    mlp_flops: float = opt(0.5, "Default MLP FLOPs budget the model loads with (fraction of dense, router included).")
+    min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
+    seed: int = opt(0, "Seed of every random choice (torch.Generator, recorded in the output).")
+    trust_remote_code: bool = opt(False, "Allow the source model's own remote code (off by default).")
+    allow_pickle: bool = opt(False, "Allow loading a pickle-only (.bin) checkpoint (unsafe; off by default).")
+
+    def validate(self) -> "ConvertConfig":
+        if self.grouping not in GROUPINGS:
+            raise ConfigError(f"--grouping {self.grouping!r} is unknown: choose one of {', '.join(GROUPINGS)}")
+        if self.expert_size < 1:
+            raise ConfigError(f"--expert-size {self.expert_size} must be a positive number of neurons")
+        for name in ("mlp_flops", "min_budget"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} {v} is outside (0, 1]: give a fraction of the "
+                                  "dense MLP FLOPs, e.g. 0.5")
+        if self.calib_tokens < 256 or self.seq_len < 16:
+            raise ConfigError("--calib-tokens must be at least 256 and --seq-len at least 16")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CalibrateConfig:
+    sparse_dir: str = opt(MISSING, "Sparse model directory written by `densesparse convert`.")
+    data: list[str] | None = opt(None, "Calibration text files; default: the shipped calibration/ corpus.")
+    calib_tokens: int = opt(65536, "Calibration tokens.")
+    seq_len: int = opt(512, "Calibration window length in tokens.")
+    router_epochs: int = opt(30, "Router training epochs.")
+    refit_routers: bool = opt(True, "Refit the routers (else only the thresholds).")
+    mlp_flops: float | None = opt(None, "New default MLP FLOPs budget (default: keep the saved one).")
+    min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
+    seed: int = opt(0, "Seed (recorded in the output).")
+
+    def validate(self) -> "CalibrateConfig":
+        for name in ("mlp_flops", "min_budget"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 < v <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} {v} is outside (0, 1]: give a fraction, e.g. 0.5")
+        return self
+
+
+@dataclass
+class EvalConfig:
+    model: str = opt(MISSING, "Sparse model directory (or a dense model, which is evaluated dense).")
+    data: list[str] | None = opt(None, "Evaluation text files; default: the shipped calibration/ corpus "
+                                       "(better: your own held-out text).")
+    sweep: str = opt(",".join(str(x) for x in DEFAULT_SWEEP), "Comma-separated MLP FLOPs budgets to evaluate.")
+    max_tokens: int | None = opt(None, "Evaluate at most this many tokens.")
+    seq_len: int = opt(1024, "Evaluation window length in tokens.")
+    json: str | None = opt(None, "Write the report as JSON here.")
+    plot: str | None = opt(None, "Write the PPL-vs-FLOPs plot (PNG) here; default: next to --json.")
+
+    def budgets(self) -> list[float]:
+        try:
+            values = [float(v) for v in self.sweep.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--sweep {self.sweep!r} must be comma-separated numbers in (0, 1]") from None
+        if not values or any(not 0.0 < v <= 1.0 for v in values):
+            raise ConfigError(f"--sweep {self.sweep!r}: every budget must be in (0, 1], e.g. 1,0.5,0.25")
+        return values
+

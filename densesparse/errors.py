@@ -1,0 +1,2 @@
+class DenseSparseError(Exception):
+    """A user-facing error: its message is one line that names the problem and the fix."""

@@ -1,0 +1,469 @@
+"""Triton kernels for the expert-sparse MLP on CUDA (imported lazily, only when tensors are on CUDA).
+
+Public API:
+    route(x, r_w1, r_b1, r_w2, r_b2, threshold) -> mask [T, n_e] bool   (sync-free, graph-capturable)
+    pack(w_gate, w_up, w_down_t, e, n_shared) -> dict                    (kernel weight layout, built once)
+    sparse_mlp(x, packed, b_gate, b_up, b_down, mask, tau, act) -> y [T, d]
+
+Layout built by pack(): w_gu [nb, NW, e, d] with nb = m // e blocks (the n_shared shared blocks first, then the
+n_e experts), NW = 2 (gate rows then up rows of the block, contiguous) or 1 (non-gated, up rows only).
+Neuron n lives in block b = n // e at j = n % e; its gate row is b*NW*e + j, its up row b*NW*e + (NW-1)*e + j
+of w_gu viewed as [nb*NW*e, d]. w_down_t [m, d] is kept as given (row per neuron, already contiguous per expert).
+
+Paths (chosen by T on the host, no device sync):
+  * T <= DECODE_MAX_T: Triton. Kernel 1 (_gate_up_kernel): one program per tile of BN neurons, gate+up gather
+    GEMV/GEMM over the union of the tokens' experts (unselected rows are predicated-off loads: no bytes move;
+    tiles with no selected row exit at once), act(gate)*up, per-token mask and tau, h fp32 [T, m].
+    Kernel 2 (_down_kernel): split-K over neurons x column blocks of d, gathers rows of w_down_t of selected
+    neurons, fp32 atomics into a per-layer workspace; the last program of each column block (atomic counter)
+    adds b_down, writes y in the input dtype and re-zeroes the workspace and counter for the next call.
+  * T > DECODE_MAX_T (prefill): dense cuBLAS over the packed [2m, d] matrix, one fused Triton kernel for
+    act*up*mask*tau, cuBLAS for the down projection (dense-with-mask: measured faster than skipping, see
+    bench/GPU_NOTES.md).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+_ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
+
+# Largest token count that takes the Triton decode kernels (BT = 16 rows of a tensor-core tile).
+DECODE_MAX_T = 16
+
+# Tunables (the bench may override them to sweep; keys are read at every call).
+CONFIG = {
+    "gu_BN": 16, "gu_BK": 256, "gu_warps": 4, "gu_stages": 4,
+    "dn_BN": 16, "dn_BD": 256, "dn_KCHUNK": 256, "dn_warps": 4, "dn_stages": 4,
+    "r1_BR": 16, "r1_SPLIT": 8, "r2_BE": 16, "sel_BLOCK": 1024,
+}
+_BT = 16
+_CNT_MIN_BD = 32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _act(v, ACT: tl.constexpr):
+    if ACT == 0:  # silu
+        return v / (1.0 + tl.exp(-v))
+    elif ACT == 1:  # gelu, tanh approximation
+        a = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        th = 2.0 / (1.0 + tl.exp(-2.0 * a)) - 1.0
+        return 0.5 * v * (1.0 + th)
+    elif ACT == 2:  # exact gelu
+        return 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+    else:  # relu
+        return tl.maximum(v, 0.0)
+
+
+@triton.jit
+def _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e):
+    """[BT, BN] bool: token t computes neuron n (its expert selected, or n shared)."""
+    b = n // e
+    ex = b - n_shared
+    valid_n = n < m
+    tok_ok = offs_t < T
+    ld = tok_ok[:, None] & (valid_n & (ex >= 0))[None, :]
+    sel = tl.load(mask_ptr + offs_t[:, None] * n_e + ex[None, :], mask=ld, other=0) != 0
+    shared = (b < n_shared) & valid_n
+    return sel | (tok_ok[:, None] & shared[None, :])
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, h_ptr,
+                    T, d, m, e, n_shared, n_e,
+                    NW: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
+                    ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid * BN + tl.arange(0, BN)
+    offs_t = tl.arange(0, BT)
+    sel = _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e)
+    row_any = tl.max(sel.to(tl.int32), axis=0) > 0
+    if tl.max(row_any.to(tl.int32), axis=0) > 0:
+        b = n // e
+        j = n - b * e
+        base = b.to(tl.int64) * (NW * e) + j
+        u_row = base + (NW - 1) * e
+        offs_k = tl.arange(0, BK)
+        tok_ok = offs_t < T
+        acc_u = tl.zeros([BT, BN], dtype=tl.float32)
+        acc_g = tl.zeros([BT, BN], dtype=tl.float32)
+        for k0 in range(0, d, BK):
+            k = k0 + offs_k
+            kmask = k < d
+            xv = tl.load(x_ptr + offs_t[:, None] * d + k[None, :], mask=tok_ok[:, None] & kmask[None, :], other=0.0)
+            wm = row_any[:, None] & kmask[None, :]
+            wu = tl.load(w_ptr + u_row[:, None] * d + k[None, :], mask=wm, other=0.0)
+            acc_u += tl.dot(xv, tl.trans(wu))
+            if NW == 2:
+                wg = tl.load(w_ptr + base[:, None] * d + k[None, :], mask=wm, other=0.0)
+                acc_g += tl.dot(xv, tl.trans(wg))
+        nmask = n < m
+        if HAS_BU:
+            acc_u += tl.load(bu_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if NW == 2:
+            if HAS_BG:
+                acc_g += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            h = _act(acc_g, ACT) * acc_u
+        else:
+            h = _act(acc_u, ACT)
+        if HAS_TAU:
+            tau = tl.load(tau_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+            h = tl.where(tl.abs(h) >= tau[None, :], h, 0.0)
+        h = tl.where(sel, h, 0.0)
+        tl.store(h_ptr + offs_t[:, None] * m + n[None, :], h, mask=tok_ok[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, wd_ptr, mask_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr,
+                 T, d, m, e, n_shared, n_e,
+                 HAS_BD: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                 KCHUNK: tl.constexpr):
+    pid_k = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    nk = tl.num_programs(0)
+    offs_t = tl.arange(0, BT)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    dmask = offs_d < d
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    for s in range(0, KCHUNK, BN):
+        n = pid_k * KCHUNK + s + tl.arange(0, BN)
+        sel = _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e)
+        row_any = tl.max(sel.to(tl.int32), axis=0) > 0
+        hv = tl.load(h_ptr + offs_t[:, None] * m + n[None, :], mask=sel, other=0.0)
+        wv = tl.load(wd_ptr + n.to(tl.int64)[:, None] * d + offs_d[None, :],
+                     mask=row_any[:, None] & dmask[None, :], other=0.0)
+        acc += tl.dot(hv.to(wv.dtype), wv)
+    omask = (offs_t < T)[:, None] & dmask[None, :]
+    optr = offs_t[:, None] * d + offs_d[None, :]
+    tl.atomic_add(acc_ptr + optr, acc, mask=omask, sem="relaxed")
+    tl.debug_barrier()
+    cnt = tl.atomic_add(cnt_ptr + pid_d, 1, sem="acq_rel")
+    if cnt == nk - 1:
+        acc_bits = acc_ptr.to(tl.pointer_type(tl.int32))  # read-and-zero through the bit pattern
+        v = tl.atomic_xchg(acc_bits + optr, tl.zeros([BT, BD], dtype=tl.int32), mask=omask, sem="acq_rel")
+        v = v.to(tl.float32, bitcast=True)
+        if HAS_BD:
+            v += tl.load(bd_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + optr, v.to(y_ptr.dtype.element_ty), mask=omask)
+        tl.atomic_xchg(cnt_ptr + pid_d, 0)
+
+
+@triton.jit
+def _mask_act_kernel(z_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, h_ptr,
+                     T, m, e, n_shared, n_e, zw,
+                     NW: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
+                     ACT: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    nmask = n < m
+    b = n // e
+    j = n - b * e
+    base = b * (NW * e) + j
+    ex = b - n_shared
+    sel = tl.load(mask_ptr + t * n_e + ex, mask=nmask & (ex >= 0), other=0) != 0
+    sel = sel | (b < n_shared)
+    u = tl.load(z_ptr + t * zw + base + (NW - 1) * e, mask=nmask & sel, other=0.0).to(tl.float32)
+    if HAS_BU:
+        u += tl.load(bu_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    if NW == 2:
+        g = tl.load(z_ptr + t * zw + base, mask=nmask & sel, other=0.0).to(tl.float32)
+        if HAS_BG:
+            g += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+        h = _act(g, ACT) * u
+    else:
+        h = _act(u, ACT)
+    if HAS_TAU:
+        tau = tl.load(tau_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+        h = tl.where(tl.abs(h) >= tau, h, 0.0)
+    h = tl.where(sel, h, 0.0)
+    tl.store(h_ptr + t * m + n, h.to(h_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _r1_kernel(x_ptr, w1_ptr, part_ptr, T, d, r, KLEN,
+               BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    """part[s, t, i] = sum over the s-th slice of d of x[t, k] * w1[i, k]."""
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)
+    rmask = rows < r
+    offs_t = tl.arange(0, BT)
+    tok_ok = offs_t < T
+    acc = tl.zeros([BT, BR], dtype=tl.float32)
+    k_begin = pid_s * KLEN
+    for k0 in range(0, KLEN, BK):
+        k = k_begin + k0 + tl.arange(0, BK)
+        kmask = (k < d) & (k < k_begin + KLEN)
+        xv = tl.load(x_ptr + offs_t[:, None] * d + k[None, :], mask=tok_ok[:, None] & kmask[None, :], other=0.0)
+        wv = tl.load(w1_ptr + rows[:, None] * d + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc += tl.dot(xv, tl.trans(wv))
+    tl.store(part_ptr + pid_s * T * r + offs_t[:, None] * r + rows[None, :], acc,
+             mask=tok_ok[:, None] & rmask[None, :])
+
+
+@triton.jit
+def _r2_kernel(part_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e, SPLIT,
+               HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+               BT: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr):
+    """logits[t, j] = relu(sum_s part[s, t, :] + b1) . w2[j, :] + b2[j], in fp32."""
+    pid = tl.program_id(0)
+    ex = pid * BE + tl.arange(0, BE)
+    emask = ex < n_e
+    offs_t = tl.arange(0, BT)
+    tok_ok = offs_t < T
+    acc = tl.zeros([BT, BE], dtype=tl.float32)
+    for r0 in range(0, r, BR):
+        offs_r = r0 + tl.arange(0, BR)
+        rmask = offs_r < r
+        h1 = tl.zeros([BT, BR], dtype=tl.float32)
+        for s in range(0, SPLIT):
+            h1 += tl.load(part_ptr + s * T * r + offs_t[:, None] * r + offs_r[None, :],
+                          mask=tok_ok[:, None] & rmask[None, :], other=0.0)
+        if HAS_B1:
+            h1 += tl.load(b1_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)[None, :]
+        h1 = tl.maximum(h1, 0.0)
+        w2 = tl.load(w2_ptr + ex[:, None] * r + offs_r[None, :], mask=emask[:, None] & rmask[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.sum(h1[:, None, :] * w2[None, :, :], axis=2)
+    if HAS_B2:
+        acc += tl.load(b2_ptr + ex, mask=emask, other=0.0).to(tl.float32)[None, :]
+    tl.store(s_ptr + offs_t[:, None] * n_e + ex[None, :], acc, mask=tok_ok[:, None] & emask[None, :])
+
+
+@triton.jit
+def _select_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BLOCK: tl.constexpr):
+    """XMoE rule on softmax(logits[t]): keep j iff the mass of experts with larger p is < thr.
+
+    Sort-free: q = exp(s - max) (monotone in p, all >= 0 so their fp32 bit patterns order like the values);
+    radix-search (4 bits a level, 8 levels) the smallest bit pattern u with mass(q > u) < thr * sum(q);
+    expert j is kept iff bits(q_j) >= u.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    row = s_ptr + t * n_e
+    offs = tl.arange(0, BLOCK)
+    mx = tl.full([BLOCK], float("-inf"), tl.float32)
+    for c in range(0, n_e, BLOCK):
+        v = tl.load(row + c + offs, mask=c + offs < n_e, other=float("-inf"))
+        mx = tl.maximum(mx, v)
+    smax = tl.max(mx, axis=0)
+    zacc = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in range(0, n_e, BLOCK):
+        v = tl.load(row + c + offs, mask=c + offs < n_e, other=float("-inf"))
+        zacc += tl.exp(v - smax)
+    target = thr * tl.sum(zacc, axis=0)
+    digits = tl.arange(0, 16)
+    pre = tl.zeros([1], dtype=tl.int32)
+    if not ALL:
+        for lvl in tl.static_range(8):
+            cand = pre | (digits << (28 - 4 * lvl)) | ((1 << (28 - 4 * lvl)) - 1)
+            mass = tl.zeros([16], dtype=tl.float32)
+            for c in range(0, n_e, BLOCK):
+                v = tl.load(row + c + offs, mask=c + offs < n_e, other=float("-inf"))
+                q = tl.exp(v - smax)
+                qb = q.to(tl.int32, bitcast=True)
+                gt = qb[None, :] > cand[:, None]
+                mass += tl.sum(tl.where(gt, q[None, :], 0.0), axis=1)
+            dsel = tl.min(tl.where(mass < target, digits, 16), axis=0)
+            pre = pre | (dsel << (28 - 4 * lvl))
+    for c in range(0, n_e, BLOCK):
+        msk = c + offs < n_e
+        v = tl.load(row + c + offs, mask=msk, other=float("-inf"))
+        qb = tl.exp(v - smax).to(tl.int32, bitcast=True)
+        keep = qb >= pre
+        if ALL:
+            keep = msk
+        tl.store(out_ptr + t * n_e + c + offs, keep.to(tl.uint8), mask=msk)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host wrappers (raw, not registered)
+# ----------------------------------------------------------------------------------------------------------------
+def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r_b2: Optional[Tensor],
+                threshold: float) -> Tensor:
+    x = x.contiguous()
+    T, d = x.shape
+    r = r_w1.shape[0]
+    n_e = r_w2.shape[0]
+    dev = x.device
+    if T <= _BT:
+        cfg = CONFIG
+        split = cfg["r1_SPLIT"]
+        bk = 128
+        klen = triton.cdiv(triton.cdiv(d, split), bk) * bk
+        split = triton.cdiv(d, klen)
+        part = torch.empty((split, T, r), device=dev, dtype=torch.float32)
+        w1 = r_w1.contiguous()
+        if w1.dtype != x.dtype:
+            w1 = w1.to(x.dtype)
+        _r1_kernel[(triton.cdiv(r, cfg["r1_BR"]), split)](x, w1, part, T, d, r, klen,
+                                                           BT=_BT, BR=cfg["r1_BR"], BK=bk, num_warps=4)
+        logits = torch.empty((T, n_e), device=dev, dtype=torch.float32)
+        dummy = part
+        _r2_kernel[(triton.cdiv(n_e, cfg["r2_BE"]),)](
+            part, r_b1 if r_b1 is not None else dummy, r_w2.contiguous(), r_b2 if r_b2 is not None else dummy,
+            logits, T, r, n_e, split, HAS_B1=r_b1 is not None, HAS_B2=r_b2 is not None,
+            BT=_BT, BE=cfg["r2_BE"], BR=32, num_warps=4)
+    else:
+        h1 = torch.nn.functional.linear(x.float(), r_w1.float(), None if r_b1 is None else r_b1.float()).relu_()
+        logits = torch.nn.functional.linear(h1, r_w2.float(), None if r_b2 is None else r_b2.float()).contiguous()
+    out = torch.empty((T, n_e), device=dev, dtype=torch.uint8)
+    block = min(CONFIG["sel_BLOCK"], triton.next_power_of_2(n_e))
+    _select_kernel[(T,)](logits, out, n_e, float(threshold), ALL=bool(threshold >= 1.0), BLOCK=block,
+                         num_warps=4 if block <= 1024 else 8)
+    return out.view(torch.bool)
+
+
+def _decode_impl(x, w_gu, w_dt, b_gate, b_up, b_down, mask, tau, acc, cnt, e, n_shared, nw, act):
+    T, d = x.shape
+    m = w_dt.shape[0]
+    n_e = mask.shape[1]
+    cfg = CONFIG
+    h = torch.empty((T, m), device=x.device, dtype=torch.float32)
+    dummy = h
+    mk = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    _gate_up_kernel[(triton.cdiv(m, cfg["gu_BN"]),)](
+        x, w_gu, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy, mk,
+        tau if tau is not None else dummy, h, T, d, m, e, n_shared, n_e,
+        NW=nw, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None, ACT=_ACTS[act],
+        BT=_BT, BN=cfg["gu_BN"], BK=cfg["gu_BK"], num_warps=cfg["gu_warps"], num_stages=cfg["gu_stages"])
+    y = torch.empty((T, d), device=x.device, dtype=x.dtype)
+    bd = cfg["dn_BD"]
+    kch = max(cfg["dn_KCHUNK"], cfg["dn_BN"])
+    _down_kernel[(triton.cdiv(m, kch), triton.cdiv(d, bd))](
+        h, w_dt, mk, b_down if b_down is not None else dummy, acc, cnt, y, T, d, m, e, n_shared, n_e,
+        HAS_BD=b_down is not None, BT=_BT, BN=cfg["dn_BN"], BD=bd, KCHUNK=kch,
+        num_warps=cfg["dn_warps"], num_stages=cfg["dn_stages"])
+    return y
+
+
+def _mask_act_impl(z, b_gate, b_up, mask, tau, m, e, n_shared, nw, act):
+    T = z.shape[0]
+    n_e = mask.shape[1]
+    h = torch.empty((T, m), device=z.device, dtype=z.dtype)
+    mk = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    dummy = h
+    block = 1024
+    _mask_act_kernel[(T, triton.cdiv(m, block))](
+        z, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy, mk,
+        tau if tau is not None else dummy, h, T, m, e, n_shared, n_e, z.shape[1],
+        NW=nw, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None, ACT=_ACTS[act],
+        BLOCK=block, num_warps=4)
+    return h
+
+
+def _dense_masked_impl(x, w_gu, w_dt, b_gate, b_up, b_down, mask, tau, e, n_shared, nw, act):
+    d = x.shape[1]
+    m = w_dt.shape[0]
+    z = x @ w_gu.view(-1, d).t()
+    h = _mask_act_impl(z, b_gate, b_up, mask, tau, m, e, n_shared, nw, act)
+    if b_down is not None:
+        return torch.addmm(b_down.to(x.dtype), h, w_dt)
+    return h @ w_dt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops (torch.compile / CUDA graphs)
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("densesparse::route", mutates_args=())
+def route_op(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r_b2: Optional[Tensor],
+             threshold: float) -> Tensor:
+    return _route_impl(x, r_w1, r_b1, r_w2, r_b2, threshold)
+
+
+@route_op.register_fake
+def _(x, r_w1, r_b1, r_w2, r_b2, threshold):
+    return x.new_empty((x.shape[0], r_w2.shape[0]), dtype=torch.bool)
+
+
+# acc / cnt are a per-layer workspace that every call leaves zeroed as it found it: declared non-mutated.
+@torch.library.custom_op("densesparse::sparse_mlp_decode", mutates_args=())
+def sparse_mlp_decode_op(x: Tensor, w_gu: Tensor, w_dt: Tensor, b_gate: Optional[Tensor], b_up: Optional[Tensor],
+                         b_down: Optional[Tensor], mask: Tensor, tau: Optional[Tensor], acc: Tensor, cnt: Tensor,
+                         e: int, n_shared: int, nw: int, act: str) -> Tensor:
+    return _decode_impl(x, w_gu, w_dt, b_gate, b_up, b_down, mask, tau, acc, cnt, e, n_shared, nw, act)
+
+
+@sparse_mlp_decode_op.register_fake
+def _(x, w_gu, w_dt, b_gate, b_up, b_down, mask, tau, acc, cnt, e, n_shared, nw, act):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("densesparse::mask_act", mutates_args=())
+def mask_act_op(z: Tensor, b_gate: Optional[Tensor], b_up: Optional[Tensor], mask: Tensor, tau: Optional[Tensor],
+                m: int, e: int, n_shared: int, nw: int, act: str) -> Tensor:
+    return _mask_act_impl(z, b_gate, b_up, mask, tau, m, e, n_shared, nw, act)
+
+
+@mask_act_op.register_fake
+def _(z, b_gate, b_up, mask, tau, m, e, n_shared, nw, act):
+    return z.new_empty((z.shape[0], m))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
+def route(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r_b2: Optional[Tensor],
+          threshold: float) -> Tensor:
+    """Router MLP + softmax + XMoE threshold rule -> mask [T, n_e] bool, on device, no host sync."""
+    return route_op(x, r_w1, r_b1, r_w2, r_b2, float(threshold))
+
+
+def pack(w_gate: Optional[Tensor], w_up: Tensor, w_down_t: Tensor, e: int, n_shared: int) -> dict:
+    """Kernel layout, built once at load: w_gu [nb, NW, e, d] (per block: gate rows | up rows), w_down_t [m, d]."""
+    m, d = w_up.shape
+    if m % e:
+        raise ValueError(f"m={m} is not a multiple of the expert size e={e}")
+    nb = m // e
+    if n_shared * e > m:
+        raise ValueError("more shared neurons than neurons")
+    if w_gate is not None:
+        w_gu = torch.empty((nb, 2, e, d), device=w_up.device, dtype=w_up.dtype)
+        w_gu[:, 0].copy_(w_gate.reshape(nb, e, d))
+        w_gu[:, 1].copy_(w_up.reshape(nb, e, d))
+        nw = 2
+    else:
+        w_gu = w_up.contiguous().view(nb, 1, e, d)
+        nw = 1
+    w_dt = w_down_t.contiguous()
+    dev = w_up.device
+    return {
+        "w_gu": w_gu, "w_down_t": w_dt, "e": int(e), "n_shared": int(n_shared), "nw": nw, "m": m, "d": d,
+        "n_e": nb - n_shared,
+        # per-layer workspace for the decode down kernel; every call leaves it zeroed
+        "acc": torch.zeros((_BT, d), device=dev, dtype=torch.float32),
+        "cnt": torch.zeros((triton.cdiv(d, _CNT_MIN_BD) + 1,), device=dev, dtype=torch.int32),
+    }
+
+
+def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional[Tensor], b_down: Optional[Tensor],
+               mask: Tensor, tau: Optional[Tensor], act: str, path: Optional[str] = None) -> Tensor:
+    """y [T, d] = sum over computed neurons of h * w_down_t + b_down. path: None (auto by T), 'triton', 'dense'."""
+    if act not in _ACTS:
+        raise ValueError(f"unsupported activation {act!r}")
+    x = x.contiguous()
+    T = x.shape[0]
+    if mask.dtype != torch.bool:
+        mask = mask.bool()
+    mask = mask.contiguous()
+    p = packed
+    if path is None:
+        path = "triton" if T <= DECODE_MAX_T else "dense"
+    if path == "triton":
+        if T > _BT:
+            raise ValueError(f"triton decode path takes at most {_BT} tokens")
+        return sparse_mlp_decode_op(x, p["w_gu"], p["w_down_t"], b_gate, b_up, b_down, mask, tau, p["acc"],
+                                    p["cnt"], p["e"], p["n_shared"], p["nw"], act)
+    w_gu, w_dt = p["w_gu"], p["w_down_t"]
+    z = x @ w_gu.view(-1, p["d"]).t()
+    h = mask_act_op(z, b_gate, b_up, mask, tau, p["m"], p["e"], p["n_shared"], p["nw"], act)
+    if b_down is not None:
+        return torch.addmm(b_down.to(x.dtype), h, w_dt)
+    return h @ w_dt

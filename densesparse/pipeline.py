@@ -1,0 +1,131 @@
+"""convert and calibrate: the two commands that write sparse model directories."""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from densesparse import __version__
+from densesparse.arch import activation_name, decoder_layers, resolve_layout
+from densesparse.budget import calibrate_budgets, layer_points
+from densesparse.config import CalibrateConfig, ConfigError, ConvertConfig
+from densesparse.data import calibration_windows
+from densesparse.errors import DenseSparseError
+from densesparse.grouping import neuron_order, permute
+from densesparse.io import SPEC_VERSION, load, load_dense, load_tokenizer, read_spec, save_sparse
+from densesparse.report import model_card
+from densesparse.router import fit_router
+from densesparse.runtime import apply_budget, install, sparse_mlps
+from densesparse.stats import collect
+
+HELDOUT_TOKENS = 4096
+
+
+def _progress(show: bool):
+    if not show:
+        return nullcontext(None)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def _intermediate_size(model, layout) -> int:
+    from densesparse.arch import get_attr
+
+    layer = decoder_layers(model, layout)[0]
+    up = getattr(get_attr(layer, layout.container), layout.up)
+    rows = up.weight.shape[1] if layout.conv1d else up.weight.shape[0]
+    return rows // 2 if layout.fused_gate_up else rows
+
+
+def _split(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    held = min(HELDOUT_TOKENS, x.shape[0] // 4)
+    order = torch.randperm(x.shape[0], generator=generator)
+    return x[order[held:]], x[order[:held]]
+
+
+def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: bool, down_skip: bool):
+    task = progress.add_task("group + route layers", total=len(mlps)) if progress else None
+    points, losses = [], []
+    for mlp, sample in zip(mlps, samples):
+        train, held = _split(sample.x, generator)
+        if regroup:
+            permute(mlp, neuron_order(mlp, train, cfg.grouping, generator))
+        if refit:
+            losses.append(fit_router(mlp, train, cfg.router_epochs, generator))
+        points.append(layer_points(mlp, held, sample.resid_sq, down_skip))
+        if progress:
+            progress.advance(task)
+    return points, losses
+
+
+def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
+    """Slice every FFN of cfg.model into experts, fit routers and thresholds, write cfg.out. Returns the spec."""
+    cfg.validate()
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise DenseSparseError(f"output directory {out} exists and is not a model directory: pick another --out")
+    started = time.time()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model, tokenizer, source = load_dense(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
+    layout = resolve_layout(model)
+    d, m = model.config.hidden_size, _intermediate_size(model, layout)
+    n_shared = cfg.shared_experts * cfg.expert_size
+    if (m - n_shared) % cfg.expert_size or m - n_shared < cfg.expert_size:
+        raise ConfigError(f"intermediate size {m} minus {n_shared} shared neurons is not a positive multiple of "
+                          f"--expert-size {cfg.expert_size}: pick an expert size that divides it")
+    batches, provenance = calibration_windows(tokenizer, cfg.data, cfg.calib_tokens, cfg.seq_len, generator)
+    spec = {
+        "version": SPEC_VERSION, "tool_version": __version__, "base_class": type(model).__name__,
+        "layout": layout.to_dict(), "activation": activation_name(model.config, layout), "hidden_size": d,
+        "intermediate_size": m, "n_shared": n_shared, "expert_size": cfg.expert_size,
+        "n_experts": (m - n_shared) // cfg.expert_size, "router_width": cfg.router_width,
+        "grouping": cfg.grouping, "down_skip": cfg.down_skip, "seed": cfg.seed, "calibration": provenance,
+        "default_mlp_flops": cfg.mlp_flops, "source_model": str(cfg.model or source),
+    }
+    with _progress(show_progress) as progress:
+        samples = collect(model, layout, batches, progress)
+        mlps = install(model, spec)
+        points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=True, refit=True,
+                                     down_skip=cfg.down_skip)
+    spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
+    spec["router_kl"] = [round(v, 5) for v in losses]
+    apply_budget(mlps, spec["budgets"], cfg.mlp_flops)
+    spec["seconds"] = round(time.time() - started, 1)
+    recipe = {"command": "convert", "config": cfg.to_dict(), "tool_version": __version__}
+    save_sparse(model, tokenizer, spec, recipe, out, model_card(spec, recipe))
+    return spec
+
+
+def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
+    """Refit routers and thresholds of an existing sparse directory on new text or budget, without re-slicing."""
+    cfg.validate()
+    started = time.time()
+    directory = Path(cfg.sparse_dir)
+    spec = read_spec(directory) if directory.exists() else None
+    model = load(directory, mlp_flops=1.0)
+    tokenizer = load_tokenizer(directory)
+    spec = model.config.densesparse if spec is None else spec
+    layout = resolve_layout(model)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batches, provenance = calibration_windows(tokenizer, cfg.data, cfg.calib_tokens, cfg.seq_len, generator)
+    mlps = sparse_mlps(model)
+    with _progress(show_progress) as progress:
+        samples = collect(model, layout, batches, progress)
+        points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=False,
+                                     refit=cfg.refit_routers, down_skip=spec["down_skip"])
+    spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
+    if losses:
+        spec["router_kl"] = [round(v, 5) for v in losses]
+    if cfg.mlp_flops is not None:
+        spec["default_mlp_flops"] = cfg.mlp_flops
+    spec["calibration"] = provenance
+    spec["seed"] = cfg.seed
+    spec["seconds"] = round(time.time() - started, 1)
+    recipe_file = directory / "densesparse_recipe.json"
+    recipe = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
+    recipe.setdefault("history", []).append({"command": "calibrate", "config": vars(cfg).copy()})
+    save_sparse(model, tokenizer, spec, recipe, directory, model_card(spec, recipe))
+    return spec

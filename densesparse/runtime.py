@@ -1,0 +1,270 @@
+"""The sparse FFN: neuron-group experts, a threshold router, and exact in-expert down-projection skipping.
+
+This file imports only torch and transformers: `io.py` copies it verbatim into each sparse model directory as
+the `trust_remote_code` modeling file, so plain transformers can load a sparse model without densesparse.
+On CUDA the forward uses densesparse's Triton kernels when densesparse is installed; the pure-torch path
+below is the CPU implementation and the reference they are tested against.
+"""
+from __future__ import annotations
+
+import bisect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+class Router(nn.Module):
+    """Predicts each expert's log output norm from the FFN input; softmax turns it into router mass."""
+
+    def __init__(self, hidden: int, width: int, n_experts: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, width)
+        self.w2 = nn.Linear(width, n_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(torch.relu(self.w1(x)))
+
+    def macs(self) -> int:
+        return self.w1.in_features * self.w1.out_features + self.w2.in_features * self.w2.out_features
+
+
+def threshold_select(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """XMoE rule: per token, the fewest experts whose softmax mass reaches `threshold` (at least one)."""
+    if threshold >= 1.0:
+        return torch.ones_like(logits, dtype=torch.bool)
+    p = torch.softmax(logits.float(), dim=-1)
+    sorted_p, order = p.sort(dim=-1, descending=True)
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    return torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, mass_before < threshold)
+
+
+class HeldWeights(nn.Module):
+    """Keeps an inline FFN's second projection under its native name while SparseMLP computes the FFN."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.weight = module.weight
+        self.bias = module.bias
+
+    def forward(self, x):
+        return x
+
+
+class LayerStats:
+    """Per-layer counters of what the sparse forward actually selected (for FLOPs and experts-per-token)."""
+
+    def __init__(self, n_experts: int):
+        self.tokens = 0
+        self.experts = 0
+        self.down_neurons = 0
+        self.hist = torch.zeros(n_experts + 1, dtype=torch.long)
+
+    def update(self, n_sel: torch.Tensor, n_down: torch.Tensor):
+        self.tokens += n_sel.numel()
+        self.experts += int(n_sel.sum())
+        self.down_neurons += int(n_down.sum())
+        self.hist += torch.bincount(n_sel.cpu(), minlength=self.hist.numel())
+
+
+class SparseMLP(nn.Module):
+    """An FFN sliced into `n_experts` contiguous blocks of `expert_size` neurons after `n_shared` always-on ones.
+
+    Parameters keep the dense model's native names (gate_proj/up_proj/down_proj, c_fc/c_proj, fc1/fc2, ...), so
+    the saved weights are the dense model's, permuted, plus `router.*`.
+    """
+
+    is_densesparse_mlp = True  # duck-typed marker: the remote-code copy of this class is a different class object
+
+    def __init__(self, layout: dict, act: str, parts: dict, n_shared: int, expert_size: int, n_experts: int,
+                 router_width: int, hidden: int):
+        super().__init__()
+        self.layout = layout
+        self.act_name = act
+        self.act = ACT2FN[act]
+        self.gated = bool(layout["gate"] or layout["fused_gate_up"])
+        self.n_shared = n_shared
+        self.expert_size = expert_size
+        self.n_experts = n_experts
+        self.hidden = hidden
+        self.inline = not layout["container"]
+        if self.inline:
+            up = parts[layout["up"]]
+            self.weight = up.weight
+            self.bias = up.bias
+            self._down = (parts[layout["down"]],)  # a tuple so the module stays registered only in its layer
+        else:
+            for name, module in parts.items():
+                self.add_module(name, module)
+        self.router = Router(hidden, router_width, n_experts)
+        self.threshold = 1.0
+        self.down_tau = 0.0
+        self.stats: LayerStats | None = None
+        self._kernel_cache = None
+
+    # -- canonical views: every projection as [m, d], one row per neuron ------------------------------------------
+    def _up_module(self):
+        return self if self.inline else getattr(self, self.layout["up"])
+
+    def _down_module(self):
+        return self._down[0] if self.inline else getattr(self, self.layout["down"])
+
+    def _rows(self, module, out_is_rows: bool):
+        w = module.weight
+        conv = self.layout["conv1d"]
+        return (w.t() if conv else w) if out_is_rows else (w if conv else w.t())
+
+    def canonical(self):
+        """(w_gate, w_up, b_gate, b_up, w_down_t, b_down), each weight [m, d]."""
+        upm = self._up_module()
+        w_in = self._rows(upm, True)
+        b_in = upm.bias
+        if self.layout["fused_gate_up"]:
+            m = w_in.shape[0] // 2
+            w_gate, w_up = w_in[:m], w_in[m:]
+            b_gate, b_up = (None, None) if b_in is None else (b_in[:m], b_in[m:])
+        elif self.layout["gate"]:
+            gm = getattr(self, self.layout["gate"])
+            w_gate, b_gate = self._rows(gm, True), gm.bias
+            w_up, b_up = w_in, b_in
+        else:
+            w_gate = b_gate = None
+            w_up, b_up = w_in, b_in
+        dm = self._down_module()
+        return w_gate, w_up, b_gate, b_up, self._rows(dm, False), dm.bias
+
+    @property
+    def intermediate(self) -> int:
+        return self.n_shared + self.n_experts * self.expert_size
+
+    @property
+    def dense(self) -> bool:
+        return self.threshold >= 1.0 and self.down_tau <= 0.0
+
+    def down_norms(self) -> torch.Tensor:
+        w_down_t = self.canonical()[4]
+        return w_down_t.float().norm(dim=1)
+
+    def neuron_mask(self, expert_mask: torch.Tensor) -> torch.Tensor:
+        shared = expert_mask.new_ones(expert_mask.shape[0], self.n_shared)
+        return torch.cat([shared, expert_mask.repeat_interleave(self.expert_size, dim=1)], dim=1)
+
+    def hidden_states(self, x2: torch.Tensor) -> torch.Tensor:
+        """All m intermediate activations h (dense; the reference the sparse paths must match on kept neurons)."""
+        w_gate, w_up, b_gate, b_up, _, _ = self.canonical()
+        u = F.linear(x2, w_up, b_up)
+        return self.act(F.linear(x2, w_gate, b_gate)) * u if self.gated else self.act(u)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.dense and self.stats is None:
+            y = self._dense_forward(x2)
+        elif x2.is_cuda and _kernels() is not None:
+            y = self._cuda_forward(x2)
+        else:
+            y = self._torch_forward(x2)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _dense_forward(self, x2):
+        w_down_t, b_down = self.canonical()[4:]
+        return F.linear(self.hidden_states(x2), w_down_t.t(), b_down)
+
+    def _torch_forward(self, x2):
+        h = self.hidden_states(x2)
+        expert_mask = threshold_select(self.router(x2), self.threshold)
+        keep = self.neuron_mask(expert_mask)
+        if self.down_tau > 0:
+            keep = keep & (h.abs() * self.down_norms().to(h.dtype) >= self.down_tau)
+        if self.stats is not None:
+            self.stats.update(expert_mask.sum(1), keep.sum(1))
+        w_down_t, b_down = self.canonical()[4:]
+        return F.linear(h * keep, w_down_t.t(), b_down)
+
+    def _cuda_forward(self, x2):
+        k = _kernels()
+        if self._kernel_cache is None:
+            w_gate, w_up, _, _, w_down_t, _ = self.canonical()
+            self._kernel_cache = (k.pack(w_gate, w_up, w_down_t, self.expert_size, self.n_shared),
+                                  self.down_norms().to(x2.dtype))
+        packed, norms = self._kernel_cache
+        r = self.router
+        mask = k.route(x2, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, self.threshold)
+        tau = (self.down_tau / norms.clamp_min(1e-12)) if self.down_tau > 0 else None
+        _, _, b_gate, b_up, _, b_down = self.canonical()
+        if self.stats is not None:
+            self.stats.update(mask.sum(1), self.neuron_mask(mask).sum(1))
+        return k.sparse_mlp(x2, packed, b_gate, b_up, b_down, mask, tau, self.act_name)
+
+
+_KERNELS = []
+
+
+def _kernels():
+    """densesparse's Triton kernels, or None where densesparse or triton is absent (the torch path runs then)."""
+    if not _KERNELS:
+        try:
+            from densesparse import kernels
+        except ImportError:
+            kernels = None
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
+
+
+# -- installing into a dense model, and the budget dial ---------------------------------------------------------------
+def _get(obj, path: str):
+    for part in filter(None, path.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+def install(model, spec: dict) -> list[SparseMLP]:
+    """Replace every FFN of `model` by a SparseMLP as described by the config's `densesparse` block."""
+    layout = spec["layout"]
+    mlps = []
+    for layer in _get(model, layout["layers"]):
+        host = _get(layer, layout["container"])
+        names = [n for n in (layout["gate"], layout["up"], layout["down"]) if n]
+        parts = {n: getattr(host, n) for n in names}
+        hidden = spec["hidden_size"]
+        mlp = SparseMLP(layout, spec["activation"], parts, spec["n_shared"], spec["expert_size"],
+                        spec["n_experts"], spec["router_width"], hidden)
+        mlp.router.to(dtype=parts[layout["up"]].weight.dtype, device=parts[layout["up"]].weight.device)
+        if mlp.inline:
+            setattr(layer, layout["up"], mlp)
+            setattr(layer, layout["down"], HeldWeights(parts[layout["down"]]))
+            mlp._down = (getattr(layer, layout["down"]),)
+            setattr(layer, layout["act_slot"], nn.Identity())
+        else:
+            setattr(layer, layout["container"], mlp)
+        mlps.append(mlp)
+    return mlps
+
+
+def sparse_mlps(model) -> list[SparseMLP]:
+    return [m for m in model.modules() if getattr(m, "is_densesparse_mlp", False)]
+
+
+def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> None:
+    """Set each layer's router threshold and down threshold for an MLP-FLOPs target.
+
+    `budgets` holds calibrated per-layer settings at a grid of targets; all-on (1.0) closes the grid. Between grid
+    points the settings are interpolated linearly, since both dials move FLOPs monotonically.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"mlp_flops={target} is outside (0, 1]: pass a fraction of the dense MLP FLOPs, e.g. 0.5")
+    n = len(mlps)
+    grid = sorted(budgets, key=lambda b: b["target"]) + [
+        {"target": 1.0, "thresholds": [1.0] * n, "down_tau": [0.0] * n}]
+    targets = [b["target"] for b in grid]
+    if target < targets[0]:
+        raise ValueError(f"mlp_flops={target} is below the smallest calibrated budget {targets[0]}: "
+                         "run `densesparse calibrate` with a lower --min-budget")
+    hi = bisect.bisect_left(targets, target)
+    lo = max(hi - 1, 0)
+    w = 1.0 if hi == lo else (target - targets[lo]) / (targets[hi] - targets[lo])
+    a, b = grid[lo], grid[hi]
+    for i, m in enumerate(mlps):
+        m.threshold = a["thresholds"][i] + w * (b["thresholds"][i] - a["thresholds"][i])
+        m.down_tau = a["down_tau"][i] + w * (b["down_tau"][i] - a["down_tau"][i])

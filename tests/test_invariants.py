@@ -1,0 +1,138 @@
+"""Exact invariants on tiny random models of every supported architecture."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from densesparse.arch import activation_name, resolve_layout
+from densesparse.config import ConvertConfig
+from densesparse.flops import attention_macs, mlp_macs_dense, non_mlp_macs
+from densesparse.grouping import permute
+from densesparse.io import load
+from densesparse.pipeline import _intermediate_size, convert
+from densesparse.runtime import LayerStats, apply_budget, install, sparse_mlps
+
+from conftest import tiny_model
+
+
+def _spec(model, expert_size=4, n_shared=0, width=16):
+    layout = resolve_layout(model)
+    m = _intermediate_size(model, layout)
+    return {"layout": layout.to_dict(), "activation": activation_name(model.config, layout),
+            "hidden_size": model.config.hidden_size, "n_shared": n_shared, "expert_size": expert_size,
+            "n_experts": (m - n_shared) // expert_size, "router_width": width}
+
+
+def _ids(n=24, seed=0):
+    return torch.randint(3, 256, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def test_permutation_reproduces_logits(arch):
+    model = tiny_model(arch)
+    ids = _ids()
+    dense = _logits(model, ids)
+    mlps = install(model, _spec(model))
+    gen = torch.Generator().manual_seed(1)
+    for mlp in mlps:
+        permute(mlp, torch.randperm(mlp.intermediate, generator=gen))
+    assert torch.allclose(_logits(model, ids), dense, atol=1e-5)
+
+
+@torch.no_grad()
+def test_all_experts_on_equals_dense_through_sparse_path(arch):
+    model = tiny_model(arch)
+    ids = _ids()
+    dense = _logits(model, ids)
+    mlps = install(model, _spec(model, n_shared=8))
+    for mlp in mlps:
+        mlp.threshold, mlp.down_tau = 1.0, 0.0
+        mlp.stats = LayerStats(mlp.n_experts)  # forces the masked sparse path instead of the dense shortcut
+    assert torch.allclose(_logits(model, ids), dense, atol=1e-5)
+    assert all(m.stats.experts == m.stats.tokens * m.n_experts for m in mlps)
+
+
+@torch.no_grad()
+def test_experts_per_token_falls_with_threshold(arch):
+    model = tiny_model(arch)
+    ids = _ids(64)
+    mlps = install(model, _spec(model))
+    means = []
+    for t in (0.99, 0.8, 0.6, 0.4, 0.2):
+        for mlp in mlps:
+            mlp.threshold, mlp.stats = t, LayerStats(mlp.n_experts)
+        _logits(model, ids)
+        means.append(sum(m.stats.experts / m.stats.tokens for m in mlps))
+    assert all(a >= b for a, b in zip(means, means[1:])), means
+    assert means[-1] < means[0]
+    assert min(m.stats.hist[0] for m in mlps) == 0  # at least one expert per token, always
+
+
+def test_flops_match_hand_count():
+    model = tiny_model("LlamaForCausalLM")
+    d, m, heads, kv, hd, vocab = 32, 64, 4, 2, 8, 256
+    mlp_parts = [layer.mlp for layer in model.model.layers]
+    assert mlp_macs_dense(d, m, True) == 3 * d * m
+    attn_proj = d * heads * hd + 2 * d * kv * hd + heads * hd * d
+    assert non_mlp_macs(model, mlp_parts) == 2 * attn_proj + d * vocab
+    assert attention_macs(model.config, 10.0) == 2 * 2 * heads * hd * 10.0
+    gpt2 = tiny_model("GPT2LMHeadModel")
+    assert non_mlp_macs(gpt2, [b.mlp for b in gpt2.transformer.h]) == 2 * (3 * 32 * 32 + 32 * 32) + 32 * 256
+
+
+def _convert(src, out, **kw):
+    cfg = ConvertConfig(model=str(src), out=str(out), calib_tokens=600, seq_len=64, router_epochs=2,
+                        expert_size=4, router_width=16, min_budget=0.3, **kw)
+    return convert(cfg)
+
+
+@torch.no_grad()
+def test_convert_save_load_round_trip_and_generate(tiny_dir, tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "sparse"
+    spec = _convert(tiny_dir, out)
+    assert (out / "model.safetensors").exists() and (out / "modeling_densesparse.py").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sparse")]  # staging dir renamed away
+    ids = _ids(16)
+    dense = _logits(tiny_model(arch), ids)
+    ours = load(out, mlp_flops=1.0)
+    assert torch.allclose(_logits(ours, ids), dense, atol=1e-5)  # permuted weights, all on: the dense model
+    ours = load(out, mlp_flops=0.5)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    remote.set_mlp_flops(0.5)
+    assert type(remote).__name__ == "DenseSparseForCausalLM"
+    assert [m.threshold for m in sparse_mlps(remote)] == [m.threshold for m in sparse_mlps(ours)]
+    assert torch.allclose(_logits(remote, ids), _logits(ours, ids), atol=1e-5)
+    assert spec["n_experts"] * spec["expert_size"] + spec["n_shared"] == spec["intermediate_size"]
+    gen = ours.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True,
+                        pad_token_id=0, eos_token_id=None)
+    assert gen.shape == (1, 11)
+    # greedy decoding with the KV cache equals decoding without it
+    nocache = ours.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=False,
+                            pad_token_id=0, eos_token_id=None)
+    assert torch.equal(gen, nocache)
+
+
+def test_budget_dial_moves_thresholds_monotonically(tiny_dir, tmp_path):
+    out = tmp_path / "sparse"
+    spec = _convert(tiny_dir, out)
+    model = load(out)
+    mlps = sparse_mlps(model)
+    last = None
+    for target in (0.3, 0.45, 0.6, 0.8, 1.0):
+        apply_budget(mlps, spec["budgets"], target)
+        cur = [(m.threshold, -m.down_tau) for m in mlps]
+        if last is not None:
+            assert all(c[0] >= p[0] - 1e-9 for c, p in zip(cur, last))
+        last = cur
+    assert all(m.dense for m in mlps)
+    with pytest.raises(ValueError):
+        apply_budget(mlps, spec["budgets"], 1.5)
+    with pytest.raises(ValueError):
+        apply_budget(mlps, spec["budgets"], 0.01)
