@@ -85,7 +85,7 @@ def check_correctness():
     for e in (1, 8, 32, 128):
         for T in (1, 4, 16, 33):
             for dt in (torch.bfloat16, torch.float16):
-                paths = ["triton", "dense"] if T <= K.DECODE_MAX_T else ["dense"]
+                paths = ["triton", "dense"] if T <= 16 else ["dense"]
                 for p in paths:
                     err = tk.run_case(gen, d=256, e=e, n_shared=1, n_e=max(6, 1024 // e), T=T, dtype=dt, path=p,
                                       biases=(e == 8), use_tau=(e == 1))
@@ -106,7 +106,7 @@ def check_correctness():
         for t in (0.3, 0.5, 0.9, 1.0):
             mk = K.route(x, w1, b1, w2, None, t)
             ref, p = tk.ref_route(x, w1, b1, w2, None, t)
-            tk.check_route(mk, p, ref, t)
+            tk.check_route(mk, p, ref, t, 1e-4 if T <= 16 else 3e-2)
     print(f"correctness: OK (worst rel err {worst:.2e})", flush=True)
     return worst
 
@@ -254,7 +254,7 @@ def bench_mlp(shapes, expert_sizes, kepts, batches, copy_gbps):
                 for kept in kepts:
                     mask = random_mask(T, n_e, kept, gen)
                     union = mask.any(0).float().mean().item()
-                    tri = time_sparse(L, x, mask, "triton") if T <= K.DECODE_MAX_T else None
+                    tri = time_sparse(L, x, mask, "triton") if T <= 16 else None
                     dm = time_sparse(L, x, mask, "dense")
                     auto = time_sparse(L, x, mask, None)
                     bytes_moved = union * 3 * L.m * L.d * 2 + (L.r * L.d + n_e * L.r) * 2
@@ -285,8 +285,11 @@ def bench_prefill(shapes, kepts, tokens=2048, e=32):
         L.pack_for(e)
         x = torch.randn(tokens, L.d, device=DEV, dtype=DT, generator=gen)
         dense = time_graph(lambda i: dense_mlp(x, *L.dense[i % L.nc]), L.nc, reps=10)
+        router = time_graph(lambda i: K.route(x, *L.router[i % L.nc], 0.5), L.nc, reps=10)
         for kept in kepts:
             mask = random_mask(tokens, L.m // e, kept, gen)
+            mlp_only = time_graph(lambda i: K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mask, None,
+                                                         "silu"), L.nc, reps=10)
 
             def fn(i):
                 rw1, rb1, rw2, rb2 = L.router[i % L.nc]
@@ -294,12 +297,62 @@ def bench_prefill(shapes, kepts, tokens=2048, e=32):
                 return K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mask, None, "silu")
             sp = time_graph(fn, L.nc, reps=10)
             rows.append({"shape": shape, "kept": kept, "tokens": tokens, "expert_size": e,
-                         "dense_us": round(dense, 1), "sparse_us": round(sp, 1)})
+                         "dense_us": round(dense, 1), "sparse_us": round(sp, 1), "router_us": round(router, 1),
+                         "masked_mlp_us": round(mlp_only, 1)})
             print(f"prefill {shape} kept={kept} T={tokens}: dense {dense:.1f} sparse {sp:.1f} "
-                  f"ratio {dense / sp:.3f}", flush=True)
+                  f"ratio {dense / sp:.3f} (router {router:.1f}, masked mlp {mlp_only:.1f})", flush=True)
         del L
         torch.cuda.empty_cache()
     return rows
+
+
+def profile_kernels():
+    """Per-kernel device times (torch.profiler) of router + sparse MLP, llama3-8b e=32 T=1 kept 0.25, and the
+    2048-token router; plus a small combined tile sweep at kept 0.25 / 0.5. Diagnostics for the notes."""
+    from torch.profiler import ProfilerActivity, profile
+    L = Layer("llama3-8b")
+    L.pack_for(32)
+    gen = torch.Generator(device=DEV).manual_seed(9)
+    out = {}
+    for T, kept in ((1, 0.25), (2048, 0.5)):
+        x = torch.randn(T, L.d, device=DEV, dtype=DT, generator=gen)
+        mask = random_mask(T, L.m // 32, kept, gen)
+        for _ in range(3):
+            K.route(x, *L.router[0], 0.5)
+            K.sparse_mlp(x, L.packed[0], None, None, None, mask, None, "silu")
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(10):
+                K.route(x, *L.router[i % L.nc], 0.5)
+                K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mask, None, "silu")
+            torch.cuda.synchronize()
+        rows = []
+        for ev in prof.key_averages():
+            if ev.device_type is not None and getattr(ev, "device_time_total", 0) > 0:
+                rows.append((ev.key[:60], round(ev.device_time_total / max(ev.count, 1), 2), ev.count))
+        rows.sort(key=lambda r: -r[1])
+        out[f"T{T}"] = rows
+        print(f"profile T={T} kept={kept} (us per call):", flush=True)
+        for r in rows[:12]:
+            print("   ", r, flush=True)
+    x = torch.randn(1, L.d, device=DEV, dtype=DT, generator=gen)
+    cases = [(x, random_mask(1, L.m // 32, k, gen)) for k in (0.25, 0.5)]
+    base = dict(K.CONFIG)
+    trials = [{}, {"gu_BK": 128, "gu_stages": 3}, {"gu_BK": 128, "gu_stages": 4}, {"gu_BK": 256, "gu_stages": 2},
+              {"gu_BK": 256, "gu_stages": 3}, {"gu_BK": 256, "gu_stages": 3, "gu_BN": 32},
+              {"gu_BK": 128, "gu_stages": 3, "gu_BN": 32}, {"dn_warps": 2}, {"dn_KCHUNK": 256, "dn_BD": 256}]
+    out["tiles"] = []
+    for tr in trials:
+        K.CONFIG.update(tr)
+        try:
+            ts = [round(time_sparse(L, xx, mk, "triton", with_router=False), 1) for (xx, mk) in cases]
+        except Exception as ex:
+            ts = str(ex)[:60]
+        K.CONFIG.clear()
+        K.CONFIG.update(base)
+        out["tiles"].append({"cfg": tr, "us_kept_0.25_0.5": ts})
+        print(f"  tiles {tr}: {ts}", flush=True)
+    return out
 
 
 def print_table(res):
@@ -333,6 +386,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--profile-only", action="store_true")
     a = ap.parse_args(argv)
     import triton
     t0 = time.time()
@@ -345,6 +399,10 @@ def main(argv=None):
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
 
+    if a.profile_only:
+        res["profile"] = profile_kernels()
+        save()
+        return
     if not a.skip_check:
         res["correctness_worst_rel_err"] = check_correctness()
     res["copy_gbps"] = round(copy_bandwidth(), 1)

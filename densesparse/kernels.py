@@ -33,14 +33,17 @@ Tensor = torch.Tensor
 
 _ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 
-# Largest token count that takes the Triton decode kernels (BT = 16 rows of a tensor-core tile).
-DECODE_MAX_T = 16
+# Largest token count that takes the Triton decode kernels (they accept up to 16). Above it the union of the
+# tokens' experts is nearly everything and cuBLAS over all rows is faster (run 1: T=4 at 50% kept, union 94%,
+# Triton 146 us vs dense-with-mask 139 us of MLP; T=16: 150 vs 139).
+DECODE_MAX_T = 2
 
 # Tunables (the bench may override them to sweep; keys are read at every call).
+# Picked by the one-at-a-time sweep of run 1 (bench/GPU_NOTES.md), llama3-8b, e=32, T=1 and 16.
 CONFIG = {
-    "gu_BN": 16, "gu_BK": 256, "gu_warps": 4, "gu_stages": 4,
-    "dn_BN": 16, "dn_BD": 256, "dn_KCHUNK": 256, "dn_warps": 4, "dn_stages": 4,
-    "r1_BR": 16, "r1_SPLIT": 8, "r2_BE": 16, "sel_BLOCK": 1024,
+    "gu_BN": 16, "gu_BK": 512, "gu_warps": 4, "gu_stages": 4,
+    "dn_BN": 32, "dn_BD": 128, "dn_KCHUNK": 512, "dn_warps": 4, "dn_stages": 3,
+    "r1_BR": 16, "r1_SPLIT": 8, "r2_BE": 16,
 }
 _BT = 16
 _CNT_MIN_BD = 32
@@ -212,7 +215,7 @@ def _r1_kernel(x_ptr, w1_ptr, part_ptr, T, d, r, KLEN,
 @triton.jit
 def _r2_kernel(part_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e, SPLIT,
                HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-               BT: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr):
+               BT: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr, SP: tl.constexpr):
     """logits[t, j] = relu(sum_s part[s, t, :] + b1) . w2[j, :] + b2[j], in fp32."""
     pid = tl.program_id(0)
     ex = pid * BE + tl.arange(0, BE)
@@ -223,64 +226,54 @@ def _r2_kernel(part_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e, SPLIT,
     for r0 in range(0, r, BR):
         offs_r = r0 + tl.arange(0, BR)
         rmask = offs_r < r
-        h1 = tl.zeros([BT, BR], dtype=tl.float32)
-        for s in range(0, SPLIT):
-            h1 += tl.load(part_ptr + s * T * r + offs_t[:, None] * r + offs_r[None, :],
-                          mask=tok_ok[:, None] & rmask[None, :], other=0.0)
+        offs_s = tl.arange(0, SP)
+        pm = (offs_s < SPLIT)[:, None, None] & (tok_ok[:, None] & rmask[None, :])[None, :, :]
+        h1 = tl.sum(tl.load(part_ptr + offs_s[:, None, None] * T * r + (offs_t[:, None] * r + offs_r[None, :])[None, :, :],
+                            mask=pm, other=0.0), axis=0)
         if HAS_B1:
             h1 += tl.load(b1_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)[None, :]
         h1 = tl.maximum(h1, 0.0)
         w2 = tl.load(w2_ptr + ex[:, None] * r + offs_r[None, :], mask=emask[:, None] & rmask[None, :],
                      other=0.0).to(tl.float32)
-        acc += tl.sum(h1[:, None, :] * w2[None, :, :], axis=2)
+        acc += tl.dot(h1, tl.trans(w2), input_precision="ieee")
     if HAS_B2:
         acc += tl.load(b2_ptr + ex, mask=emask, other=0.0).to(tl.float32)[None, :]
     tl.store(s_ptr + offs_t[:, None] * n_e + ex[None, :], acc, mask=tok_ok[:, None] & emask[None, :])
 
 
 @triton.jit
-def _select_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BLOCK: tl.constexpr):
-    """XMoE rule on softmax(logits[t]): keep j iff the mass of experts with larger p is < thr.
+def _select_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    """XMoE rule on softmax(logits[t]): keep expert j iff the mass of the experts with larger p is < thr.
 
-    Sort-free: q = exp(s - max) (monotone in p, all >= 0 so their fp32 bit patterns order like the values);
-    radix-search (4 bits a level, 8 levels) the smallest bit pattern u with mass(q > u) < thr * sum(q);
-    expert j is kept iff bits(q_j) >= u.
+    Sort-free and exact: q = exp(s - max) (monotone in p); program (t, jb) handles experts j of block jb and
+    sums, over all k, q_k where q_k > q_j (pairwise, accumulated elementwise, one reduction at the end);
+    keep j iff that mass < thr * sum(q). Ties: experts with equal p do not count as ranked before each other.
     """
     t = tl.program_id(0).to(tl.int64)
+    jb = tl.program_id(1)
     row = s_ptr + t * n_e
-    offs = tl.arange(0, BLOCK)
-    mx = tl.full([BLOCK], float("-inf"), tl.float32)
-    for c in range(0, n_e, BLOCK):
-        v = tl.load(row + c + offs, mask=c + offs < n_e, other=float("-inf"))
+    offs_k = tl.arange(0, BK)
+    mx = tl.full([BK], float("-inf"), tl.float32)
+    for c in range(0, n_e, BK):
+        v = tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf"))
         mx = tl.maximum(mx, v)
     smax = tl.max(mx, axis=0)
-    zacc = tl.zeros([BLOCK], dtype=tl.float32)
-    for c in range(0, n_e, BLOCK):
-        v = tl.load(row + c + offs, mask=c + offs < n_e, other=float("-inf"))
-        zacc += tl.exp(v - smax)
-    target = thr * tl.sum(zacc, axis=0)
-    digits = tl.arange(0, 16)
-    pre = tl.zeros([1], dtype=tl.int32)
-    if not ALL:
-        for lvl in tl.static_range(8):
-            cand = pre | (digits << (28 - 4 * lvl)) | ((1 << (28 - 4 * lvl)) - 1)
-            mass = tl.zeros([16], dtype=tl.float32)
-            for c in range(0, n_e, BLOCK):
-                v = tl.load(row + c + offs, mask=c + offs < n_e, other=float("-inf"))
-                q = tl.exp(v - smax)
-                qb = q.to(tl.int32, bitcast=True)
-                gt = qb[None, :] > cand[:, None]
-                mass += tl.sum(tl.where(gt, q[None, :], 0.0), axis=1)
-            dsel = tl.min(tl.where(mass < target, digits, 16), axis=0)
-            pre = pre | (dsel << (28 - 4 * lvl))
-    for c in range(0, n_e, BLOCK):
-        msk = c + offs < n_e
-        v = tl.load(row + c + offs, mask=msk, other=float("-inf"))
-        qb = tl.exp(v - smax).to(tl.int32, bitcast=True)
-        keep = qb >= pre
-        if ALL:
-            keep = msk
-        tl.store(out_ptr + t * n_e + c + offs, keep.to(tl.uint8), mask=msk)
+    offs_j = jb * BJ + tl.arange(0, BJ)
+    jmask = offs_j < n_e
+    qj = tl.exp(tl.load(row + offs_j, mask=jmask, other=float("-inf")) - smax)
+    zacc = tl.zeros([BK], dtype=tl.float32)
+    macc = tl.zeros([BJ, BK], dtype=tl.float32)
+    for c in range(0, n_e, BK):
+        qk = tl.exp(tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf")) - smax)
+        zacc += qk
+        if not ALL:
+            macc += tl.where(qk[None, :] > qj[:, None], qk[None, :], 0.0)
+    if ALL:
+        keep = jmask
+    else:
+        mass = tl.sum(macc, axis=1)
+        keep = mass < thr * tl.sum(zacc, axis=0)
+    tl.store(out_ptr + t * n_e + offs_j, keep.to(tl.uint8), mask=jmask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,14 +303,16 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
         _r2_kernel[(triton.cdiv(n_e, cfg["r2_BE"]),)](
             part, r_b1 if r_b1 is not None else dummy, r_w2.contiguous(), r_b2 if r_b2 is not None else dummy,
             logits, T, r, n_e, split, HAS_B1=r_b1 is not None, HAS_B2=r_b2 is not None,
-            BT=_BT, BE=cfg["r2_BE"], BR=32, num_warps=4)
+            BT=_BT, BE=cfg["r2_BE"], BR=64, SP=triton.next_power_of_2(split), num_warps=4)
     else:
-        h1 = torch.nn.functional.linear(x.float(), r_w1.float(), None if r_b1 is None else r_b1.float()).relu_()
+        h1 = torch.nn.functional.linear(x, r_w1.to(x.dtype), None if r_b1 is None else r_b1.to(x.dtype))
+        h1 = h1.float().relu_()
         logits = torch.nn.functional.linear(h1, r_w2.float(), None if r_b2 is None else r_b2.float()).contiguous()
     out = torch.empty((T, n_e), device=dev, dtype=torch.uint8)
-    block = min(CONFIG["sel_BLOCK"], triton.next_power_of_2(n_e))
-    _select_kernel[(T,)](logits, out, n_e, float(threshold), ALL=bool(threshold >= 1.0), BLOCK=block,
-                         num_warps=4 if block <= 1024 else 8)
+    bj = min(64, max(16, triton.next_power_of_2(n_e)))
+    bk = min(128, max(16, triton.next_power_of_2(n_e)))
+    _select_kernel[(T, triton.cdiv(n_e, bj))](logits, out, n_e, float(threshold), ALL=bool(threshold >= 1.0),
+                                              BJ=bj, BK=bk, num_warps=4)
     return out.view(torch.bool)
 
 

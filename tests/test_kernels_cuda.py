@@ -145,7 +145,7 @@ def run_case(gen, *, d, e, n_shared, n_e, T, dtype, act="silu", gated=True, bias
 def test_mlp_matches_reference(e, T, dtype):
     gen = torch.Generator().manual_seed(1000 * e + T + (7 if dtype == torch.float16 else 0))
     n_e = max(6, 1024 // e)
-    paths = ["triton", "dense", None] if T <= K.DECODE_MAX_T else ["dense", None]
+    paths = ["triton", "dense", None] if T <= 16 else ["dense", None]
     for path in paths:
         err = run_case(gen, d=256, e=e, n_shared=1, n_e=n_e, T=T, dtype=dtype, path=path)
         assert err < 1e-2, (path, err)
@@ -156,7 +156,7 @@ def test_mlp_matches_reference(e, T, dtype):
 @pytest.mark.parametrize("T", [1, 7, 33])
 def test_mlp_zero_and_all_experts(mask_kind, n_shared, T):
     gen = torch.Generator().manual_seed(17 + T + n_shared)
-    paths = ["triton", "dense"] if T <= K.DECODE_MAX_T else ["dense"]
+    paths = ["triton", "dense"] if T <= 16 else ["dense"]
     for path in paths:
         err = run_case(gen, d=320, e=16, n_shared=n_shared, n_e=20, T=T, dtype=torch.bfloat16,
                        mask_kind=mask_kind, biases=True, path=path)
@@ -167,7 +167,7 @@ def test_mlp_zero_and_all_experts(mask_kind, n_shared, T):
 @pytest.mark.parametrize("T", [1, 3, 16, 20])
 def test_mlp_odd_sizes(d, e, n_shared, n_e, T):
     gen = torch.Generator().manual_seed(d * 31 + e + T)
-    paths = ["triton", "dense"] if T <= K.DECODE_MAX_T else ["dense"]
+    paths = ["triton", "dense"] if T <= 16 else ["dense"]
     for path in paths:
         err = run_case(gen, d=d, e=e, n_shared=n_shared, n_e=n_e, T=T, dtype=torch.bfloat16, biases=True,
                        path=path)
@@ -179,7 +179,7 @@ def test_mlp_odd_sizes(d, e, n_shared, n_e, T):
 @pytest.mark.parametrize("T", [2, 24])
 def test_mlp_acts_bias_tau(act, gated, T):
     gen = torch.Generator().manual_seed(hash((act, gated, T)) % 10000)
-    paths = ["triton", "dense"] if T <= K.DECODE_MAX_T else ["dense"]
+    paths = ["triton", "dense"] if T <= 16 else ["dense"]
     for path in paths:
         for use_tau in (False, True):
             err = run_case(gen, d=384, e=8, n_shared=2, n_e=60, T=T, dtype=torch.float16, act=act, gated=gated,
@@ -249,15 +249,17 @@ def test_route_matches_reference(T, n_e, r, dtype):
     r_b1 = (torch.randn(r, generator=gen) * 0.1).to(DEV, dtype)
     r_w2 = (torch.randn(n_e, r, generator=gen) * 2 * r ** -0.5).to(DEV, dtype)
     r_b2 = (torch.randn(n_e, generator=gen) * 0.1).to(DEV, dtype)
+    # T > 16 (prefill) runs the router's first layer on tensor cores with a bf16/fp16 output: looser tie band
+    tol = 1e-4 if T <= 16 else 3e-2
     for t in (0.05, 0.3, 0.5, 0.9, 0.999, 1.0):
         mask = K.route(x, r_w1, r_b1, r_w2, r_b2, t)
         ref_mask, p = ref_route(x, r_w1, r_b1, r_w2, r_b2, t)
-        check_route(mask, p, ref_mask, t)
+        check_route(mask, p, ref_mask, t, tol)
         if t == 1.0:
             assert mask.all()
     mask = K.route(x, r_w1, None, r_w2, None, 0.5)
     ref_mask, p = ref_route(x, r_w1, None, r_w2, None, 0.5)
-    check_route(mask, p, ref_mask, 0.5)
+    check_route(mask, p, ref_mask, 0.5, tol)
 
 
 def test_route_peaked_and_flat():
