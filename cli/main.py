@@ -17,7 +17,7 @@ from densesparse.errors import DenseSparseError
 
 app = typer.Typer(help="Turn a dense transformer LM into a sparse-inference model: neuron-group experts, threshold "
                        "routers, FLOPs budgets.", no_args_is_help=True, add_completion=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 

@@ -1,22 +1,27 @@
 """Choose per-layer thresholds that meet a global MLP-FLOPs budget at the least estimated error.
 
-For every layer and every pair (router mass threshold t, down-skip quantile rho) we measure on held-out
-calibration tokens the MLP multiply-adds kept and an error estimate: the squared output norm of the experts and
-neurons left out, relative to the residual stream's squared norm at that layer. A Lagrangian sweep then picks one
-pair per layer so the total FLOPs meet the target while the summed error is smallest; layers therefore differ.
+Three exact-or-predicted dials per layer: the input threshold (gate/up skip input channels with tiny |x|, TEAL-style),
+the router mass threshold t (experts, XMoE rule; t = 1 runs no router) and the down threshold (skip down rows whose
+|h| * ||down row|| is tiny inside the chosen experts). For every combination on a grid we measure, on held-out
+calibration tokens, the MLP multiply-adds and an error estimate relative to the residual stream's squared norm at
+that layer: the exact output error of the input sparsity plus the squared output norms of the experts and neurons
+left out. A Lagrangian sweep then picks one combination per layer so that the total FLOPs meet the target while the
+summed error is smallest, so layers differ.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from densesparse.flops import mlp_macs_dense, mlp_macs_sparse
-from densesparse.router import expert_output_norms
+from densesparse.router import norms_from_hidden
 from densesparse.runtime import SparseMLP, threshold_select
 
-MASS_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
-RHO_GRID = (0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)
+INPUT_GRID = (0.0, 0.15, 0.3, 0.45, 0.6)  # quantiles of |x| dropped
+MASS_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0)
+RHO_GRID = (0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)  # quantiles of neuron contributions dropped in down
 QUANTILE_SAMPLE = 1 << 22
 
 
@@ -26,37 +31,56 @@ class Point:
     err: float
     threshold: float
     down_tau: float
+    input_tau: float
     recall: float
 
 
-@torch.no_grad()
-def layer_points(mlp: SparseMLP, x: torch.Tensor, resid_sq: float, down_skip: bool) -> list[Point]:
-    x = x.float()
-    d = mlp.hidden
-    gu = 2 if mlp.gated else 1
-    h = mlp.hidden_states(x)
-    contrib = h.abs() * mlp.down_norms()
-    true = expert_output_norms(mlp, x)
-    logits = mlp.router.float()(x)
-    flat = contrib.flatten()
+def _quantiles(values: torch.Tensor, qs) -> list[float]:
+    flat = values.flatten()
     if flat.numel() > QUANTILE_SAMPLE:
         flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:QUANTILE_SAMPLE]]
-    rhos = RHO_GRID if down_skip else (0.0,)
-    taus = [float(torch.quantile(flat, r)) if r > 0 else 0.0 for r in rhos]
-    points = [Point(mlp_macs_dense(d, mlp.intermediate, mlp.gated), 0.0, 1.0, 0.0, 1.0)]
-    total_mass = true.sum(1).clamp_min(1e-12)
-    for t in MASS_GRID:
-        sel = threshold_select(logits, t)
-        dropped_expert_err = (true.pow(2) * ~sel).sum(1).mean()
-        recall = float(((true * sel).sum(1) / total_mass).mean())
-        keep = mlp.neuron_mask(sel)
-        n_sel = sel.sum(1).float().mean()
-        for tau in taus:
-            kept = keep & (contrib >= tau) if tau > 0 else keep
-            err = dropped_expert_err + (contrib.pow(2) * (keep & ~kept)).sum(1).mean()
-            macs = mlp_macs_sparse(d, mlp.n_shared, mlp.expert_size, gu, float(n_sel), float(kept.sum(1).float().mean()),
-                                   mlp.router.macs())
-            points.append(Point(macs, float(err) / resid_sq, t, tau, recall))
+    flat = flat.sort().values
+    return [float(flat[min(int(q * flat.numel()), flat.numel() - 1)]) if q > 0 else 0.0 for q in qs]
+
+
+@torch.no_grad()
+def layer_points(mlp: SparseMLP, x: torch.Tensor, resid_sq: float, down_skip: bool, input_skip: bool = True
+                 ) -> list[Point]:
+    x = x.float()
+    n, d = x.shape
+    gu = 2 if mlp.gated else 1
+    w_down_t, b_down = mlp.canonical()[4:]
+    norms = mlp.down_norms()
+    h_full = mlp.hidden_states(x)
+    y_full = F.linear(h_full, w_down_t.t())
+    logits = mlp.router.float()(x)
+    selections = {t: threshold_select(logits, t) for t in MASS_GRID}
+    taus = _quantiles(h_full.abs() * norms, RHO_GRID if down_skip else (0.0,))
+    x_taus = _quantiles(x.abs(), INPUT_GRID if input_skip else (0.0,))
+    points = [Point(mlp_macs_dense(d, mlp.intermediate, mlp.gated), 0.0, 1.0, 0.0, 0.0, 1.0)]
+    for x_tau in x_taus:
+        keep_x = x.abs() >= x_tau
+        n_in = keep_x.sum(1).float()
+        h = mlp.hidden_states(x * keep_x) if x_tau > 0 else h_full
+        input_err = float((F.linear(h, w_down_t.t()) - y_full).pow(2).sum()) / n if x_tau > 0 else 0.0
+        contrib = h.abs() * norms
+        true = norms_from_hidden(mlp, h)
+        total_mass = true.sum(1).clamp_min(1e-12)
+        for t, sel in selections.items():
+            dropped_expert_err = float((true.pow(2) * ~sel).sum()) / n
+            recall = float(((true * sel).sum(1) / total_mass).mean())
+            rows = mlp.n_shared + sel.sum(1).float() * mlp.expert_size
+            cells = float((rows * n_in).mean())
+            # contributions of the computed neurons, sorted once: every down threshold is then a binary search
+            computed = contrib[mlp.neuron_mask(sel)].sort().values
+            sq_cum = torch.cat([torch.zeros(1, dtype=torch.float64), computed.double().pow(2).cumsum(0)])
+            cut = torch.searchsorted(computed, torch.tensor(taus))
+            router = mlp.router.macs() if t < 1.0 else 0
+            for tau, c in zip(taus, cut.tolist()):
+                down = (computed.numel() - c) / n
+                err = input_err + dropped_expert_err + float(sq_cum[c]) / n
+                macs = mlp_macs_sparse(d, gu, cells, down, router)
+                points.append(Point(macs, err / resid_sq, t, tau, x_tau, recall))
     return points
 
 
@@ -99,6 +123,7 @@ def calibrate_budgets(per_layer: list[list[Point]], min_budget: float) -> list[d
             "target": target,
             "thresholds": [p.threshold for p in chosen],
             "down_tau": [p.down_tau for p in chosen],
+            "input_tau": [p.input_tau for p in chosen],
             "calib_mlp_flops_kept": sum(p.macs for p in chosen) / dense,
             "calib_expert_recall": [round(p.recall, 4) for p in chosen],
         })

@@ -33,6 +33,8 @@ class ConvertConfig:
     router_epochs: int = opt(30, "Router training epochs over the calibration tokens.")
     down_skip: bool = opt(True, "Also skip down-projection rows whose activation is tiny inside chosen experts "
                                 "(exact, no prediction).")
+    input_skip: bool = opt(True, "Also let gate/up skip input channels whose |x| is tiny (TEAL-style, exact given x); "
+                                 "the budget search decides per layer how much.")
     mlp_flops: float = opt(0.5, "Default MLP FLOPs budget the model loads with (fraction of dense, router included).")
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
     seed: int = opt(0, "Seed of every random choice (torch.Generator, recorded in the output).")

@@ -38,8 +38,8 @@ def _mlp_macs(mlps: list[SparseMLP], stats: list[LayerStats] | None) -> float:
             continue
         s = stats[i]
         n = max(s.tokens, 1)
-        total += mlp_macs_sparse(m.hidden, m.n_shared, m.expert_size, 2 if m.gated else 1, s.experts / n,
-                                 s.down_neurons / n, m.router.macs())
+        total += mlp_macs_sparse(m.hidden, 2 if m.gated else 1, s.gate_up_cells / n, s.down_neurons / n,
+                                 m.router.macs() * s.routed_tokens / n)
     return total
 
 

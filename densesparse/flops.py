@@ -8,10 +8,9 @@ def mlp_macs_dense(d: int, m: int, gated: bool) -> float:
     return float(d * m * (3 if gated else 2))
 
 
-def mlp_macs_sparse(d: int, n_shared: int, expert_size: int, gate_up: int, experts: float, down_neurons: float,
-                    router: int) -> float:
-    """Router + gate/up rows of the shared neurons and selected experts + down rows actually used."""
-    return float(router + d * gate_up * (n_shared + experts * expert_size) + d * down_neurons)
+def mlp_macs_sparse(d: int, gate_up: int, gate_up_cells: float, down_neurons: float, router: float) -> float:
+    """Per token: router + gate/up (rows computed x input channels used, per matrix) + down rows actually used."""
+    return float(router + gate_up * gate_up_cells + d * down_neurons)
 
 
 def _is_projection(module) -> bool:

@@ -22,7 +22,7 @@ from densesparse.router import fit_router
 from densesparse.runtime import apply_budget, install, sparse_mlps
 from densesparse.stats import collect
 
-HELDOUT_TOKENS = 4096
+HELDOUT_TOKENS = 1024
 
 
 def _progress(show: bool):
@@ -46,7 +46,7 @@ def _split(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, t
     return x[order[held:]], x[order[:held]]
 
 
-def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: bool, down_skip: bool):
+def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: bool, spec: dict):
     task = progress.add_task("group + route layers", total=len(mlps)) if progress else None
     points, losses = [], []
     for mlp, sample in zip(mlps, samples):
@@ -55,7 +55,7 @@ def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: b
             permute(mlp, neuron_order(mlp, train, cfg.grouping, generator))
         if refit:
             losses.append(fit_router(mlp, train, cfg.router_epochs, generator))
-        points.append(layer_points(mlp, held, sample.resid_sq, down_skip))
+        points.append(layer_points(mlp, held, sample.resid_sq, spec["down_skip"], spec["input_skip"]))
         if progress:
             progress.advance(task)
     return points, losses
@@ -82,14 +82,13 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
         "layout": layout.to_dict(), "activation": activation_name(model.config, layout), "hidden_size": d,
         "intermediate_size": m, "n_shared": n_shared, "expert_size": cfg.expert_size,
         "n_experts": (m - n_shared) // cfg.expert_size, "router_width": cfg.router_width,
-        "grouping": cfg.grouping, "down_skip": cfg.down_skip, "seed": cfg.seed, "calibration": provenance,
+        "grouping": cfg.grouping, "down_skip": cfg.down_skip, "input_skip": cfg.input_skip, "seed": cfg.seed, "calibration": provenance,
         "default_mlp_flops": cfg.mlp_flops, "source_model": str(cfg.model or source),
     }
     with _progress(show_progress) as progress:
         samples = collect(model, layout, batches, progress)
         mlps = install(model, spec)
-        points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=True, refit=True,
-                                     down_skip=cfg.down_skip)
+        points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=True, refit=True, spec=spec)
     spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
     spec["router_kl"] = [round(v, 5) for v in losses]
     apply_budget(mlps, spec["budgets"], cfg.mlp_flops)
@@ -115,7 +114,7 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
     with _progress(show_progress) as progress:
         samples = collect(model, layout, batches, progress)
         points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=False,
-                                     refit=cfg.refit_routers, down_skip=spec["down_skip"])
+                                     refit=cfg.refit_routers, spec=spec)
     spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
     if losses:
         spec["router_kl"] = [round(v, 5) for v in losses]

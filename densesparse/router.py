@@ -11,16 +11,18 @@ CHUNK = 2048
 
 
 @torch.no_grad()
-def expert_output_norms(mlp: SparseMLP, x: torch.Tensor) -> torch.Tensor:
+def norms_from_hidden(mlp: SparseMLP, h: torch.Tensor) -> torch.Tensor:
     """||sum_{i in expert} h_i down_i|| for every expert and token [N, n_experts], via each expert's Gram matrix."""
     s, e, k = mlp.n_shared, mlp.expert_size, mlp.n_experts
     w = mlp.canonical()[4].float()[s:].reshape(k, e, -1)
     gram = w @ w.transpose(1, 2)
-    out = []
-    for xb in x.split(CHUNK):
-        he = mlp.hidden_states(xb.float())[:, s:].reshape(-1, k, e)
-        out.append(torch.einsum("bke,kef,bkf->bk", he, gram, he).clamp_min(0).sqrt())
-    return torch.cat(out)
+    he = h[:, s:].reshape(-1, k, e)
+    return torch.einsum("bke,kef,bkf->bk", he, gram, he).clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def expert_output_norms(mlp: SparseMLP, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([norms_from_hidden(mlp, mlp.hidden_states(xb.float())) for xb in x.split(CHUNK)])
 
 
 def fit_router(mlp: SparseMLP, x: torch.Tensor, epochs: int, generator: torch.Generator,

@@ -53,17 +53,22 @@ class HeldWeights(nn.Module):
 
 
 class LayerStats:
-    """Per-layer counters of what the sparse forward actually selected (for FLOPs and experts-per-token)."""
+    """Per-layer counters of what the sparse forward actually did, summed over tokens (FLOPs, experts per token)."""
 
     def __init__(self, n_experts: int):
         self.tokens = 0
+        self.routed_tokens = 0  # tokens for which the router ran (it is skipped when every expert is on)
         self.experts = 0
+        self.gate_up_cells = 0  # sum over tokens of (input channels used) x (gate/up rows computed)
         self.down_neurons = 0
         self.hist = torch.zeros(n_experts + 1, dtype=torch.long)
 
-    def update(self, n_sel: torch.Tensor, n_down: torch.Tensor):
+    def update(self, n_sel: torch.Tensor, rows: torch.Tensor, n_in: torch.Tensor, n_down: torch.Tensor,
+               routed: bool):
         self.tokens += n_sel.numel()
+        self.routed_tokens += n_sel.numel() if routed else 0
         self.experts += int(n_sel.sum())
+        self.gate_up_cells += int((rows.long() * n_in.long()).sum())
         self.down_neurons += int(n_down.sum())
         self.hist += torch.bincount(n_sel.cpu(), minlength=self.hist.numel())
 
@@ -98,8 +103,9 @@ class SparseMLP(nn.Module):
             for name, module in parts.items():
                 self.add_module(name, module)
         self.router = Router(hidden, router_width, n_experts)
-        self.threshold = 1.0
-        self.down_tau = 0.0
+        self.threshold = 1.0  # router mass threshold (1 = every expert, router not run)
+        self.down_tau = 0.0  # skip down rows whose |h| * ||down row|| is below this (exact, after gate/up)
+        self.input_tau = 0.0  # gate/up skip input channels with |x| below this (TEAL-style, exact given x)
         self.stats: LayerStats | None = None
         self._kernel_cache = None
 
@@ -140,7 +146,7 @@ class SparseMLP(nn.Module):
 
     @property
     def dense(self) -> bool:
-        return self.threshold >= 1.0 and self.down_tau <= 0.0
+        return self.threshold >= 1.0 and self.down_tau <= 0.0 and self.input_tau <= 0.0
 
     def down_norms(self) -> torch.Tensor:
         w_down_t = self.canonical()[4]
@@ -171,14 +177,30 @@ class SparseMLP(nn.Module):
         w_down_t, b_down = self.canonical()[4:]
         return F.linear(self.hidden_states(x2), w_down_t.t(), b_down)
 
+    def select(self, x2: torch.Tensor) -> torch.Tensor:
+        """Expert mask [T, n_experts] from the router and the XMoE threshold rule."""
+        if self.threshold >= 1.0:
+            return torch.ones(x2.shape[0], self.n_experts, dtype=torch.bool, device=x2.device)
+        return threshold_select(self.router(x2), self.threshold)
+
+    def sparse_input(self, x2: torch.Tensor) -> torch.Tensor:
+        return x2 * (x2.abs() >= self.input_tau) if self.input_tau > 0 else x2
+
+    def _record(self, x_in, expert_mask, down_keep):
+        if self.stats is not None:
+            n_sel = expert_mask.sum(1)
+            n_in = (x_in != 0).sum(1) if self.input_tau > 0 else torch.full_like(n_sel, x_in.shape[1])
+            self.stats.update(n_sel, self.n_shared + n_sel * self.expert_size, n_in, down_keep.sum(1),
+                              self.threshold < 1.0)
+
     def _torch_forward(self, x2):
-        h = self.hidden_states(x2)
-        expert_mask = threshold_select(self.router(x2), self.threshold)
+        x_in = self.sparse_input(x2)
+        h = self.hidden_states(x_in)
+        expert_mask = self.select(x2)
         keep = self.neuron_mask(expert_mask)
         if self.down_tau > 0:
             keep = keep & (h.abs() * self.down_norms().to(h.dtype) >= self.down_tau)
-        if self.stats is not None:
-            self.stats.update(expert_mask.sum(1), keep.sum(1))
+        self._record(x_in, expert_mask, keep)
         w_down_t, b_down = self.canonical()[4:]
         return F.linear(h * keep, w_down_t.t(), b_down)
 
@@ -190,12 +212,15 @@ class SparseMLP(nn.Module):
                                   self.down_norms().to(x2.dtype))
         packed, norms = self._kernel_cache
         r = self.router
-        mask = k.route(x2, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, self.threshold)
+        if self.threshold >= 1.0:
+            mask = self.select(x2)
+        else:
+            mask = k.route(x2, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, self.threshold)
         tau = (self.down_tau / norms.clamp_min(1e-12)) if self.down_tau > 0 else None
         _, _, b_gate, b_up, _, b_down = self.canonical()
-        if self.stats is not None:
-            self.stats.update(mask.sum(1), self.neuron_mask(mask).sum(1))
-        return k.sparse_mlp(x2, packed, b_gate, b_up, b_down, mask, tau, self.act_name)
+        x_in = self.sparse_input(x2)  # the kernels compute on the masked input; they do not yet skip its zeros
+        self._record(x_in, mask, self.neuron_mask(mask))
+        return k.sparse_mlp(x_in, packed, b_gate, b_up, b_down, mask, tau, self.act_name)
 
 
 _KERNELS = []
@@ -219,8 +244,9 @@ def _get(obj, path: str):
     return obj
 
 
-def install(model, spec: dict) -> list[SparseMLP]:
-    """Replace every FFN of `model` by a SparseMLP as described by the config's `densesparse` block."""
+def install(model, spec: dict, cls: type | None = None) -> list[SparseMLP]:
+    """Replace every FFN of `model` by a SparseMLP (or subclass `cls`) as the config's `densesparse` block says."""
+    cls = cls or SparseMLP
     layout = spec["layout"]
     mlps = []
     for layer in _get(model, layout["layers"]):
@@ -228,7 +254,7 @@ def install(model, spec: dict) -> list[SparseMLP]:
         names = [n for n in (layout["gate"], layout["up"], layout["down"]) if n]
         parts = {n: getattr(host, n) for n in names}
         hidden = spec["hidden_size"]
-        mlp = SparseMLP(layout, spec["activation"], parts, spec["n_shared"], spec["expert_size"],
+        mlp = cls(layout, spec["activation"], parts, spec["n_shared"], spec["expert_size"],
                         spec["n_experts"], spec["router_width"], hidden)
         mlp.router.to(dtype=parts[layout["up"]].weight.dtype, device=parts[layout["up"]].weight.device)
         if mlp.inline:
@@ -256,7 +282,7 @@ def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> N
         raise ValueError(f"mlp_flops={target} is outside (0, 1]: pass a fraction of the dense MLP FLOPs, e.g. 0.5")
     n = len(mlps)
     grid = sorted(budgets, key=lambda b: b["target"]) + [
-        {"target": 1.0, "thresholds": [1.0] * n, "down_tau": [0.0] * n}]
+        {"target": 1.0, "thresholds": [1.0] * n, "down_tau": [0.0] * n, "input_tau": [0.0] * n}]
     targets = [b["target"] for b in grid]
     if target < targets[0]:
         raise ValueError(f"mlp_flops={target} is below the smallest calibrated budget {targets[0]}: "
@@ -268,3 +294,4 @@ def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> N
     for i, m in enumerate(mlps):
         m.threshold = a["thresholds"][i] + w * (b["thresholds"][i] - a["thresholds"][i])
         m.down_tau = a["down_tau"][i] + w * (b["down_tau"][i] - a["down_tau"][i])
+        m.input_tau = a["input_tau"][i] + w * (b["input_tau"][i] - a["input_tau"][i])

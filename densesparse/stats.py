@@ -54,7 +54,7 @@ def collect(model, layout: FFNLayout, batches: list[torch.Tensor], progress: Pro
     task = progress.add_task("calibration forward", total=len(batches)) if progress else None
     try:
         for ids in batches:
-            model(input_ids=ids.unsqueeze(0), use_cache=False)
+            model.base_model(input_ids=ids.unsqueeze(0), use_cache=False)  # the LM head is not needed
             if progress:
                 progress.advance(task)
     finally:

@@ -1,0 +1,150 @@
+"""The command line through typer's runner: happy path on a tiny model, and every bad input in one clear line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+
+from conftest import tiny_model
+
+runner = CliRunner()
+FAST = ["--calib-tokens", "600", "--seq-len", "64", "--router-epochs", "2", "--expert-size", "4",
+        "--router-width", "16", "--min-budget", "0.3"]
+
+
+def _fails_cleanly(result, *words):
+    assert result.exit_code != 0
+    text = result.output.strip()
+    assert "Traceback" not in text
+    assert text.startswith("error:") and len(text.splitlines()) == 1, text
+    for w in words:
+        assert w in text.replace("\n", " "), text
+
+
+@pytest.fixture
+def llama_dir(tmp_path, tokenizer):
+    path = tmp_path / "tiny-llama"
+    tiny_model("LlamaForCausalLM").save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_convert_calibrate_eval(llama_dir, tmp_path):
+    out = tmp_path / "sparse"
+    r = runner.invoke(app, ["convert", str(llama_dir), "--out", str(out), *FAST])
+    assert r.exit_code == 0, r.output
+    spec = json.loads((out / "config.json").read_text())["densesparse"]
+    assert spec["seed"] == 0 and spec["calibration"]["tokens"] >= 600 and spec["version"] == 1
+    other = tmp_path / "other.txt"
+    other.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    r = runner.invoke(app, ["calibrate", str(out), "--data", str(other), "--mlp-flops", "0.4", "--calib-tokens",
+                            "600", "--seq-len", "64", "--router-epochs", "1", "--min-budget", "0.3"])
+    assert r.exit_code == 0, r.output
+    spec2 = json.loads((out / "config.json").read_text())["densesparse"]
+    assert spec2["default_mlp_flops"] == 0.4 and spec2["calibration"]["files"] == [str(other)]
+    report = tmp_path / "r.json"
+    r = runner.invoke(app, ["eval", str(out), "--data", str(other), "--sweep", "1,0.6,0.4", "--max-tokens", "512",
+                            "--seq-len", "128", "--json", str(report)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(report.read_text())
+    assert {"model", "data", "tokens", "dense", "budgets"} <= set(rep)
+    assert [b["target"] for b in rep["budgets"]] == [1.0, 0.6, 0.4]
+    full, *sparse = rep["budgets"]
+    assert full["ppl"] == pytest.approx(rep["dense"]["ppl"]) and full["mlp_flops_kept"] == 1.0
+    for b in sparse:
+        assert {"target", "mlp_flops_kept", "total_flops_kept", "ppl", "experts_per_token"} <= set(b)
+        assert 0 < b["mlp_flops_kept"] < 1 and b["total_flops_kept"] > b["mlp_flops_kept"]
+    assert report.with_suffix(".png").stat().st_size > 1000
+
+
+def test_help_is_documented():
+    r = runner.invoke(app, ["convert", "--help"])
+    assert r.exit_code == 0 and "--expert-size" in r.output and "--mlp-flops" in r.output
+
+
+def test_missing_path(tmp_path):
+    _fails_cleanly(runner.invoke(app, ["convert", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]),
+                   "not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_a_model_dir(tmp_path):
+    (tmp_path / "d").mkdir()
+    _fails_cleanly(runner.invoke(app, ["convert", str(tmp_path / "d"), "--out", str(tmp_path / "o")]),
+                   "not a model directory")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture(tmp_path, tokenizer):
+    import transformers as tf
+
+    cfg = tf.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=256)
+    path = tmp_path / "bloom"
+    tf.BloomForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    _fails_cleanly(runner.invoke(app, ["convert", str(path), "--out", str(tmp_path / "o"), *FAST]),
+                   "unsupported architecture BloomForCausalLM")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_safetensors(llama_dir, tmp_path):
+    f = llama_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    _fails_cleanly(runner.invoke(app, ["convert", str(llama_dir), "--out", str(tmp_path / "o")]),
+                   "corrupt or truncated safetensors")
+    assert not (tmp_path / "o").exists()
+
+
+def test_pickle_only_refused(llama_dir, tmp_path):
+    sd = tiny_model("LlamaForCausalLM").state_dict()
+    (llama_dir / "model.safetensors").unlink()
+    torch.save(sd, llama_dir / "pytorch_model.bin")
+    _fails_cleanly(runner.invoke(app, ["convert", str(llama_dir), "--out", str(tmp_path / "o")]),
+                   "pickle", "--allow-pickle")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_calibration_text(llama_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    _fails_cleanly(runner.invoke(app, ["convert", str(llama_dir), "--out", str(tmp_path / "o"), "--data",
+                                       str(empty)]), "empty")
+    assert not (tmp_path / "o").exists()
+
+
+def test_short_calibration_text_warns(llama_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be, that is the question. " * 30)
+    r = runner.invoke(app, ["convert", str(llama_dir), "--out", str(tmp_path / "o"), "--data", str(short), *FAST,
+                            "--calib-tokens", "50000"])
+    assert r.exit_code == 0, r.output
+    assert "warning" in r.output and "tokens" in r.output
+
+
+@pytest.mark.parametrize("budget", ["0", "1.5", "-0.2"])
+def test_budget_out_of_range(llama_dir, tmp_path, budget):
+    _fails_cleanly(runner.invoke(app, ["convert", str(llama_dir), "--out", str(tmp_path / "o"), "--mlp-flops",
+                                       budget]), "outside (0, 1]")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_sweep_out_of_range(llama_dir, tmp_path):
+    _fails_cleanly(runner.invoke(app, ["eval", str(llama_dir), "--sweep", "1,2"]), "(0, 1]")
+
+
+def test_eval_on_dense_dir_says_convert_first(llama_dir):
+    _fails_cleanly(runner.invoke(app, ["eval", str(llama_dir)]), "densesparse convert")
+
+
+def test_mismatched_safetensors(llama_dir, tmp_path):
+    out = tmp_path / "sparse"
+    assert runner.invoke(app, ["convert", str(llama_dir), "--out", str(out), *FAST]).exit_code == 0
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(out / "model.safetensors")
+    save_file({k: v for k, v in sd.items() if "router" not in k}, out / "model.safetensors", metadata={"format": "pt"})
+    _fails_cleanly(runner.invoke(app, ["eval", str(out), "--max-tokens", "64"]), "router")
