@@ -8,6 +8,9 @@ Sections (each a function; main() strings them together, so a section can be add
   sweep_configs()      (--sweep) a few kernel tile configurations at llama3-8b, picks the fastest
   bench_mlp()          decode layer: dense / sparse (router + selection + sparse MLP) / pre-sliced ideal / router
   bench_prefill()      2048-token layer: dense vs sparse
+  tile_trials()        a few decode-kernel tile configs at llama3-8b T=1 (MLP only); keeps the fastest
+  bench_e2e()          Llama-3-8B-shaped model (random bf16 weights), decode tok/s (static KV cache, CUDA graph)
+                       and 2048-token prefill, dense vs sparse at ~50% / ~25% kept MLP FLOPs
 All times: CUDA-graph replays (each graph runs the op over several weight copies so L2 does not flatter),
 CUDA events, median of repeated replays, per call in microseconds.
 """
@@ -30,7 +33,7 @@ sys.path.insert(0, ROOT)
 from densesparse import kernels as K  # noqa: E402
 
 SHAPES = {"llama3-8b": (4096, 14336), "llama2-7b": (4096, 11008), "smollm2-135m": (576, 1536)}
-ROUTER_R = {"llama3-8b": 256, "llama2-7b": 256, "smollm2-135m": 128}
+ROUTER_R = {"llama3-8b": 64, "llama2-7b": 64, "smollm2-135m": 64}  # ConvertConfig.router_width
 L2_BYTES = 50e6
 DT = torch.bfloat16
 DEV = "cuda"
@@ -149,7 +152,9 @@ class Layer:
             return
         self.packed = None
         torch.cuda.empty_cache()
-        self.packed = [K.pack(wg, wu, wd.t().contiguous(), e, 0) for (wg, wu, wd) in self.dense]
+        if not hasattr(self, "wdt"):
+            self.wdt = [wd.t().contiguous() for (_, _, wd) in self.dense]  # the layout the runtime re-lays to
+        self.packed = [K.pack(wg, wu, wdt, e, 0) for (wg, wu, _), wdt in zip(self.dense, self.wdt)]
         n_e = self.m // e
         g = self.gen
         self.router = [((torch.randn(self.r, self.d, device=DEV, dtype=DT, generator=g) * self.d ** -0.5),
@@ -256,7 +261,7 @@ def bench_mlp(shapes, expert_sizes, kepts, batches, copy_gbps):
                     union = mask.any(0).float().mean().item()
                     tri = time_sparse(L, x, mask, "triton") if T <= 16 else None
                     dm = time_sparse(L, x, mask, "dense")
-                    auto = time_sparse(L, x, mask, None)
+                    auto = tri if T <= K.DECODE_MAX_T else dm  # what path=None takes (chosen by T)
                     bytes_moved = union * 3 * L.m * L.d * 2 + (L.r * L.d + n_e * L.r) * 2
                     rows.append({
                         "shape": shape, "expert_size": e, "kept": kept, "batch": T,
@@ -277,7 +282,7 @@ def bench_mlp(shapes, expert_sizes, kepts, batches, copy_gbps):
     return rows
 
 
-def bench_prefill(shapes, kepts, tokens=2048, e=32):
+def bench_prefill(shapes, kepts, tokens=2048, e=8):
     rows = []
     gen = torch.Generator(device=DEV).manual_seed(2)
     for shape in shapes:
@@ -355,6 +360,235 @@ def profile_kernels():
     return out
 
 
+def tile_trials():
+    """Greedy: down-kernel configs, then gate/up configs, at llama3-8b T=1, kept 0.25/0.5, e=8 and e=32 (MLP only).
+    Keeps the fastest in K.CONFIG for the rest of the run (the record says which)."""
+    L = Layer("llama3-8b")
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    x = torch.randn(1, L.d, device=DEV, dtype=DT, generator=gen)
+    cases = []
+    for e in (8, 32):
+        for kept in (0.25, 0.5):
+            cases.append((e, random_mask(1, L.m // e, kept, gen)))
+    groups = [
+        [{}, {"dn_BD": 256}, {"dn_BD": 256, "dn_KCHUNK": 256}, {"dn_BD": 512, "dn_KCHUNK": 256, "dn_warps": 4},
+         {"dn_BN": 64, "dn_BD": 256, "dn_warps": 4}, {"dn_KCHUNK": 1024}, {"dn_warps": 4}, {"dn_stages": 4}],
+        [{}, {"gu_BN": 16, "gu_BK": 512, "gu_stages": 4}, {"gu_BN": 16, "gu_BK": 256, "gu_stages": 4},
+         {"gu_BK": 128, "gu_stages": 4}, {"gu_warps": 8}, {"gu_BK": 256, "gu_stages": 4}],
+    ]
+    log = []
+    for grp in groups:
+        base = dict(K.CONFIG)
+        best = None
+        for tr in grp:
+            K.CONFIG.clear()
+            K.CONFIG.update(base)
+            K.CONFIG.update(tr)
+            ts = []
+            try:
+                for e, mk in cases:
+                    L.pack_for(e)
+                    ts.append(round(time_sparse(L, x, mk, "triton", with_router=False), 2))
+                tot = sum(ts)
+            except Exception as ex:  # a tile that does not compile / fit
+                ts, tot = str(ex)[:80], float("inf")
+            log.append({"cfg": tr, "us_e8_k25_k50_e32_k25_k50": ts})
+            print(f"  tiles {tr}: {ts}", flush=True)
+            if best is None or tot < best[1]:
+                best = (tr, tot)
+        K.CONFIG.clear()
+        K.CONFIG.update(base)
+        K.CONFIG.update(best[0])
+    print("tiles picked:", dict(K.CONFIG), flush=True)
+    del L
+    torch.cuda.empty_cache()
+    return {"picked": dict(K.CONFIG), "log": log}
+
+
+def bench_router(Ts=(1, 4, 16, 2048), es=(8, 32)):
+    """Router + selection alone at llama3-8b (r=64), per call, us."""
+    rows = []
+    d, m, r = 4096, 14336, 64
+    g = torch.Generator(device=DEV).manual_seed(3)
+    for e in es:
+        n_e = m // e
+        nc = 8
+        rw = [((torch.randn(r, d, device=DEV, dtype=DT, generator=g) * d ** -0.5),
+               torch.randn(r, device=DEV, dtype=DT, generator=g) * 0.1,
+               torch.randn(n_e, r, device=DEV, dtype=DT, generator=g) * r ** -0.5,
+               torch.randn(n_e, device=DEV, dtype=DT, generator=g) * 0.1) for _ in range(nc)]
+        for T in Ts:
+            x = torch.randn(T, d, device=DEV, dtype=DT, generator=g)
+            us = time_graph(lambda i: K.route(x, *rw[i % nc], 0.5), 2 * nc)
+            rows.append({"expert_size": e, "n_e": n_e, "batch": T, "router_us": round(us, 2)})
+            print(f"router e={e} n_e={n_e} T={T}: {us:.2f} us", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# end to end: Llama-3-8B-shaped model, random weights
+# ----------------------------------------------------------------------------------------------------------------
+def _graph_step(fn, reps=20, warm=3):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(warm):
+        g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    del g
+    return statistics.median(ts)  # ms per step
+
+
+def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prompt=64, prefill_T=2048):
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    from densesparse import arch, runtime
+    out = {"model": "LlamaForCausalLM, Llama-3-8B shape (hidden 4096, intermediate 14336, 32 layers, 32 heads, "
+                    "8 kv heads, vocab 128256), bf16, sdpa",
+           "weights": "RANDOM (HF init, routers random with w2 x4); density is set by the router threshold "
+                      "budget, calibrated per layer by bisection on 256 captured MLP inputs",
+           "transformers": transformers.__version__, "expert_size": E, "n_experts": 14336 // E,
+           "router_width": 64, "decode": [], "prefill": [], "calibration": []}
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+    cfg._attn_implementation = "sdpa"
+    t0 = time.time()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEV):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.eval()
+    spec = {"layout": arch.LAYOUTS["LlamaForCausalLM"].to_dict(), "activation": "silu", "hidden_size": 4096,
+            "n_shared": 0, "expert_size": E, "n_experts": 14336 // E, "router_width": 64}
+    mlps = runtime.install(model, spec)
+    with torch.no_grad():
+        for mm in mlps:
+            mm.router.w2.weight.mul_(4.0)
+            mm.threshold = 1.0
+    print(f"e2e: model built in {time.time() - t0:.1f}s, {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
+    V = cfg.vocab_size
+    g = torch.Generator(device=DEV).manual_seed(11)
+
+    # capture MLP inputs (dense) for calibration
+    caps = []
+    hooks = [mm.register_forward_pre_hook(lambda mod, args: caps.append(args[0].reshape(-1, 4096)[:256].clone()))
+             for mm in mlps]
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, V, (1, 256), device=DEV, generator=g), use_cache=False, logits_to_keep=1)
+    for h in hooks:
+        h.remove()
+
+    def kept_of(mm, xin, t):
+        r = mm.router
+        return K.route(xin, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, t).float().mean().item()
+
+    thresholds = {}
+    for kept in kepts:
+        ths, ks = [], []
+        for mm, xin in zip(mlps, caps):
+            lo, hi = 0.0, 1.0
+            for _ in range(14):
+                mid = (lo + hi) / 2
+                if kept_of(mm, xin, mid) < kept:
+                    lo = mid
+                else:
+                    hi = mid
+            ths.append(hi)
+            ks.append(kept_of(mm, xin, hi))
+        thresholds[kept] = ths
+        meas = sum(ks) / len(ks)
+        out["calibration"].append({"target": kept, "measured_kept": round(meas, 4),
+                                   "threshold_min": round(min(ths), 4), "threshold_max": round(max(ths), 4)})
+        print(f"e2e calibration: target {kept} measured kept {meas:.4f} thresholds {min(ths):.3f}..{max(ths):.3f}",
+              flush=True)
+    del caps
+
+    def set_mode(kept):
+        for i, mm in enumerate(mlps):
+            mm.threshold = 1.0 if kept == 1.0 else thresholds[kept][i]
+
+    def decode_ms(B):
+        cache = StaticCache(config=cfg, max_cache_len=prompt + 16)
+        ids = torch.randint(0, V, (B, prompt), device=DEV, generator=g)
+        with torch.no_grad():
+            o = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device=DEV),
+                      use_cache=True, logits_to_keep=1)
+        tok = o.logits[:, -1:].argmax(-1).clone()
+        pos = torch.tensor([prompt], device=DEV)
+        pid = pos.view(1, 1).expand(B, 1).clone()
+
+        def step():
+            with torch.no_grad():
+                return model(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pid,
+                             use_cache=True).logits
+        ms = _graph_step(step)
+        del cache
+        return ms
+
+    def prefill_ms():
+        ids = torch.randint(0, V, (1, prefill_T), device=DEV, generator=g)
+        with torch.no_grad():
+            for _ in range(2):
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(5):
+                a = torch.cuda.Event(enable_timing=True)
+                b = torch.cuda.Event(enable_timing=True)
+                a.record()
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b))
+        return statistics.median(ts)
+
+    res = {}
+    for kept in (1.0,) + tuple(kepts):
+        set_mode(kept)
+        for B in batches:
+            try:
+                res[(kept, B)] = decode_ms(B)
+            except Exception as ex:  # record, go on
+                res[(kept, B)] = None
+                out.setdefault("errors", []).append(f"decode kept={kept} B={B}: {type(ex).__name__}: {str(ex)[:300]}")
+                print("e2e decode error:", out["errors"][-1], flush=True)
+            print(f"e2e decode kept={kept} B={B}: {res[(kept, B)]} ms/step", flush=True)
+        res[(kept, "prefill")] = prefill_ms()
+        print(f"e2e prefill kept={kept} T={prefill_T}: {res[(kept, 'prefill')]:.2f} ms", flush=True)
+    kmeas = {c["target"]: c["measured_kept"] for c in out["calibration"]}
+    for kept in kepts:
+        for B in batches:
+            dn, sp = res[(1.0, B)], res[(kept, B)]
+            out["decode"].append({"kept": kmeas[kept], "target": kept, "batch": B,
+                                  "dense_tok_s": None if dn is None else round(B / dn * 1e3, 1),
+                                  "sparse_tok_s": None if sp is None else round(B / sp * 1e3, 1),
+                                  "dense_ms": dn and round(dn, 3), "sparse_ms": sp and round(sp, 3)})
+        out["prefill"].append({"kept": kmeas[kept], "target": kept, "tokens": prefill_T,
+                               "dense_ms": round(res[(1.0, "prefill")], 2), "sparse_ms": round(res[(kept, "prefill")], 2)})
+    del model, mlps
+    torch.cuda.empty_cache()
+    return out
+
+
 def print_table(res):
     print("\n=== llama3-8b MLP layer, bf16: speedup dense/sparse (sparse = router + selection + MLP) ===")
     mlp = [r for r in res["mlp"] if r["shape"] == "llama3-8b"]
@@ -369,29 +603,39 @@ def print_table(res):
             print(f"  T={T:<3d}     " + "  ".join(cells))
     b1 = [r for r in mlp if r["batch"] == 1]
     if b1:
-        print("batch 1 detail (us): e kept dense sparse ideal router router% floor GB/s")
+        print("batch 1 detail (us): e kept dense sparse ideal router router% floor GB/s mlp-only")
         for r in b1:
             if r["kept"] in (0.5, 0.25):
                 print(f"  {r['expert_size']:4d} {r['kept']:.2f} {r['dense_us']:7.1f} {r['sparse_us']:7.1f} "
                       f"{r['ideal_us']:7.1f} {r['router_us']:5.1f} {100 * r['router_us'] / r['sparse_us']:5.1f}% "
-                      f"{r['floor_us']:6.1f} {r['gbps']:7.0f}")
-    for r in res["prefill_layer"]:
-        print(f"prefill {r['shape']} kept {r['kept']} T={r['tokens']}: dense {r['dense_us']} sparse {r['sparse_us']}"
-              f" ratio {r['dense_us'] / r['sparse_us']:.3f}")
+                      f"{r['floor_us']:6.1f} {r['gbps']:7.0f} {r['sparse_us'] - r['router_us']:7.1f}")
+    for r in res.get("prefill_layer", []):
+        print(f"prefill layer {r['shape']} e={r['expert_size']} kept {r['kept']} T={r['tokens']}: dense {r['dense_us']} "
+              f"sparse {r['sparse_us']} ratio {r['dense_us'] / r['sparse_us']:.3f} (router {r['router_us']})")
+    for r in res.get("decode", []):
+        print(f"e2e decode kept {r['kept']} B={r['batch']}: dense {r['dense_tok_s']} tok/s sparse {r['sparse_tok_s']} "
+              f"tok/s ratio {r['sparse_tok_s'] / r['dense_tok_s'] if r['dense_tok_s'] and r['sparse_tok_s'] else 'n/a'}")
+    for r in res.get("prefill", []):
+        print(f"e2e prefill kept {r['kept']} T={r['tokens']}: dense {r['dense_ms']} ms sparse {r['sparse_ms']} ms "
+              f"ratio {r['dense_ms'] / r['sparse_ms']:.3f}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--profile-only", action="store_true")
+    ap.add_argument("--no-trials", action="store_true")
+    ap.add_argument("--no-e2e", action="store_true")
     a = ap.parse_args(argv)
     import triton
+
+    from densesparse.config import ConvertConfig
     t0 = time.time()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "default_expert_size": None, "mlp": [], "prefill_layer": []}
+           "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv),
+           "default_expert_size": ConvertConfig().expert_size, "mlp": [], "prefill_layer": [],
+           "decode": [], "prefill": []}
 
     def save():
         res["wall_s"] = round(time.time() - t0, 1)
@@ -399,31 +643,40 @@ def main(argv=None):
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
 
-    if a.profile_only:
-        res["profile"] = profile_kernels()
-        save()
-        return
     if not a.skip_check:
         res["correctness_worst_rel_err"] = check_correctness()
     res["copy_gbps"] = round(copy_bandwidth(), 1)
-    if a.sweep:
-        L = Layer("llama3-8b")
-        res["sweep"] = sweep_configs(L)
-        del L
-        torch.cuda.empty_cache()
+    if not a.no_trials:
+        res["tile_trials"] = tile_trials()
         save()
     res["config"] = dict(K.CONFIG)
     res["decode_max_t"] = K.DECODE_MAX_T
+    res["router"] = bench_router()
+    save()
     if a.quick:
-        shapes, es, kepts = ["llama3-8b"], [8, 32, 128], [0.5, 0.25]
+        plan = [("llama3-8b", [8, 32], [0.5, 0.25], [1, 4, 16])]
     else:
-        shapes, es, kepts = list(SHAPES), [1, 4, 8, 16, 32, 128], [0.75, 0.5, 0.35, 0.25]
-    for i, shape in enumerate(shapes):
-        res["mlp"] += bench_mlp([shape], es, kepts, [1, 4, 16], res["copy_gbps"])
+        plan = [("llama3-8b", [8, 16, 32, 128], [0.5, 0.25, 0.75, 0.35], [1, 2, 4, 16]),
+                ("llama2-7b", [8, 32], [0.5, 0.25], [1, 16]),
+                ("smollm2-135m", [8, 32], [0.5, 0.25], [1, 16])]
+    for i, (shape, es, kepts, batches) in enumerate(plan):
+        res["mlp"] += bench_mlp([shape], es, kepts, batches, res["copy_gbps"])
         save()
         if i == 0:
             res["prefill_layer"] = bench_prefill(["llama3-8b", "llama2-7b"], [0.5, 0.25])
             save()
+    if not a.no_e2e:
+        try:
+            e2e = bench_e2e(E=res["default_expert_size"])
+            res["decode"], res["prefill"] = e2e.pop("decode"), e2e.pop("prefill")
+            res["e2e"] = e2e
+        except Exception as ex:
+            import traceback
+            traceback.print_exc()
+            res["e2e_error"] = f"{type(ex).__name__}: {str(ex)[:500]}"
+        save()
+    save()
+    print(f"wall {res['wall_s']} s")
     print_table(res)
 
 

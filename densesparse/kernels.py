@@ -2,24 +2,31 @@
 
 Public API:
     route(x, r_w1, r_b1, r_w2, r_b2, threshold) -> mask [T, n_e] bool   (sync-free, graph-capturable)
-    pack(w_gate, w_up, w_down_t, e, n_shared) -> dict                    (kernel weight layout, built once)
+    pack(w_gate, w_up, w_down_t, e, n_shared) -> dict                    (views of the weights + workspace)
     sparse_mlp(x, packed, b_gate, b_up, b_down, mask, tau, act) -> y [T, d]
 
-Layout built by pack(): w_gu [nb, NW, e, d] with nb = m // e blocks (the n_shared shared blocks first, then the
-n_e experts), NW = 2 (gate rows then up rows of the block, contiguous) or 1 (non-gated, up rows only).
-Neuron n lives in block b = n // e at j = n % e; its gate row is b*NW*e + j, its up row b*NW*e + (NW-1)*e + j
-of w_gu viewed as [nb*NW*e, d]. w_down_t [m, d] is kept as given (row per neuron, already contiguous per expert).
+No weight copies: pack() keeps references to the caller's [m, d] row-major w_gate, w_up and w_down_t (one row
+per neuron; an expert's e rows are contiguous). It only copies a weight that is not contiguous, so callers that
+want exactly one copy on the GPU pass contiguous [m, d] tensors (SparseMLP._cuda_forward re-lays the down
+projection's storage in place, see runtime.py). Neuron n lives in block b = n // e (the n_shared shared blocks
+first, then the n_e experts).
 
 Paths (chosen by T on the host, no device sync):
   * T <= DECODE_MAX_T: Triton. Kernel 1 (_gate_up_kernel): one program per tile of BN neurons, gate+up gather
-    GEMV/GEMM over the union of the tokens' experts (unselected rows are predicated-off loads: no bytes move;
-    tiles with no selected row exit at once), act(gate)*up, per-token mask and tau, h fp32 [T, m].
-    Kernel 2 (_down_kernel): split-K over neurons x column blocks of d, gathers rows of w_down_t of selected
-    neurons, fp32 atomics into a per-layer workspace; the last program of each column block (atomic counter)
-    adds b_down, writes y in the input dtype and re-zeroes the workspace and counter for the next call.
-  * T > DECODE_MAX_T (prefill): dense cuBLAS over the packed [2m, d] matrix, one fused Triton kernel for
-    act*up*mask*tau, cuBLAS for the down projection (dense-with-mask: measured faster than skipping, see
-    bench/GPU_NOTES.md).
+    GEMV/GEMM over the union of the tokens' experts, read straight from w_gate and w_up (unselected rows are
+    predicated-off loads: no bytes move; tiles with no selected row exit at once), act(gate)*up, per-token mask
+    and tau, h fp32 [T, m]. Kernel 2 (_down_kernel): split-K over neurons x column blocks of d; a row of
+    w_down_t is read only when some token's h is non-zero there (exact: h is 0 on unselected/tau-cut neurons);
+    fp32 atomics into a per-layer workspace; the last program of each column block (atomic counter) adds b_down,
+    writes y in the input dtype and re-zeroes the workspace and counter for the next call.
+  * T > DECODE_MAX_T: dense-with-mask: cuBLAS x @ w_gate^T and x @ w_up^T, one fused Triton kernel for
+    act(g)*u*mask*tau (one pass, cheaper than the dense model's separate act and multiply), cuBLAS down.
+
+Router: T <= 16: _r1_kernel (split over rows of r_w1 and over d, bf16 tensor-core dot, fp32 partials),
+_r2_kernel (one program per BE experts: reduces the partials, relu, fp32 FMA against a [BE, r] tile of r_w2 that
+it loads once; loops over tokens), _select_kernel (exact sort-free XMoE rule, pairwise). T > 16: cuBLAS layer 1
+(bf16), _r2_big_kernel (relu + bf16 tensor-core layer 2, fp32 logits), _select_bisect_kernel (one program per
+token: bisection over the float bits of the cutoff probability, 31 CTA-wide sums: O(n_e log) not O(n_e^2)).
 """
 from __future__ import annotations
 
@@ -34,19 +41,18 @@ Tensor = torch.Tensor
 _ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 
 # Largest token count that takes the Triton decode kernels (they accept up to 16). Above it the union of the
-# tokens' experts is nearly everything and cuBLAS over all rows is faster (run 1: T=4 at 50% kept, union 94%,
-# Triton 146 us vs dense-with-mask 139 us of MLP; T=16: 150 vs 139).
+# tokens' experts is nearly everything and cuBLAS over all rows is faster (see bench/GPU_NOTES.md).
 DECODE_MAX_T = 2
 
 # Tunables (the bench may override them to sweep; keys are read at every call).
-# Picked by the one-at-a-time sweep of run 1 (bench/GPU_NOTES.md), llama3-8b, e=32, T=1 and 16.
 CONFIG = {
-    "gu_BN": 16, "gu_BK": 512, "gu_warps": 4, "gu_stages": 4,
-    "dn_BN": 32, "dn_BD": 128, "dn_KCHUNK": 512, "dn_warps": 4, "dn_stages": 3,
-    "r1_BR": 16, "r1_SPLIT": 8, "r2_BE": 16,
+    "gu_BN": 32, "gu_BK": 256, "gu_warps": 4, "gu_stages": 3,
+    "dn_BN": 32, "dn_BD": 128, "dn_KCHUNK": 512, "dn_warps": 2, "dn_stages": 3,
+    "r1_BR": 16, "r1_SPLIT": 16, "r2_BE": 32,
 }
 _BT = 16
 _CNT_MIN_BD = 32
+_BISECT_MAX = 16384  # largest n_e the one-program-per-token select kernel holds in registers
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,22 +86,21 @@ def _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, h_ptr,
+def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, h_ptr,
                     T, d, m, e, n_shared, n_e,
-                    NW: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
+                    GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
                     ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BN + tl.arange(0, BN)
     offs_t = tl.arange(0, BT)
     sel = _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e)
     row_any = tl.max(sel.to(tl.int32), axis=0) > 0
+    tok_ok = offs_t < T
+    nmask = n < m
+    h = tl.zeros([BT, BN], dtype=tl.float32)  # tiles with no selected row store zeros (the down kernel reads h)
     if tl.max(row_any.to(tl.int32), axis=0) > 0:
-        b = n // e
-        j = n - b * e
-        base = b.to(tl.int64) * (NW * e) + j
-        u_row = base + (NW - 1) * e
+        row = n.to(tl.int64) * d
         offs_k = tl.arange(0, BK)
-        tok_ok = offs_t < T
         acc_u = tl.zeros([BT, BN], dtype=tl.float32)
         acc_g = tl.zeros([BT, BN], dtype=tl.float32)
         for k0 in range(0, d, BK):
@@ -103,15 +108,14 @@ def _gate_up_kernel(x_ptr, w_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, h_ptr,
             kmask = k < d
             xv = tl.load(x_ptr + offs_t[:, None] * d + k[None, :], mask=tok_ok[:, None] & kmask[None, :], other=0.0)
             wm = row_any[:, None] & kmask[None, :]
-            wu = tl.load(w_ptr + u_row[:, None] * d + k[None, :], mask=wm, other=0.0)
+            wu = tl.load(wu_ptr + row[:, None] + k[None, :], mask=wm, other=0.0)
             acc_u += tl.dot(xv, tl.trans(wu))
-            if NW == 2:
-                wg = tl.load(w_ptr + base[:, None] * d + k[None, :], mask=wm, other=0.0)
+            if GATED:
+                wg = tl.load(wg_ptr + row[:, None] + k[None, :], mask=wm, other=0.0)
                 acc_g += tl.dot(xv, tl.trans(wg))
-        nmask = n < m
         if HAS_BU:
             acc_u += tl.load(bu_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        if NW == 2:
+        if GATED:
             if HAS_BG:
                 acc_g += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
             h = _act(acc_g, ACT) * acc_u
@@ -121,30 +125,30 @@ def _gate_up_kernel(x_ptr, w_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, h_ptr,
             tau = tl.load(tau_ptr + n, mask=nmask, other=0.0).to(tl.float32)
             h = tl.where(tl.abs(h) >= tau[None, :], h, 0.0)
         h = tl.where(sel, h, 0.0)
-        tl.store(h_ptr + offs_t[:, None] * m + n[None, :], h, mask=tok_ok[:, None] & nmask[None, :])
+    tl.store(h_ptr + offs_t[:, None] * m + n[None, :], h, mask=tok_ok[:, None] & nmask[None, :])
 
 
 @triton.jit
-def _down_kernel(h_ptr, wd_ptr, mask_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr,
-                 T, d, m, e, n_shared, n_e,
+def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr,
+                 T, d, m,
                  HAS_BD: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                  KCHUNK: tl.constexpr):
     pid_k = tl.program_id(0)
     pid_d = tl.program_id(1)
     nk = tl.num_programs(0)
     offs_t = tl.arange(0, BT)
+    tok_ok = offs_t < T
     offs_d = pid_d * BD + tl.arange(0, BD)
     dmask = offs_d < d
     acc = tl.zeros([BT, BD], dtype=tl.float32)
     for s in range(0, KCHUNK, BN):
         n = pid_k * KCHUNK + s + tl.arange(0, BN)
-        sel = _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e)
-        row_any = tl.max(sel.to(tl.int32), axis=0) > 0
-        hv = tl.load(h_ptr + offs_t[:, None] * m + n[None, :], mask=sel, other=0.0)
+        hv = tl.load(h_ptr + offs_t[:, None] * m + n[None, :], mask=tok_ok[:, None] & (n < m)[None, :], other=0.0)
+        row_any = tl.max((hv != 0.0).to(tl.int32), axis=0) > 0
         wv = tl.load(wd_ptr + n.to(tl.int64)[:, None] * d + offs_d[None, :],
                      mask=row_any[:, None] & dmask[None, :], other=0.0)
         acc += tl.dot(hv.to(wv.dtype), wv)
-    omask = (offs_t < T)[:, None] & dmask[None, :]
+    omask = tok_ok[:, None] & dmask[None, :]
     optr = offs_t[:, None] * d + offs_d[None, :]
     tl.atomic_add(acc_ptr + optr, acc, mask=omask, sem="relaxed")
     tl.debug_barrier()
@@ -160,24 +164,22 @@ def _down_kernel(h_ptr, wd_ptr, mask_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr,
 
 
 @triton.jit
-def _mask_act_kernel(z_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, h_ptr,
-                     T, m, e, n_shared, n_e, zw,
-                     NW: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
+def _mask_act_kernel(g_ptr, u_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, h_ptr,
+                     T, m, e, n_shared, n_e,
+                     GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
                      ACT: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     nmask = n < m
     b = n // e
-    j = n - b * e
-    base = b * (NW * e) + j
     ex = b - n_shared
     sel = tl.load(mask_ptr + t * n_e + ex, mask=nmask & (ex >= 0), other=0) != 0
     sel = sel | (b < n_shared)
-    u = tl.load(z_ptr + t * zw + base + (NW - 1) * e, mask=nmask & sel, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + t * m + n, mask=nmask & sel, other=0.0).to(tl.float32)
     if HAS_BU:
         u += tl.load(bu_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-    if NW == 2:
-        g = tl.load(z_ptr + t * zw + base, mask=nmask & sel, other=0.0).to(tl.float32)
+    if GATED:
+        g = tl.load(g_ptr + t * m + n, mask=nmask & sel, other=0.0).to(tl.float32)
         if HAS_BG:
             g += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)
         h = _act(g, ACT) * u
@@ -215,30 +217,56 @@ def _r1_kernel(x_ptr, w1_ptr, part_ptr, T, d, r, KLEN,
 @triton.jit
 def _r2_kernel(part_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e, SPLIT,
                HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-               BT: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr, SP: tl.constexpr):
-    """logits[t, j] = relu(sum_s part[s, t, :] + b1) . w2[j, :] + b2[j], in fp32."""
+               BE: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr):
+    """logits[t, j] = relu(sum_s part[s, t, :] + b1) . w2[j, :] + b2[j], fp32 FMA (exact products).
+
+    One program per BE experts: the [BE, r] tile of w2 is loaded once, then a loop over tokens (T <= 16) reduces
+    the token's [SPLIT, r] partials (one 2-D load), relu, and one row-reduction gives BE logits."""
     pid = tl.program_id(0)
     ex = pid * BE + tl.arange(0, BE)
     emask = ex < n_e
-    offs_t = tl.arange(0, BT)
-    tok_ok = offs_t < T
-    acc = tl.zeros([BT, BE], dtype=tl.float32)
-    for r0 in range(0, r, BR):
-        offs_r = r0 + tl.arange(0, BR)
-        rmask = offs_r < r
-        offs_s = tl.arange(0, SP)
-        pm = (offs_s < SPLIT)[:, None, None] & (tok_ok[:, None] & rmask[None, :])[None, :, :]
-        h1 = tl.sum(tl.load(part_ptr + offs_s[:, None, None] * T * r + (offs_t[:, None] * r + offs_r[None, :])[None, :, :],
-                            mask=pm, other=0.0), axis=0)
+    offs_r = tl.arange(0, RP)
+    rmask = offs_r < r
+    offs_s = tl.arange(0, SP)
+    w2 = tl.load(w2_ptr + ex[:, None] * r + offs_r[None, :], mask=emask[:, None] & rmask[None, :],
+                 other=0.0).to(tl.float32)
+    if HAS_B1:
+        b1 = tl.load(b1_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)
+    if HAS_B2:
+        b2 = tl.load(b2_ptr + ex, mask=emask, other=0.0).to(tl.float32)
+    pmask = (offs_s < SPLIT)[:, None] & rmask[None, :]
+    for t in range(0, T):
+        pv = tl.load(part_ptr + offs_s[:, None] * T * r + t * r + offs_r[None, :], mask=pmask, other=0.0)
+        h1 = tl.sum(pv, axis=0)
         if HAS_B1:
-            h1 += tl.load(b1_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)[None, :]
+            h1 += b1
         h1 = tl.maximum(h1, 0.0)
-        w2 = tl.load(w2_ptr + ex[:, None] * r + offs_r[None, :], mask=emask[:, None] & rmask[None, :],
-                     other=0.0).to(tl.float32)
-        acc += tl.dot(h1, tl.trans(w2), input_precision="ieee")
+        s = tl.sum(w2 * h1[None, :], axis=1)
+        if HAS_B2:
+            s += b2
+        tl.store(s_ptr + t * n_e + ex, s, mask=emask)
+
+
+@triton.jit
+def _r2_big_kernel(h1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e,
+                   HAS_B2: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, RP: tl.constexpr):
+    """logits [T, n_e] fp32 = relu(h1) @ w2^T + b2, bf16/fp16 tensor-core dot with fp32 accumulation."""
+    pid_t = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    ex = pid_e * BE + tl.arange(0, BE)
+    offs_r = tl.arange(0, RP)
+    tmask = offs_t < T
+    emask = ex < n_e
+    rmask = offs_r < r
+    h = tl.load(h1_ptr + offs_t.to(tl.int64)[:, None] * r + offs_r[None, :], mask=tmask[:, None] & rmask[None, :],
+                other=0.0)
+    h = tl.maximum(h, 0.0)
+    w = tl.load(w2_ptr + ex[:, None] * r + offs_r[None, :], mask=emask[:, None] & rmask[None, :], other=0.0)
+    acc = tl.dot(h, tl.trans(w.to(h.dtype)))
     if HAS_B2:
         acc += tl.load(b2_ptr + ex, mask=emask, other=0.0).to(tl.float32)[None, :]
-    tl.store(s_ptr + offs_t[:, None] * n_e + ex[None, :], acc, mask=tok_ok[:, None] & emask[None, :])
+    tl.store(s_ptr + offs_t.to(tl.int64)[:, None] * n_e + ex[None, :], acc, mask=tmask[:, None] & emask[None, :])
 
 
 @triton.jit
@@ -276,6 +304,33 @@ def _select_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BJ: tl.constexpr
     tl.store(out_ptr + t * n_e + offs_j, keep.to(tl.uint8), mask=jmask)
 
 
+@triton.jit
+def _select_bisect_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BLOCK: tl.constexpr):
+    """Same rule as _select_kernel, one program per token, O(n_e log): S(v) = sum of q_k > v is non-increasing in
+    v, so {v : S(v) < thr*Z} = [v*, inf) and keep j iff q_j >= v*. v* is found exactly by bisection over the bit
+    patterns of non-negative floats (ordered like their values) in [0, 1] (q_max = 1): 30 CTA-wide sums."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    msk = offs < n_e
+    s = tl.load(s_ptr + t * n_e + offs, mask=msk, other=float("-inf"))
+    q = tl.exp(s - tl.max(s, axis=0))
+    q = tl.where(msk, q, 0.0)
+    if ALL:
+        keep = msk
+    else:
+        c = thr * tl.sum(q, axis=0)
+        lo = tl.program_id(0) * 0
+        hi = lo + 0x3F800000  # bits of 1.0: S(1.0) = 0
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            sv = tl.sum(tl.where(q > mid.to(tl.float32, bitcast=True), q, 0.0), axis=0)
+            go = sv < c
+            hi = tl.where(go, mid, hi)
+            lo = tl.where(go, lo, mid + 1)
+        keep = msk & (q >= hi.to(tl.float32, bitcast=True))
+    tl.store(out_ptr + t * n_e + offs, keep.to(tl.uint8), mask=msk)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Host wrappers (raw, not registered)
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,6 +341,9 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
     r = r_w1.shape[0]
     n_e = r_w2.shape[0]
     dev = x.device
+    w2 = r_w2.contiguous()
+    rp = max(16, triton.next_power_of_2(r))
+    logits = torch.empty((T, n_e), device=dev, dtype=torch.float32)
     if T <= _BT:
         cfg = CONFIG
         split = cfg["r1_SPLIT"]
@@ -298,25 +356,33 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
             w1 = w1.to(x.dtype)
         _r1_kernel[(triton.cdiv(r, cfg["r1_BR"]), split)](x, w1, part, T, d, r, klen,
                                                            BT=_BT, BR=cfg["r1_BR"], BK=bk, num_warps=4)
-        logits = torch.empty((T, n_e), device=dev, dtype=torch.float32)
         dummy = part
-        _r2_kernel[(triton.cdiv(n_e, cfg["r2_BE"]),)](
-            part, r_b1 if r_b1 is not None else dummy, r_w2.contiguous(), r_b2 if r_b2 is not None else dummy,
+        be = cfg["r2_BE"]
+        _r2_kernel[(triton.cdiv(n_e, be),)](
+            part, r_b1 if r_b1 is not None else dummy, w2, r_b2 if r_b2 is not None else dummy,
             logits, T, r, n_e, split, HAS_B1=r_b1 is not None, HAS_B2=r_b2 is not None,
-            BT=_BT, BE=cfg["r2_BE"], BR=64, SP=triton.next_power_of_2(split), num_warps=4)
+            BE=be, RP=rp, SP=triton.next_power_of_2(split), num_warps=4 if be * rp >= 4096 else 2)
     else:
         h1 = torch.nn.functional.linear(x, r_w1.to(x.dtype), None if r_b1 is None else r_b1.to(x.dtype))
-        h1 = h1.float().relu_()
-        logits = torch.nn.functional.linear(h1, r_w2.float(), None if r_b2 is None else r_b2.float()).contiguous()
+        bt, be = 64, 128
+        _r2_big_kernel[(triton.cdiv(T, bt), triton.cdiv(n_e, be))](
+            h1, w2, r_b2 if r_b2 is not None else logits, logits, T, r, n_e, HAS_B2=r_b2 is not None,
+            BT=bt, BE=be, RP=rp, num_warps=4)
     out = torch.empty((T, n_e), device=dev, dtype=torch.uint8)
-    bj = min(64, max(16, triton.next_power_of_2(n_e)))
-    bk = min(128, max(16, triton.next_power_of_2(n_e)))
-    _select_kernel[(T, triton.cdiv(n_e, bj))](logits, out, n_e, float(threshold), ALL=bool(threshold >= 1.0),
-                                              BJ=bj, BK=bk, num_warps=4)
+    all_on = bool(threshold >= 1.0)
+    if T > _BT and n_e <= _BISECT_MAX:
+        blk = max(16, triton.next_power_of_2(n_e))
+        _select_bisect_kernel[(T,)](logits, out, n_e, float(threshold), ALL=all_on, BLOCK=blk,
+                                    num_warps=max(1, min(16, blk // 256)))
+    else:
+        bj = min(64, max(16, triton.next_power_of_2(n_e)))
+        bk = min(128, max(16, triton.next_power_of_2(n_e)))
+        _select_kernel[(T, triton.cdiv(n_e, bj))](logits, out, n_e, float(threshold), ALL=all_on,
+                                                  BJ=bj, BK=bk, num_warps=4)
     return out.view(torch.bool)
 
 
-def _decode_impl(x, w_gu, w_dt, b_gate, b_up, b_down, mask, tau, acc, cnt, e, n_shared, nw, act):
+def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, acc, cnt, e, n_shared, act):
     T, d = x.shape
     m = w_dt.shape[0]
     n_e = mask.shape[1]
@@ -324,44 +390,35 @@ def _decode_impl(x, w_gu, w_dt, b_gate, b_up, b_down, mask, tau, acc, cnt, e, n_
     h = torch.empty((T, m), device=x.device, dtype=torch.float32)
     dummy = h
     mk = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    gated = w_gate is not None
     _gate_up_kernel[(triton.cdiv(m, cfg["gu_BN"]),)](
-        x, w_gu, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy, mk,
-        tau if tau is not None else dummy, h, T, d, m, e, n_shared, n_e,
-        NW=nw, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None, ACT=_ACTS[act],
+        x, w_gate if gated else w_up, w_up, b_gate if b_gate is not None else dummy,
+        b_up if b_up is not None else dummy, mk, tau if tau is not None else dummy, h, T, d, m, e, n_shared, n_e,
+        GATED=gated, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None, ACT=_ACTS[act],
         BT=_BT, BN=cfg["gu_BN"], BK=cfg["gu_BK"], num_warps=cfg["gu_warps"], num_stages=cfg["gu_stages"])
     y = torch.empty((T, d), device=x.device, dtype=x.dtype)
     bd = cfg["dn_BD"]
     kch = max(cfg["dn_KCHUNK"], cfg["dn_BN"])
     _down_kernel[(triton.cdiv(m, kch), triton.cdiv(d, bd))](
-        h, w_dt, mk, b_down if b_down is not None else dummy, acc, cnt, y, T, d, m, e, n_shared, n_e,
+        h, w_dt, b_down if b_down is not None else dummy, acc, cnt, y, T, d, m,
         HAS_BD=b_down is not None, BT=_BT, BN=cfg["dn_BN"], BD=bd, KCHUNK=kch,
         num_warps=cfg["dn_warps"], num_stages=cfg["dn_stages"])
     return y
 
 
-def _mask_act_impl(z, b_gate, b_up, mask, tau, m, e, n_shared, nw, act):
-    T = z.shape[0]
+def _mask_act_impl(g, u, b_gate, b_up, mask, tau, e, n_shared, act):
+    T, m = u.shape
     n_e = mask.shape[1]
-    h = torch.empty((T, m), device=z.device, dtype=z.dtype)
+    h = torch.empty((T, m), device=u.device, dtype=u.dtype)
     mk = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     dummy = h
     block = 1024
     _mask_act_kernel[(T, triton.cdiv(m, block))](
-        z, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy, mk,
-        tau if tau is not None else dummy, h, T, m, e, n_shared, n_e, z.shape[1],
-        NW=nw, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None, ACT=_ACTS[act],
-        BLOCK=block, num_warps=4)
+        g if g is not None else u, u, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
+        mk, tau if tau is not None else dummy, h, T, m, e, n_shared, n_e,
+        GATED=g is not None, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
+        ACT=_ACTS[act], BLOCK=block, num_warps=4)
     return h
-
-
-def _dense_masked_impl(x, w_gu, w_dt, b_gate, b_up, b_down, mask, tau, e, n_shared, nw, act):
-    d = x.shape[1]
-    m = w_dt.shape[0]
-    z = x @ w_gu.view(-1, d).t()
-    h = _mask_act_impl(z, b_gate, b_up, mask, tau, m, e, n_shared, nw, act)
-    if b_down is not None:
-        return torch.addmm(b_down.to(x.dtype), h, w_dt)
-    return h @ w_dt
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,26 +437,26 @@ def _(x, r_w1, r_b1, r_w2, r_b2, threshold):
 
 # acc / cnt are a per-layer workspace that every call leaves zeroed as it found it: declared non-mutated.
 @torch.library.custom_op("densesparse::sparse_mlp_decode", mutates_args=())
-def sparse_mlp_decode_op(x: Tensor, w_gu: Tensor, w_dt: Tensor, b_gate: Optional[Tensor], b_up: Optional[Tensor],
-                         b_down: Optional[Tensor], mask: Tensor, tau: Optional[Tensor], acc: Tensor, cnt: Tensor,
-                         e: int, n_shared: int, nw: int, act: str) -> Tensor:
-    return _decode_impl(x, w_gu, w_dt, b_gate, b_up, b_down, mask, tau, acc, cnt, e, n_shared, nw, act)
+def sparse_mlp_decode_op(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_dt: Tensor, b_gate: Optional[Tensor],
+                         b_up: Optional[Tensor], b_down: Optional[Tensor], mask: Tensor, tau: Optional[Tensor],
+                         acc: Tensor, cnt: Tensor, e: int, n_shared: int, act: str) -> Tensor:
+    return _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, acc, cnt, e, n_shared, act)
 
 
 @sparse_mlp_decode_op.register_fake
-def _(x, w_gu, w_dt, b_gate, b_up, b_down, mask, tau, acc, cnt, e, n_shared, nw, act):
+def _(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, acc, cnt, e, n_shared, act):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("densesparse::mask_act", mutates_args=())
-def mask_act_op(z: Tensor, b_gate: Optional[Tensor], b_up: Optional[Tensor], mask: Tensor, tau: Optional[Tensor],
-                m: int, e: int, n_shared: int, nw: int, act: str) -> Tensor:
-    return _mask_act_impl(z, b_gate, b_up, mask, tau, m, e, n_shared, nw, act)
+def mask_act_op(g: Optional[Tensor], u: Tensor, b_gate: Optional[Tensor], b_up: Optional[Tensor], mask: Tensor,
+                tau: Optional[Tensor], e: int, n_shared: int, act: str) -> Tensor:
+    return _mask_act_impl(g, u, b_gate, b_up, mask, tau, e, n_shared, act)
 
 
 @mask_act_op.register_fake
-def _(z, b_gate, b_up, mask, tau, m, e, n_shared, nw, act):
-    return z.new_empty((z.shape[0], m))
+def _(g, u, b_gate, b_up, mask, tau, e, n_shared, act):
+    return u.new_empty(u.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,26 +469,25 @@ def route(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r_b2: O
 
 
 def pack(w_gate: Optional[Tensor], w_up: Tensor, w_down_t: Tensor, e: int, n_shared: int) -> dict:
-    """Kernel layout, built once at load: w_gu [nb, NW, e, d] (per block: gate rows | up rows), w_down_t [m, d]."""
+    """References to the [m, d] row-major weights (no copy when they are contiguous) + the decode workspace.
+
+    A non-contiguous weight is copied once (reported under 'copied'); callers that want one copy of each weight
+    on the GPU pass contiguous tensors."""
     m, d = w_up.shape
     if m % e:
         raise ValueError(f"m={m} is not a multiple of the expert size e={e}")
     nb = m // e
     if n_shared * e > m:
         raise ValueError("more shared neurons than neurons")
-    if w_gate is not None:
-        w_gu = torch.empty((nb, 2, e, d), device=w_up.device, dtype=w_up.dtype)
-        w_gu[:, 0].copy_(w_gate.reshape(nb, e, d))
-        w_gu[:, 1].copy_(w_up.reshape(nb, e, d))
-        nw = 2
-    else:
-        w_gu = w_up.contiguous().view(nb, 1, e, d)
-        nw = 1
-    w_dt = w_down_t.contiguous()
+    if w_down_t.shape != (m, d) or (w_gate is not None and w_gate.shape != (m, d)):
+        raise ValueError("w_gate, w_up and w_down_t must all be [m, d]")
+    copied = [name for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t))
+              if w is not None and not w.is_contiguous()]
     dev = w_up.device
     return {
-        "w_gu": w_gu, "w_down_t": w_dt, "e": int(e), "n_shared": int(n_shared), "nw": nw, "m": m, "d": d,
-        "n_e": nb - n_shared,
+        "w_gate": w_gate if w_gate is None or w_gate.is_contiguous() else w_gate.contiguous(),
+        "w_up": w_up.contiguous(), "w_down_t": w_down_t.contiguous(), "copied": copied,
+        "e": int(e), "n_shared": int(n_shared), "m": m, "d": d, "n_e": nb - n_shared,
         # per-layer workspace for the decode down kernel; every call leaves it zeroed
         "acc": torch.zeros((_BT, d), device=dev, dtype=torch.float32),
         "cnt": torch.zeros((triton.cdiv(d, _CNT_MIN_BD) + 1,), device=dev, dtype=torch.int32),
@@ -454,11 +510,12 @@ def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional
     if path == "triton":
         if T > _BT:
             raise ValueError(f"triton decode path takes at most {_BT} tokens")
-        return sparse_mlp_decode_op(x, p["w_gu"], p["w_down_t"], b_gate, b_up, b_down, mask, tau, p["acc"],
-                                    p["cnt"], p["e"], p["n_shared"], p["nw"], act)
-    w_gu, w_dt = p["w_gu"], p["w_down_t"]
-    z = x @ w_gu.view(-1, p["d"]).t()
-    h = mask_act_op(z, b_gate, b_up, mask, tau, p["m"], p["e"], p["n_shared"], p["nw"], act)
+        return sparse_mlp_decode_op(x, p["w_gate"], p["w_up"], p["w_down_t"], b_gate, b_up, b_down, mask, tau,
+                                    p["acc"], p["cnt"], p["e"], p["n_shared"], act)
+    w_gate, w_up, w_dt = p["w_gate"], p["w_up"], p["w_down_t"]
+    g = None if w_gate is None else x @ w_gate.t()
+    u = x @ w_up.t()
+    h = mask_act_op(g, u, b_gate, b_up, mask, tau, p["e"], p["n_shared"], act)
     if b_down is not None:
         return torch.addmm(b_down.to(x.dtype), h, w_dt)
     return h @ w_dt

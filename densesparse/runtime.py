@@ -207,10 +207,25 @@ class SparseMLP(nn.Module):
     def _cuda_forward(self, x2):
         k = _kernels()
         if self._kernel_cache is None:
+            # One copy of every weight: the kernels read each projection as [m, d] rows. Where that row view is not
+            # contiguous (nn.Linear down_proj stores [d, m]; GPT-2 Conv1D c_fc stores [d, m]), re-lay the
+            # parameter's storage in place as a contiguous [m, d] tensor and keep the parameter as its transposed
+            # view (F.linear and Conv1D take it as is); the old storage is freed, nothing is duplicated.
+            mods = [(self._down_module(), False), (self._up_module(), True)]
+            if self.layout["gate"]:
+                mods.append((getattr(self, self.layout["gate"]), True))
+            with torch.no_grad():
+                for mod, out_rows in mods:
+                    rows = self._rows(mod, out_rows)
+                    if not rows.is_contiguous():
+                        flat = rows.contiguous()
+                        mod.weight.data = flat.t() if out_rows == bool(self.layout["conv1d"]) else flat
             w_gate, w_up, _, _, w_down_t, _ = self.canonical()
-            self._kernel_cache = (k.pack(w_gate, w_up, w_down_t, self.expert_size, self.n_shared),
-                                  self.down_norms().to(x2.dtype))
-        packed, norms = self._kernel_cache
+            self._kernel_cache = [k.pack(w_gate, w_up, w_down_t, self.expert_size, self.n_shared), None]
+        packed = self._kernel_cache[0]
+        if self.down_tau > 0 and self._kernel_cache[1] is None:
+            self._kernel_cache[1] = self.down_norms().to(x2.dtype)
+        norms = self._kernel_cache[1]
         r = self.router
         if self.threshold >= 1.0:
             mask = self.select(x2)
