@@ -643,6 +643,19 @@ def main(argv=None):
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
 
+    def run_e2e():
+        if a.no_e2e:
+            return
+        try:
+            e2e = bench_e2e(E=res["default_expert_size"])
+            res["decode"], res["prefill"] = e2e.pop("decode"), e2e.pop("prefill")
+            res["e2e"] = e2e
+        except Exception as ex:
+            import traceback
+            traceback.print_exc()
+            res["e2e_error"] = f"{type(ex).__name__}: {str(ex)[:500]}"
+        save()
+
     if not a.skip_check:
         res["correctness_worst_rel_err"] = check_correctness()
     res["copy_gbps"] = round(copy_bandwidth(), 1)
@@ -665,16 +678,9 @@ def main(argv=None):
         if i == 0:
             res["prefill_layer"] = bench_prefill(["llama3-8b", "llama2-7b"], [0.5, 0.25])
             save()
-    if not a.no_e2e:
-        try:
-            e2e = bench_e2e(E=res["default_expert_size"])
-            res["decode"], res["prefill"] = e2e.pop("decode"), e2e.pop("prefill")
-            res["e2e"] = e2e
-        except Exception as ex:
-            import traceback
-            traceback.print_exc()
-            res["e2e_error"] = f"{type(ex).__name__}: {str(ex)[:500]}"
-        save()
+            run_e2e()
+    if not plan:
+        run_e2e()
     save()
     print(f"wall {res['wall_s']} s")
     print_table(res)
