@@ -23,8 +23,8 @@ Paths (chosen by T on the host, no device sync):
     act(g)*u*mask*tau (one pass, cheaper than the dense model's separate act and multiply), cuBLAS down.
 
 Router: T <= 16: _r1_kernel (split over rows of r_w1 and over d, bf16 tensor-core dot, fp32 partials),
-_r2_kernel (one program per BE experts: reduces the partials, relu, fp32 FMA against a [BE, r] tile of r_w2 that
-it loads once; loops over tokens), _select_kernel (exact sort-free XMoE rule, pairwise). T > 16: cuBLAS layer 1
+_r2_kernel (program per (BE experts, token): reduces the partials, relu, fp32 FMA against a [BE, r] tile of
+r_w2), _select_kernel (exact sort-free XMoE rule, pairwise). T > 16: cuBLAS layer 1
 (bf16), _r2_big_kernel (relu + bf16 tensor-core layer 2, fp32 logits), _select_bisect_kernel (one program per
 token: bisection over the float bits of the cutoff probability, 31 CTA-wide sums: O(n_e log) not O(n_e^2)).
 """
@@ -47,7 +47,7 @@ DECODE_MAX_T = 2
 # Tunables (the bench may override them to sweep; keys are read at every call).
 CONFIG = {
     "gu_BN": 32, "gu_BK": 256, "gu_warps": 4, "gu_stages": 3,
-    "dn_BN": 32, "dn_BD": 128, "dn_KCHUNK": 512, "dn_warps": 2, "dn_stages": 3,
+    "dn_BN": 32, "dn_BD": 256, "dn_KCHUNK": 512, "dn_warps": 2, "dn_stages": 3,
     "r1_BR": 16, "r1_SPLIT": 16, "r2_BE": 32,
 }
 _BT = 16
@@ -220,31 +220,27 @@ def _r2_kernel(part_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e, SPLIT,
                BE: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr):
     """logits[t, j] = relu(sum_s part[s, t, :] + b1) . w2[j, :] + b2[j], fp32 FMA (exact products).
 
-    One program per BE experts: the [BE, r] tile of w2 is loaded once, then a loop over tokens (T <= 16) reduces
-    the token's [SPLIT, r] partials (one 2-D load), relu, and one row-reduction gives BE logits."""
+    Program (expert tile, token): loads the [BE, r] tile of w2 (L2-resident after the first token), reduces the
+    token's [SPLIT, r] partials (one 2-D load), relu, one row-reduction gives BE logits. Tokens run in parallel."""
     pid = tl.program_id(0)
+    t = tl.program_id(1)
     ex = pid * BE + tl.arange(0, BE)
     emask = ex < n_e
     offs_r = tl.arange(0, RP)
     rmask = offs_r < r
     offs_s = tl.arange(0, SP)
+    pmask = (offs_s < SPLIT)[:, None] & rmask[None, :]
+    pv = tl.load(part_ptr + offs_s[:, None] * T * r + t * r + offs_r[None, :], mask=pmask, other=0.0)
     w2 = tl.load(w2_ptr + ex[:, None] * r + offs_r[None, :], mask=emask[:, None] & rmask[None, :],
                  other=0.0).to(tl.float32)
+    h1 = tl.sum(pv, axis=0)
     if HAS_B1:
-        b1 = tl.load(b1_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)
+        h1 += tl.load(b1_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)
+    h1 = tl.maximum(h1, 0.0)
+    s = tl.sum(w2 * h1[None, :], axis=1)
     if HAS_B2:
-        b2 = tl.load(b2_ptr + ex, mask=emask, other=0.0).to(tl.float32)
-    pmask = (offs_s < SPLIT)[:, None] & rmask[None, :]
-    for t in range(0, T):
-        pv = tl.load(part_ptr + offs_s[:, None] * T * r + t * r + offs_r[None, :], mask=pmask, other=0.0)
-        h1 = tl.sum(pv, axis=0)
-        if HAS_B1:
-            h1 += b1
-        h1 = tl.maximum(h1, 0.0)
-        s = tl.sum(w2 * h1[None, :], axis=1)
-        if HAS_B2:
-            s += b2
-        tl.store(s_ptr + t * n_e + ex, s, mask=emask)
+        s += tl.load(b2_ptr + ex, mask=emask, other=0.0).to(tl.float32)
+    tl.store(s_ptr + t * n_e + ex, s, mask=emask)
 
 
 @triton.jit
@@ -358,7 +354,7 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
                                                            BT=_BT, BR=cfg["r1_BR"], BK=bk, num_warps=4)
         dummy = part
         be = cfg["r2_BE"]
-        _r2_kernel[(triton.cdiv(n_e, be),)](
+        _r2_kernel[(triton.cdiv(n_e, be), T)](
             part, r_b1 if r_b1 is not None else dummy, w2, r_b2 if r_b2 is not None else dummy,
             logits, T, r, n_e, split, HAS_B1=r_b1 is not None, HAS_B2=r_b2 is not None,
             BE=be, RP=rp, SP=triton.next_power_of_2(split), num_warps=4 if be * rp >= 4096 else 2)
