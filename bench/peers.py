@@ -145,7 +145,7 @@ GREEDY_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @torch.no_grad()
-def teal_layer_points(mlp, x, resid_sq):
+def teal_layer_points(mlp, x, weight):
     """TEAL's per-layer allocation: exact output error and MACs for each (input, activation) sparsity pair."""
     y = _down(mlp, mlp.hidden_states(x))
     pts = []
@@ -156,14 +156,14 @@ def teal_layer_points(mlp, x, resid_sq):
         for sh in GREEDY_LEVELS:
             tau_h = quantile(h.abs(), sh)
             keep_h = h.abs() >= tau_h
-            err = float((_down(mlp, h * keep_h) - y).pow(2).sum(1).mean()) / resid_sq
+            err = float((_down(mlp, h * keep_h) - y).pow(2).sum(1).mean()) * weight
             macs = float((keep_x.sum(1) * mlp.intermediate * mlp.gu() + keep_h.sum(1) * mlp.hidden).float().mean())
-            pts.append(Point(macs, err, tau_x, tau_h, 1.0))
+            pts.append(Point(macs, err, 1.0, tau_h, tau_x, 1.0))
     return pts
 
 
 def teal_greedy(per_layer_points, target):
-    return [{"tau_x": p.threshold, "tau_h": p.down_tau} for p in allocate(per_layer_points, target)]
+    return [{"tau_x": p.input_tau, "tau_h": p.down_tau} for p in allocate(per_layer_points, target)]
 
 
 @torch.no_grad()

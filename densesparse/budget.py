@@ -3,8 +3,7 @@
 Three exact-or-predicted dials per layer: the input threshold (gate/up skip input channels with tiny |x|, TEAL-style),
 the router mass threshold t (experts, XMoE rule; t = 1 runs no router) and the down threshold (skip down rows whose
 |h| * ||down row|| is tiny inside the chosen experts). For every combination on a grid we measure, on held-out
-calibration tokens, the MLP multiply-adds and an error estimate relative to the residual stream's squared norm at
-that layer: the exact output error of the input sparsity plus the squared output norms of the experts and neurons
+calibration tokens, the MLP multiply-adds and an error estimate: the exact output error of the input sparsity plus the squared output norms of the experts and neurons
 left out. A Lagrangian sweep then picks one combination per layer so that the total FLOPs meet the target while the
 summed error is smallest, so layers differ.
 """
@@ -44,7 +43,7 @@ def _quantiles(values: torch.Tensor, qs) -> list[float]:
 
 
 @torch.no_grad()
-def layer_points(mlp: SparseMLP, x: torch.Tensor, resid_sq: float, down_skip: bool, input_skip: bool = True
+def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool, input_skip: bool = True
                  ) -> list[Point]:
     x = x.float()
     n, d = x.shape
@@ -56,6 +55,7 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, resid_sq: float, down_skip: bo
     logits = mlp.router.float()(x)
     selections = {t: threshold_select(logits, t) for t in MASS_GRID}
     taus = _quantiles(h_full.abs() * norms, RHO_GRID if down_skip else (0.0,))
+    tau_t = torch.tensor(taus)
     x_taus = _quantiles(x.abs(), INPUT_GRID if input_skip else (0.0,))
     points = [Point(mlp_macs_dense(d, mlp.intermediate, mlp.gated), 0.0, 1.0, 0.0, 0.0, 1.0)]
     for x_tau in x_taus:
@@ -71,37 +71,43 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, resid_sq: float, down_skip: bo
             recall = float(((true * sel).sum(1) / total_mass).mean())
             rows = mlp.n_shared + sel.sum(1).float() * mlp.expert_size
             cells = float((rows * n_in).mean())
-            # contributions of the computed neurons, sorted once: every down threshold is then a binary search
-            computed = contrib[mlp.neuron_mask(sel)].sort().values
-            sq_cum = torch.cat([torch.zeros(1, dtype=torch.float64), computed.double().pow(2).cumsum(0)])
-            cut = torch.searchsorted(computed, torch.tensor(taus))
+            # per down threshold, how many computed neurons survive and the squared mass of those that do not
+            computed = contrib[mlp.neuron_mask(sel)]
+            bins = torch.bucketize(computed, tau_t, right=True)
+            below_sq = torch.zeros(len(taus) + 1, dtype=torch.float64).index_add_(0, bins, computed.double() ** 2)
+            below_n = torch.bincount(bins, minlength=len(taus) + 1)
             router = mlp.router.macs() if t < 1.0 else 0
-            for tau, c in zip(taus, cut.tolist()):
-                down = (computed.numel() - c) / n
-                err = input_err + dropped_expert_err + float(sq_cum[c]) / n
+            for i, tau in enumerate(taus):
+                dropped_sq = float(below_sq[:i + 1].sum()) if tau > 0 else 0.0
+                down = (computed.numel() - (int(below_n[:i + 1].sum()) if tau > 0 else 0)) / n
+                err = input_err + dropped_expert_err + dropped_sq / n
                 macs = mlp_macs_sparse(d, gu, cells, down, router)
-                points.append(Point(macs, err / resid_sq, t, tau, x_tau, recall))
+                points.append(Point(macs, err * weight, t, tau, x_tau, recall))
     return points
 
 
 def allocate(per_layer: list[list[Point]], target: float) -> list[Point]:
     """One point per layer: least total error with total MACs <= target * dense MACs (Lagrangian sweep)."""
-    dense = sum(p[0].macs for p in per_layer)
-    budget = target * dense
+    macs = [torch.tensor([p.macs for p in pts], dtype=torch.float64) for pts in per_layer]
+    errs = [torch.tensor([p.err for p in pts], dtype=torch.float64) for pts in per_layer]
+    budget = target * sum(float(m[0]) for m in macs)
 
-    def pick(lam: float) -> list[Point]:
-        return [min(pts, key=lambda p: p.err + lam * p.macs) for pts in per_layer]
+    def pick(lam: float) -> list[int]:
+        return [int(torch.argmin(e + lam * m)) for e, m in zip(errs, macs)]
+
+    def cost(choice: list[int]) -> float:
+        return sum(float(m[i]) for m, i in zip(macs, choice))
 
     lo, hi = 0.0, 1.0
-    while sum(p.macs for p in pick(hi)) > budget and hi < 1e12:
+    while cost(pick(hi)) > budget and hi < 1e12:
         hi *= 4.0
-    for _ in range(60):
+    for _ in range(50):
         mid = (lo + hi) / 2
-        if sum(p.macs for p in pick(mid)) > budget:
+        if cost(pick(mid)) > budget:
             lo = mid
         else:
             hi = mid
-    return pick(hi)
+    return [pts[i] for pts, i in zip(per_layer, pick(hi))]
 
 
 def budget_grid(min_budget: float) -> list[float]:

@@ -30,7 +30,7 @@ class ConvertConfig:
     expert_size: int = opt(8, "Neurons per expert.")
     shared_experts: int = opt(0, "Always-on experts made of the most often active neurons (CMoE/DeepSeekMoE).")
     router_width: int = opt(64, "Hidden width of each layer's 2-layer router.")
-    router_epochs: int = opt(30, "Router training epochs over the calibration tokens.")
+    router_epochs: int = opt(8, "Router training epochs over the calibration tokens.")
     down_skip: bool = opt(True, "Also skip down-projection rows whose activation is tiny inside chosen experts "
                                 "(exact, no prediction).")
     input_skip: bool = opt(True, "Also let gate/up skip input channels whose |x| is tiny (TEAL-style, exact given x); "
@@ -65,7 +65,7 @@ class CalibrateConfig:
     data: list[str] | None = opt(None, "Calibration text files; default: the shipped calibration/ corpus.")
     calib_tokens: int = opt(65536, "Calibration tokens.")
     seq_len: int = opt(512, "Calibration window length in tokens.")
-    router_epochs: int = opt(30, "Router training epochs.")
+    router_epochs: int = opt(8, "Router training epochs.")
     refit_routers: bool = opt(True, "Refit the routers (else only the thresholds).")
     mlp_flops: float | None = opt(None, "New default MLP FLOPs budget (default: keep the saved one).")
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -9,7 +10,15 @@ import torch
 
 from densesparse.errors import DenseSparseError
 
-CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "calibration"
+def _calibration_dir() -> Path:
+    """The shipped corpus: installed as the package `densesparse.calibration`, or the repo's calibration/ folder."""
+    spec = importlib.util.find_spec("densesparse.calibration")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "calibration"
+
+
+CALIBRATION_DIR = _calibration_dir()
 
 
 def default_corpus() -> list[Path]:

@@ -40,8 +40,12 @@ def balanced_assign(dist: torch.Tensor, size: int) -> torch.Tensor:
 def balanced_kmeans(feats: torch.Tensor, k: int, size: int, generator: torch.Generator, iters: int = 12
                     ) -> torch.Tensor:
     """Balanced k-means on unit-normalised features (cosine geometry); returns a cluster id per point."""
+    from sklearn.cluster import kmeans_plusplus
+
     feats = torch.nn.functional.normalize(feats.float(), dim=1)
-    centers = feats[torch.randperm(feats.shape[0], generator=generator)[:k]].clone()
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    centers, _ = kmeans_plusplus(feats.numpy(), k, random_state=seed)
+    centers = torch.from_numpy(centers).float()
     assign = None
     for _ in range(iters):
         new = balanced_assign(1.0 - feats @ centers.T, size)

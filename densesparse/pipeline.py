@@ -55,7 +55,7 @@ def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: b
             permute(mlp, neuron_order(mlp, train, cfg.grouping, generator))
         if refit:
             losses.append(fit_router(mlp, train, cfg.router_epochs, generator))
-        points.append(layer_points(mlp, held, sample.resid_sq, spec["down_skip"], spec["input_skip"]))
+        points.append(layer_points(mlp, held, sample.weight, spec["down_skip"], spec["input_skip"]))
         if progress:
             progress.advance(task)
     return points, losses

@@ -85,3 +85,28 @@ Default budget: {spec['default_mlp_flops']}. Evaluate with `densesparse eval DIR
 |---|---|
 {rows}
 """
+
+
+def eval_markdown(report: dict) -> str:
+    dense = report["dense"]["ppl"]
+    lines = [f"## Evaluation\n\n`densesparse eval` on {', '.join(Path(f).name for f in report['data'])} "
+             f"({report['tokens']} tokens, windows of {report['seq_len']}):\n",
+             "| MLP FLOPs target | MLP kept | total kept | PPL | vs dense | experts/token mean |",
+             "|---|---|---|---|---|---|",
+             f"| dense | 1.000 | 1.000 | {dense:.3f} | 1.000x | all |"]
+    for r in report["budgets"]:
+        lines.append(f"| {r['target']:.2f} | {r['mlp_flops_kept']:.3f} | {r['total_flops_kept']:.3f} | "
+                     f"{r['ppl']:.3f} | {r['ppl'] / dense:.3f}x | {r['experts_per_token']['mean']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def record_in_card(model_dir: str | Path, report: dict) -> Path | None:
+    """Put the latest evaluation table into the sparse model's card (replacing an older one)."""
+    card = Path(model_dir) / "README.md"
+    if not card.exists():
+        return None
+    text = card.read_text().split("\n## Evaluation\n")[0].rstrip() + "\n\n"
+    tmp = card.with_name(".README.md.tmp")
+    tmp.write_text(text + eval_markdown(report))
+    tmp.replace(card)
+    return card

@@ -26,7 +26,7 @@ def expert_output_norms(mlp: SparseMLP, x: torch.Tensor) -> torch.Tensor:
 
 
 def fit_router(mlp: SparseMLP, x: torch.Tensor, epochs: int, generator: torch.Generator,
-               batch: int = 512, lr: float = 2e-3) -> float:
+               batch: int = 1024, lr: float = 3e-3) -> float:
     """Train the router so softmax(logits) matches each token's distribution of expert output norms (KL).
 
     Matching the normalised norms is exactly what the threshold rule consumes: router mass ~ share of the output.

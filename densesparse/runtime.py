@@ -234,7 +234,8 @@ class SparseMLP(nn.Module):
         tau = (self.down_tau / norms.clamp_min(1e-12)) if self.down_tau > 0 else None
         _, _, b_gate, b_up, _, b_down = self.canonical()
         x_in = self.sparse_input(x2)  # the kernels compute on the masked input; they do not yet skip its zeros
-        self._record(x_in, mask, self.neuron_mask(mask))
+        if self.stats is not None:  # (the neuron mask costs launches: build it only when recording)
+            self._record(x_in, mask, self.neuron_mask(mask))
         return k.sparse_mlp(x_in, packed, b_gate, b_up, b_down, mask, tau, self.act_name)
 
 

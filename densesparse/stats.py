@@ -13,15 +13,53 @@ from rich.progress import Progress
 from densesparse.arch import FFNLayout, decoder_layers, get_attr
 
 
+SENSITIVITY_WINDOWS = 8
+
+
 @dataclass
 class LayerSample:
     x: torch.Tensor  # [N, d] FFN inputs, bfloat16 to halve the memory
-    resid_sq: float  # mean squared norm of the residual stream entering the layer (error scale)
+    weight: float  # loss sensitivity: mean squared gradient of the LM loss w.r.t. this FFN's output, per token
 
 
 def ffn_input_module(layer, layout: FFNLayout):
     """The module whose input is the FFN input: the MLP container, or the first projection of an inline FFN."""
     return get_attr(layer, layout.container) if layout.container else getattr(layer, layout.up)
+
+
+def ffn_output_module(layer, layout: FFNLayout):
+    return get_attr(layer, layout.container) if layout.container else getattr(layer, layout.down)
+
+
+def layer_sensitivity(model, layout: FFNLayout, batches: list[torch.Tensor]) -> list[float]:
+    """Per FFN, E_t ||dLoss/dy_t||^2: a diagonal-Fisher weight that turns an FFN output error into a loss increase
+    (for an error d, about ||g||^2 ||d||^2 / hidden), so layers' errors can be traded against each other."""
+    layers = decoder_layers(model, layout)
+    acc = [0.0] * len(layers)
+    tokens = 0
+
+    def hook(i):
+        def fwd(_module, _args, out):
+            out.register_hook(lambda g: acc.__setitem__(i, acc[i] + float(g.float().pow(2).sum())))
+        return fwd
+
+    hooks = [ffn_output_module(layer, layout).register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for ids in batches:
+                emb = model.get_input_embeddings()(ids[None]).detach().requires_grad_(True)
+                logits = model(inputs_embeds=emb, use_cache=False).logits[0, :-1].float()
+                torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum").backward()
+                tokens += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    return [a / max(tokens, 1) for a in acc]
 
 
 @torch.no_grad()
@@ -31,7 +69,6 @@ def collect(model, layout: FFNLayout, batches: list[torch.Tensor], progress: Pro
     total = sum(b.numel() for b in batches)
     d = model.config.hidden_size
     xs = [torch.empty(total, d, dtype=torch.bfloat16) for _ in layers]
-    resid = [0.0 for _ in layers]
     fill = [0 for _ in layers]
     hooks = []
 
@@ -42,15 +79,8 @@ def collect(model, layout: FFNLayout, batches: list[torch.Tensor], progress: Pro
             fill[i] += x.shape[0]
         return hook
 
-    def layer_hook(i):
-        def hook(_module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            resid[i] += float(h.float().pow(2).sum())
-        return hook
-
     for i, layer in enumerate(layers):
         hooks.append(ffn_input_module(layer, layout).register_forward_pre_hook(ffn_hook(i)))
-        hooks.append(layer.register_forward_pre_hook(layer_hook(i), with_kwargs=True))
     task = progress.add_task("calibration forward", total=len(batches)) if progress else None
     try:
         for ids in batches:
@@ -60,4 +90,5 @@ def collect(model, layout: FFNLayout, batches: list[torch.Tensor], progress: Pro
     finally:
         for h in hooks:
             h.remove()
-    return [LayerSample(x=x[:n], resid_sq=r / max(n, 1)) for x, r, n in zip(xs, resid, fill)]
+    weights = layer_sensitivity(model, layout, batches[:SENSITIVITY_WINDOWS])
+    return [LayerSample(x=x[:n], weight=w) for x, w, n in zip(xs, weights, fill)]

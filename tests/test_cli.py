@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from densesparse.cli.main import app
 
 from conftest import tiny_model
 
@@ -59,6 +59,7 @@ def test_convert_calibrate_eval(llama_dir, tmp_path):
         assert {"target", "mlp_flops_kept", "total_flops_kept", "ppl", "experts_per_token"} <= set(b)
         assert 0 < b["mlp_flops_kept"] < 1 and b["total_flops_kept"] > b["mlp_flops_kept"]
     assert report.with_suffix(".png").stat().st_size > 1000
+    assert "## Evaluation" in (out / "README.md").read_text()
 
 
 def test_help_is_documented():

@@ -136,3 +136,22 @@ def test_budget_dial_moves_thresholds_monotonically(tiny_dir, tmp_path):
         apply_budget(mlps, spec["budgets"], 1.5)
     with pytest.raises(ValueError):
         apply_budget(mlps, spec["budgets"], 0.01)
+
+
+@torch.no_grad()
+def test_counted_flops_follow_the_real_masks():
+    from densesparse.evaluate import _mlp_macs
+
+    model = tiny_model("LlamaForCausalLM")
+    mlps = install(model, _spec(model, expert_size=4, n_shared=8, width=16))
+    d, m, routed = 32, 64, 32 * 16 + 16 * 14
+    ids = _ids(10)
+    for mlp in mlps:  # every input channel dropped: gate/up cost nothing, down still reads all m rows
+        mlp.input_tau, mlp.stats = 1e9, LayerStats(mlp.n_experts)
+    _logits(model, ids)
+    assert _mlp_macs(mlps, [x.stats for x in mlps]) == 2 * d * m
+    for mlp in mlps:  # router on at t -> 0 keeps exactly one expert: shared 8 + 4 rows, router cost counted
+        mlp.input_tau, mlp.threshold, mlp.stats = 0.0, 1e-9, LayerStats(mlp.n_experts)
+    _logits(model, ids)
+    assert all(x.stats.experts == x.stats.tokens for x in mlps)
+    assert _mlp_macs(mlps, [x.stats for x in mlps]) == 2 * (routed + 3 * d * (8 + 4))

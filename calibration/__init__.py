@@ -1,0 +1,1 @@
+"""The default calibration corpus (data files only; see MANIFEST.json)."""
