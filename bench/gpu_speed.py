@@ -9,7 +9,8 @@ Sections (each a function; main() strings them together, so a section can be add
   bench_mlp()          decode layer: dense / sparse (router + selection + sparse MLP) / pre-sliced ideal / router
   bench_prefill()      2048-token layer: dense vs sparse
   tile_trials()        a few decode-kernel tile configs at llama3-8b T=1 (MLP only); keeps the fastest
-  bench_e2e()          Llama-3-8B-shaped model (random bf16 weights), decode tok/s (static KV cache, CUDA graph)
+  bench_e2e()          Llama-3-8B-shaped model (random bf16 weights), decode tok/s (128-token prompt in a StaticCache,
+                       one decode step captured in a CUDA graph)
                        and 2048-token prefill, dense vs sparse at ~50% / ~25% kept MLP FLOPs
 All times: CUDA-graph replays (each graph runs the op over several weight copies so L2 does not flatter),
 CUDA events, median of repeated replays, per call in microseconds.
@@ -420,8 +421,19 @@ def bench_router(Ts=(1, 4, 16, 2048), es=(8, 32)):
         for T in Ts:
             x = torch.randn(T, d, device=DEV, dtype=DT, generator=g)
             us = time_graph(lambda i: K.route(x, *rw[i % nc], 0.5), 2 * nc)
-            rows.append({"expert_size": e, "n_e": n_e, "batch": T, "router_us": round(us, 2)})
-            print(f"router e={e} n_e={n_e} T={T}: {us:.2f} us", flush=True)
+            row = {"expert_size": e, "n_e": n_e, "batch": T, "router_us": round(us, 2),
+                   "router_fused": bool(K.CONFIG.get("router_fused")) and T <= 16}
+            if T <= 16:  # both T <= 16 paths: three launches (R1, R2, select) and the one-launch persistent kernel
+                old = K.CONFIG.get("router_fused")
+                try:
+                    for name, flag in (("router_3launch_us", False), ("router_fused_us", True)):
+                        K.CONFIG["router_fused"] = flag
+                        row[name] = round(time_graph(lambda i: K.route(x, *rw[i % nc], 0.5), 2 * nc), 2)
+                finally:
+                    K.CONFIG["router_fused"] = old
+            rows.append(row)
+            print(f"router e={e} n_e={n_e} T={T}: {us:.2f} us (three launches: {row.get('router_3launch_us')}, "
+                  f"one launch: {row.get('router_fused_us')})", flush=True)
     return rows
 
 
@@ -455,7 +467,7 @@ def _graph_step(fn, reps=20, warm=3):
     return statistics.median(ts)  # ms per step
 
 
-def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048):
+def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt_len=128):
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -526,16 +538,128 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048):
         for i, mm in enumerate(mlps):
             mm.threshold = 1.0 if kept == 1.0 else thresholds[kept][i]
 
-    def decode_ms(B):
-        # One decode step = the model forward of B new tokens, captured in a CUDA graph. No KV cache: at the
-        # short contexts measured here the KV reads are < 0.1% of the 16 GB of weights a step reads (HF
-        # StaticCache hit an index_copy_ assert under capture in run 1 and poisoned the context).
+    def decode_nocache_ms(B):
+        # previous rounds' measure (runs 1-5), kept for reference: full forward of B new tokens, no KV cache, graph
         tok = torch.randint(0, V, (B, 1), device=DEV, generator=g)
 
         def step():
             with torch.no_grad():
                 return model(input_ids=tok, use_cache=False, logits_to_keep=1).logits
         return _graph_step(step)
+
+    def decode_static_graph(B, check=False):
+        """Real decode: prefill prompt_len tokens into a StaticCache, then one decode step (input_ids [B, 1],
+        position_ids [B, 1] on CUDA) captured in a CUDA graph and replayed. transformers 5.17's StaticLayer writes
+        at its own `cumulative_length` (a CUDA long scalar it advances in place, inside the graph), not at a
+        caller's cache_position; the mask's query offset is that counter too. So every replay advances the cache
+        by one token: position_ids advances in the graph too (pos.add_(1)), and before the timed replays the
+        counters and pos are reset in place to prompt_len (the warm-up calls would otherwise spend slots; run 4's
+        index_copy_ assert was the cache running past max_cache_len). 3 + reps replays stay inside the cache."""
+        from transformers import StaticCache
+        reps, warm = 20, 3
+        cache = StaticCache(config=cfg, max_cache_len=prompt_len + 64)
+        prompt = torch.randint(0, V, (B, prompt_len), device=DEV, generator=g)
+        with torch.no_grad():
+            model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        counters = [lay.cumulative_length for lay in cache.layers]
+        assert all(isinstance(c, torch.Tensor) and c.is_cuda and int(c) == prompt_len for c in counters), \
+            "StaticLayer.cumulative_length is not a CUDA counter at prompt_len"
+        tok = torch.randint(0, V, (B, 1), device=DEV, generator=g)
+        pos = torch.full((B, 1), prompt_len, device=DEV, dtype=torch.long)
+
+        def reset():
+            for c in counters:
+                c.fill_(prompt_len)
+            pos.fill_(prompt_len)
+
+        def step():
+            with torch.no_grad():
+                lg = model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True,
+                           logits_to_keep=1).logits
+                pos.add_(1)
+            return lg
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        reset()
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            lg_out = step()
+        reset()
+        torch.cuda.synchronize()
+        for _ in range(warm):
+            gr.replay()
+        ts = []
+        for _ in range(reps):
+            a = torch.cuda.Event(enable_timing=True)
+            b = torch.cuda.Event(enable_timing=True)
+            a.record()
+            gr.replay()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        adv = int(counters[0]) - prompt_len
+        assert adv == warm + reps and int(pos[0, 0]) == prompt_len + warm + reps, ("cache did not advance", adv)
+        chk = None
+        if check:
+            # (a) the replayed step at position prompt_len vs the same step run eagerly on the same cache state
+            # (same kernels: checks the capture); (b) vs a full no-cache forward of prompt + tok (checks the cache,
+            # positions and mask; for the sparse model (b) also swaps the router/MLP path: T=129 takes the T > 16
+            # router and the dense-with-mask MLP, so routing near-ties differ and the random 32-layer model
+            # amplifies them: (b) is only meaningful for dense)
+            def rel(a, r):
+                return round(((a.float() - r.float()).norm() / r.float().norm()).item(), 5)
+            reset()
+            lg_eager = step().clone()
+            reset()
+            gr.replay()
+            torch.cuda.synchronize()
+            with torch.no_grad():
+                ref = model(input_ids=torch.cat([prompt, tok], 1), use_cache=False, logits_to_keep=1).logits
+            chk = {"graph_vs_eager_rel_err": rel(lg_out, lg_eager), "rel_err_vs_nocache": rel(lg_out, ref),
+                   "argmax_agree_vs_nocache": round((lg_out.argmax(-1) == ref.argmax(-1)).float().mean().item(), 3)}
+        del gr, cache
+        torch.cuda.empty_cache()
+        return statistics.median(ts), chk
+
+    def decode_dynamic_eager(B, steps=12):
+        """Fallback: DynamicCache, eager (no graph); prefill then `steps` decode steps, median step time."""
+        from transformers import DynamicCache
+        cache = DynamicCache(config=cfg)
+        prompt = torch.randint(0, V, (B, prompt_len), device=DEV, generator=g)
+        tok = torch.randint(0, V, (B, 1), device=DEV, generator=g)
+        ts = []
+        with torch.no_grad():
+            model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for i in range(steps):
+                a = torch.cuda.Event(enable_timing=True)
+                b = torch.cuda.Event(enable_timing=True)
+                a.record()
+                model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                b.record()
+                b.synchronize()
+                if i >= 2:
+                    ts.append(a.elapsed_time(b))
+        del cache
+        return statistics.median(ts), None
+
+    def decode_ms(B, check=False):
+        if not out.get("static_failed"):
+            try:
+                ms, chk = decode_static_graph(B, check)
+                return ms, chk, "static+graph"
+            except Exception as ex:
+                import traceback
+                traceback.print_exc()
+                out["static_failed"] = f"{type(ex).__name__}: {str(ex)[:300]}"
+                torch.cuda.synchronize()
+        ms, chk = decode_dynamic_eager(B)
+        return ms, chk, "dynamic+eager"
 
     def prefill_ms():
         ids = torch.randint(0, V, (1, prefill_T), device=DEV, generator=g)
@@ -554,27 +678,48 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048):
                 ts.append(a.elapsed_time(b))
         return statistics.median(ts)
 
-    res = {}
+    res, how, checks = {}, {}, []
     for kept in (1.0,) + tuple(kepts):
         set_mode(kept)
         for B in batches:
             try:
-                res[(kept, B)] = decode_ms(B)
+                ms, chk, how[(kept, B)] = decode_ms(B, check=(B == 1))
+                res[(kept, B)] = ms
+                if chk:
+                    checks.append({"kept": kept, "batch": B, **chk})
             except Exception as ex:  # record, go on
                 res[(kept, B)] = None
                 out.setdefault("errors", []).append(f"decode kept={kept} B={B}: {type(ex).__name__}: {str(ex)[:300]}")
                 print("e2e decode error:", out["errors"][-1], flush=True)
-            print(f"e2e decode kept={kept} B={B}: {res[(kept, B)]} ms/step", flush=True)
+            print(f"e2e decode (KV cache, {how.get((kept, B))}) kept={kept} B={B}: {res[(kept, B)]} ms/step",
+                  checks[-1] if checks and B == 1 else "", flush=True)
+            if B == 1:
+                try:  # the old no-KV-cache step at B=1, for comparison with runs 1-5
+                    res[(kept, "nocache1")] = decode_nocache_ms(1)
+                except Exception as ex:
+                    res[(kept, "nocache1")] = None
+                    print("e2e no-cache decode error:", ex, flush=True)
         res[(kept, "prefill")] = prefill_ms()
         print(f"e2e prefill kept={kept} T={prefill_T}: {res[(kept, 'prefill')]:.2f} ms", flush=True)
     kmeas = {c["target"]: c["measured_kept"] for c in out["calibration"]}
+    kinds = sorted(set(how.values()))
+    out["kv_cache"] = {"cache": "StaticCache" if kinds == ["static+graph"] else "/".join(kinds) or "none",
+                       "cuda_graphs": kinds == ["static+graph"], "prompt_tokens": prompt_len,
+                       "max_cache_len": prompt_len + 64,
+                       "note": "prefill prompt_tokens into the cache, then decode steps at positions prompt_len.. "
+                               "prompt_len+22 (one input token per sequence per step, logits of it only)"}
+    out["kv_check"] = checks
     for kept in kepts:
         for B in batches:
             dn, sp = res[(1.0, B)], res[(kept, B)]
             out["decode"].append({"kept": kmeas[kept], "target": kept, "batch": B,
                                   "dense_tok_s": None if dn is None else round(B / dn * 1e3, 1),
                                   "sparse_tok_s": None if sp is None else round(B / sp * 1e3, 1),
-                                  "dense_ms": dn and round(dn, 3), "sparse_ms": sp and round(sp, 3)})
+                                  "dense_ms": dn and round(dn, 3), "sparse_ms": sp and round(sp, 3),
+                                  "cache": how.get((kept, B))})
+        dn1, sp1 = res.get((1.0, "nocache1")), res.get((kept, "nocache1"))
+        out.setdefault("decode_nocache_b1", []).append(
+            {"kept": kmeas[kept], "dense_ms": dn1 and round(dn1, 3), "sparse_ms": sp1 and round(sp1, 3)})
         out["prefill"].append({"kept": kmeas[kept], "target": kept, "tokens": prefill_T,
                                "dense_ms": round(res[(1.0, "prefill")], 2), "sparse_ms": round(res[(kept, "prefill")], 2)})
     del model, mlps
@@ -605,6 +750,8 @@ def print_table(res):
     for r in res.get("prefill_layer", []):
         print(f"prefill layer {r['shape']} e={r['expert_size']} kept {r['kept']} T={r['tokens']}: dense {r['dense_us']} "
               f"sparse {r['sparse_us']} ratio {r['dense_us'] / r['sparse_us']:.3f} (router {r['router_us']})")
+    if res.get("kv_cache"):
+        print(f"e2e decode KV cache: {res['kv_cache']}")
     for r in res.get("decode", []):
         print(f"e2e decode kept {r['kept']} B={r['batch']}: dense {r['dense_tok_s']} tok/s sparse {r['sparse_tok_s']} "
               f"tok/s ratio {r['sparse_tok_s'] / r['dense_tok_s'] if r['dense_tok_s'] and r['sparse_tok_s'] else 'n/a'}")
@@ -644,6 +791,7 @@ def main(argv=None):
             e2e = bench_e2e(E=res["default_expert_size"])
             res["decode"], res["prefill"] = e2e.pop("decode"), e2e.pop("prefill")
             res["e2e"] = e2e
+            res["kv_cache"] = e2e["kv_cache"]
         except Exception as ex:
             import traceback
             traceback.print_exc()

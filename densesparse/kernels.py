@@ -24,12 +24,15 @@ Paths (chosen by T on the host, no device sync):
 
 Router: T <= 16: _r1_kernel (split over rows of r_w1 and over d, bf16 tensor-core dot, fp32 partials),
 _r2_kernel (program per (BE experts, token): reduces the partials, relu, fp32 FMA against a [BE, r] tile of
-r_w2), _select_kernel (exact sort-free XMoE rule, pairwise). T > 16: cuBLAS layer 1
+r_w2), _select_kernel (exact sort-free XMoE rule, pairwise). _route_fused_kernel runs the three as the phases of
+one persistent launch (grid barriers between phases); it is off by default (CONFIG["router_fused"]: slower on the
+H100, see bench/GPU_NOTES.md). T > 16: cuBLAS layer 1
 (bf16), _r2_big_kernel (relu + bf16 tensor-core layer 2, fp32 logits), _select_bisect_kernel (one program per
 token: bisection over the float bits of the cutoff probability, 31 CTA-wide sums: O(n_e log) not O(n_e^2)).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -49,6 +52,10 @@ CONFIG = {
     "gu_BN": 32, "gu_BK": 256, "gu_warps": 4, "gu_stages": 3,
     "dn_BN": 32, "dn_BD": 256, "dn_KCHUNK": 512, "dn_warps": 2, "dn_stages": 3,
     "r1_BR": 16, "r1_SPLIT": 16, "r2_BE": 32,
+    # T <= 16: run the router's three steps (R1, R2, select) as one persistent launch with two grid-wide barriers
+    # (same arithmetic, up to fp32 summation order in R2). OFF: measured slower on the H100 (run 7: 16.1 vs 11.1 us
+    # at T=1, 49.8 vs 20.2 at T=16; the barriers cost more than the launches they save). DS_ROUTER_FUSED=1 opts in.
+    "router_fused": os.environ.get("DS_ROUTER_FUSED", "0") == "1",
 }
 _BT = 16
 _CNT_MIN_BD = 32
@@ -327,6 +334,132 @@ def _select_bisect_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BLOCK: tl
     tl.store(out_ptr + t * n_e + offs, keep.to(tl.uint8), mask=msk)
 
 
+@triton.jit
+def _grid_sync(bar_ptr, n_prog, MAX_SPIN: tl.constexpr):
+    """Grid-wide barrier for a persistent grid (n_prog programs, all co-resident: n_prog <= SM count). The spin is
+    bounded (MAX_SPIN polls) so a broken assumption gives a wrong mask that the tests catch, never a hang."""
+    tl.debug_barrier()
+    tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
+    seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    i = seen * 0
+    while (seen < n_prog) & (i < MAX_SPIN):
+        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+        i += 1
+    tl.debug_barrier()
+
+
+@triton.jit
+def _route_fused_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, part_ptr, s_ptr, out_ptr, bar_ptr,
+                        T, d, r, n_e, KLEN, SPLIT, thr, n_prog,
+                        HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ALL: tl.constexpr,
+                        BT: tl.constexpr, BR: tl.constexpr, BK1: tl.constexpr,
+                        BE: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr,
+                        BJ: tl.constexpr, BK: tl.constexpr, MAX_SPIN: tl.constexpr):
+    """_r1_kernel, _r2_kernel and _select_kernel (same arithmetic; R2's row sums may round in another order) as
+    three phases of one persistent launch: each program loops over the phase's work items; phases are separated
+    by grid barriers (bar_ptr[0], bar_ptr[1]); the last program to finish re-zeroes the three counters for the
+    next call. Cross-program data (partials, logits) is read with .cg loads (L2, not a stale L1)."""
+    pid = tl.program_id(0)
+    # phase 1: partials part[s, t, i] = x[t, slice s] . w1[i, slice s]
+    n_r = tl.cdiv(r, BR)
+    offs_t = tl.arange(0, BT)
+    tok_ok = offs_t < T
+    for item in range(pid, n_r * SPLIT, n_prog):
+        pid_r = item % n_r
+        pid_s = item // n_r
+        rows = pid_r * BR + tl.arange(0, BR)
+        rmask = rows < r
+        acc = tl.zeros([BT, BR], dtype=tl.float32)
+        k_begin = pid_s * KLEN
+        for k0 in range(0, KLEN, BK1):
+            k = k_begin + k0 + tl.arange(0, BK1)
+            kmask = (k < d) & (k < k_begin + KLEN)
+            xv = tl.load(x_ptr + offs_t[:, None] * d + k[None, :], mask=tok_ok[:, None] & kmask[None, :], other=0.0)
+            wv = tl.load(w1_ptr + rows[:, None] * d + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            acc += tl.dot(xv, tl.trans(wv))
+        tl.store(part_ptr + pid_s * T * r + offs_t[:, None] * r + rows[None, :], acc,
+                 mask=tok_ok[:, None] & rmask[None, :])
+    _grid_sync(bar_ptr, n_prog, MAX_SPIN)
+    # phase 2: logits[t, j] = relu(sum_s part[s, t, :] + b1) . w2[j, :] + b2[j]
+    n_eb = tl.cdiv(n_e, BE)
+    offs_r = tl.arange(0, RP)
+    rmask2 = offs_r < r
+    offs_s = tl.arange(0, SP)
+    pmask = (offs_s < SPLIT)[:, None] & rmask2[None, :]
+    for item in range(pid, n_eb * T, n_prog):
+        eb = item % n_eb
+        t = item // n_eb
+        ex = eb * BE + tl.arange(0, BE)
+        emask = ex < n_e
+        pv = tl.load(part_ptr + offs_s[:, None] * T * r + t * r + offs_r[None, :], mask=pmask, other=0.0,
+                     cache_modifier=".cg")
+        w2 = tl.load(w2_ptr + ex[:, None] * r + offs_r[None, :], mask=emask[:, None] & rmask2[None, :],
+                     other=0.0).to(tl.float32)
+        h1 = tl.sum(pv, axis=0)
+        if HAS_B1:
+            h1 += tl.load(b1_ptr + offs_r, mask=rmask2, other=0.0).to(tl.float32)
+        h1 = tl.maximum(h1, 0.0)
+        sv = tl.sum(w2 * h1[None, :], axis=1)
+        if HAS_B2:
+            sv += tl.load(b2_ptr + ex, mask=emask, other=0.0).to(tl.float32)
+        tl.store(s_ptr + t * n_e + ex, sv, mask=emask)
+    _grid_sync(bar_ptr + 1, n_prog, MAX_SPIN)
+    # phase 3: the XMoE rule, pairwise (as _select_kernel)
+    n_jb = tl.cdiv(n_e, BJ)
+    offs_k = tl.arange(0, BK)
+    for item in range(pid, T * n_jb, n_prog):
+        t = (item // n_jb).to(tl.int64)
+        jb = item % n_jb
+        row = s_ptr + t * n_e
+        mx = tl.full([BK], float("-inf"), tl.float32)
+        for c in range(0, n_e, BK):
+            v = tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf"), cache_modifier=".cg")
+            mx = tl.maximum(mx, v)
+        smax = tl.max(mx, axis=0)
+        offs_j = jb * BJ + tl.arange(0, BJ)
+        jmask = offs_j < n_e
+        qj = tl.exp(tl.load(row + offs_j, mask=jmask, other=float("-inf"), cache_modifier=".cg") - smax)
+        zacc = tl.zeros([BK], dtype=tl.float32)
+        macc = tl.zeros([BJ, BK], dtype=tl.float32)
+        for c in range(0, n_e, BK):
+            qk = tl.exp(tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf"),
+                                cache_modifier=".cg") - smax)
+            zacc += qk
+            if not ALL:
+                macc += tl.where(qk[None, :] > qj[:, None], qk[None, :], 0.0)
+        if ALL:
+            keep = jmask
+        else:
+            mass = tl.sum(macc, axis=1)
+            keep = mass < thr * tl.sum(zacc, axis=0)
+        tl.store(out_ptr + t * n_e + offs_j, keep.to(tl.uint8), mask=jmask)
+    # every program has passed both barriers once it gets here: the last one re-zeroes the counters
+    tl.debug_barrier()
+    done = tl.atomic_add(bar_ptr + 2, 1, sem="acq_rel", scope="gpu")
+    if done == n_prog - 1:
+        tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(bar_ptr + 2, 0, sem="relaxed", scope="gpu")
+
+
+# device -> int32[4] barrier counters of the fused router (every call leaves them zeroed). Shared by all calls on a
+# device: calls must not run concurrently on two streams.
+_ROUTER_BAR = {}
+_SMS = {}
+
+
+def _router_bar(dev):
+    """The fused router's counters for `dev`, made on first use; None while a graph is being captured and none
+    exist yet (an allocation then would come from the graph's pool): the three-launch path runs instead."""
+    key = (dev.type, dev.index if dev.index is not None else torch.cuda.current_device())
+    if key not in _ROUTER_BAR:
+        if torch.cuda.is_current_stream_capturing():
+            return None, 0
+        _ROUTER_BAR[key] = torch.zeros(4, device=dev, dtype=torch.int32)
+        _SMS[key] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _ROUTER_BAR[key], _SMS[key]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Host wrappers (raw, not registered)
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,10 +483,24 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
         w1 = r_w1.contiguous()
         if w1.dtype != x.dtype:
             w1 = w1.to(x.dtype)
-        _r1_kernel[(triton.cdiv(r, cfg["r1_BR"]), split)](x, w1, part, T, d, r, klen,
-                                                           BT=_BT, BR=cfg["r1_BR"], BK=bk, num_warps=4)
         dummy = part
         be = cfg["r2_BE"]
+        bar, n_sm = _router_bar(x.device) if cfg.get("router_fused") else (None, 0)
+        if bar is not None:
+            bj = min(64, max(16, triton.next_power_of_2(n_e)))
+            bks = min(128, max(16, triton.next_power_of_2(n_e)))
+            n_work = max(triton.cdiv(r, cfg["r1_BR"]) * split, triton.cdiv(n_e, be) * T, T * triton.cdiv(n_e, bj))
+            n_prog = max(1, min(n_work, n_sm))  # persistent grid: at most one program per SM, all co-resident
+            out = torch.empty((T, n_e), device=dev, dtype=torch.uint8)
+            _route_fused_kernel[(n_prog,)](
+                x, w1, r_b1 if r_b1 is not None else dummy, w2, r_b2 if r_b2 is not None else dummy, part, logits,
+                out, bar, T, d, r, n_e, klen, split, float(threshold), n_prog,
+                HAS_B1=r_b1 is not None, HAS_B2=r_b2 is not None, ALL=bool(threshold >= 1.0),
+                BT=_BT, BR=cfg["r1_BR"], BK1=bk, BE=be, RP=rp, SP=triton.next_power_of_2(split), BJ=bj, BK=bks,
+                MAX_SPIN=1 << 18, num_warps=4)
+            return out.view(torch.bool)
+        _r1_kernel[(triton.cdiv(r, cfg["r1_BR"]), split)](x, w1, part, T, d, r, klen,
+                                                           BT=_BT, BR=cfg["r1_BR"], BK=bk, num_warps=4)
         _r2_kernel[(triton.cdiv(n_e, be), T)](
             part, r_b1 if r_b1 is not None else dummy, w2, r_b2 if r_b2 is not None else dummy,
             logits, T, r, n_e, split, HAS_B1=r_b1 is not None, HAS_B2=r_b2 is not None,

@@ -206,6 +206,8 @@ class SparseMLP(nn.Module):
 
     def _cuda_forward(self, x2):
         k = _kernels()
+        if self.n_shared % self.expert_size:  # the kernels count shared neurons in whole blocks of expert_size
+            return self._torch_forward(x2)
         if self._kernel_cache is None:
             # One copy of every weight: the kernels read each projection as [m, d] rows. Where that row view is not
             # contiguous (nn.Linear down_proj stores [d, m]; GPT-2 Conv1D c_fc stores [d, m]), re-lay the
@@ -221,7 +223,9 @@ class SparseMLP(nn.Module):
                         flat = rows.contiguous()
                         mod.weight.data = flat.t() if out_rows == bool(self.layout["conv1d"]) else flat
             w_gate, w_up, _, _, w_down_t, _ = self.canonical()
-            self._kernel_cache = [k.pack(w_gate, w_up, w_down_t, self.expert_size, self.n_shared), None]
+            # pack() takes the shared part as a count of blocks of expert_size (self.n_shared counts neurons)
+            self._kernel_cache = [k.pack(w_gate, w_up, w_down_t, self.expert_size,
+                                         self.n_shared // self.expert_size), None]
         packed = self._kernel_cache[0]
         if self.down_tau > 0 and self._kernel_cache[1] is None:
             self._kernel_cache[1] = self.down_norms().to(x2.dtype)

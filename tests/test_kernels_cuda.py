@@ -343,3 +343,143 @@ def test_sparse_mlp_module_one_copy_and_matches_torch():
         y_dense = mm._dense_forward(x)
         ref_dense = ref_mlp(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, full, None, 8, 0, "silu")
         assert rel_err(y_dense, ref_dense) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Library level: a tiny Llama through densesparse.runtime.install, CUDA path vs the pure-torch path
+# ---------------------------------------------------------------------------------------------------------------
+def _tiny_sparse_llama(seed):
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    from densesparse import arch, runtime
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).to(DEV, torch.bfloat16).eval()
+    dense = copy.deepcopy(model)
+    spec = {"layout": arch.LAYOUTS["LlamaForCausalLM"].to_dict(), "activation": "silu", "hidden_size": 256,
+            "n_shared": 16, "expert_size": 8, "n_experts": 126, "router_width": 64}
+    mlps = runtime.install(model, spec)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for mm in mlps:
+            for lin, scale in ((mm.router.w1, 1.0), (mm.router.w2, 2.0)):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * scale * lin.in_features ** -0.5)
+                lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen) * 0.1)
+    return model, dense, mlps
+
+
+@pytest.mark.parametrize("B,S", [(1, 1), (2, 1), (1, 9), (2, 24)])
+def test_library_llama_cuda_matches_torch(B, S, monkeypatch):
+    """install() on a tiny bf16 Llama (2 shared blocks + 126 experts of 8): logits of the CUDA path (router +
+    Triton/dense-with-mask kernels, input_tau and down_tau on) match the pure-torch path on the same expert
+    masks (rel err < 2e-2); the router's masks match the float64 reference (tie band); threshold 1 with taus 0
+    is the dense model."""
+    from densesparse import runtime
+    model, dense, mlps = _tiny_sparse_llama(100 + 10 * B + S)
+    gen = torch.Generator().manual_seed(7 * B + S)
+    ids = torch.randint(0, 512, (B, S), generator=gen).to(DEV)
+    with torch.no_grad():
+        ref_dense = dense(input_ids=ids).logits
+        # dense shortcut before any CUDA-path call (weights as loaded)
+        assert rel_err(model(input_ids=ids).logits, ref_dense.double()) < 1e-3
+        # calibrate taus on this input: cut ~30% of input channels and ~30% of the rest by |h| * ||down row||
+        caps = []
+        hooks = [mm.register_forward_pre_hook(lambda mod, args: caps.append(args[0].reshape(-1, 256)))
+                 for mm in mlps]
+        model(input_ids=ids)
+        for hk in hooks:
+            hk.remove()
+        for mm, xin in zip(mlps, caps):
+            mm.input_tau = torch.quantile(xin.abs().float().flatten(), 0.3).item()
+            h = mm.hidden_states(mm.sparse_input(xin)).float().abs() * mm.down_norms()
+            mm.down_tau = torch.quantile(h[h > 0].flatten(), 0.3).item()
+            mm.threshold = 0.7
+            assert mm.input_tau > 0 and mm.down_tau > 0
+
+        # CUDA path, recording the router's inputs and masks
+        rec = []
+        real_route = K.route
+
+        def route_rec(x, *a):
+            mk = real_route(x, *a)
+            rec.append((x.clone(), mk.clone()))
+            return mk
+        monkeypatch.setattr(K, "route", route_rec)
+        y_cuda = model(input_ids=ids).logits
+        monkeypatch.setattr(K, "route", real_route)
+        assert len(rec) == len(mlps)
+        assert all(mm._kernel_cache is not None for mm in mlps), "the CUDA path did not run"
+        assert torch.isfinite(y_cuda).all()
+        for mm, (x, mk) in zip(mlps, rec):
+            r = mm.router
+            ref_mask, p = ref_route(x, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, 0.7)
+            check_route(mk, p, ref_mask, 0.7, 1e-4 if x.shape[0] <= 16 else 3e-2)
+            kept = mk.float().mean().item()
+            assert 0.05 < kept < 0.95, kept
+
+        # pure-torch path on the same masks
+        for mm, (_, mk) in zip(mlps, rec):
+            monkeypatch.setattr(mm, "select", lambda x2, _mk=mk: _mk)
+        monkeypatch.setattr(runtime, "_kernels", lambda: None)
+        y_torch = model(input_ids=ids).logits
+        monkeypatch.undo()
+        err = rel_err(y_cuda, y_torch.double())
+        assert err < 2e-2, err
+        # the sparse model is not the dense one (the taus and the router cut real work)
+        assert rel_err(y_cuda, ref_dense.double()) > 10 * err
+
+        # dense shortcut after the CUDA path re-laid down_proj in place: still the dense model
+        for mm in mlps:
+            mm.threshold, mm.down_tau, mm.input_tau = 1.0, 0.0, 0.0
+        assert rel_err(model(input_ids=ids).logits, ref_dense.double()) < 1e-3
+        # and threshold 1 with the CUDA path forced (taus 0, all experts on) agrees with dense too
+        for mm in mlps:
+            mm.stats = runtime.LayerStats(mm.n_experts)
+        y_all = model(input_ids=ids).logits
+        assert rel_err(y_all, ref_dense.double()) < 2e-2
+
+
+@pytest.mark.parametrize("T,n_e,r", [(1, 1792, 64), (2, 448, 64), (4, 14336, 64), (16, 1792, 256), (1, 7, 64),
+                                     (16, 3000, 96), (9, 112, 128)])
+def test_route_fused_matches_three_launches(T, n_e, r, monkeypatch):
+    """T <= 16: the one-launch persistent router (grid barriers) gives the three-launch path's mask (up to fp32
+    summation order in R2: only at a tie), also over repeated calls (the barrier counters reset) and in a graph."""
+    gen = torch.Generator().manual_seed(T * 131 + n_e + r)
+    d = 4096 if n_e >= 1792 else 512
+    x = torch.randn(T, d, generator=gen).to(DEV, torch.bfloat16)
+    r_w1 = (torch.randn(r, d, generator=gen) * d ** -0.5).to(DEV, torch.bfloat16)
+    r_b1 = (torch.randn(r, generator=gen) * 0.1).to(DEV, torch.bfloat16)
+    r_w2 = (torch.randn(n_e, r, generator=gen) * 2 * r ** -0.5).to(DEV, torch.bfloat16)
+    r_b2 = (torch.randn(n_e, generator=gen) * 0.1).to(DEV, torch.bfloat16)
+    for t in (0.3, 0.7, 0.95, 1.0):
+        monkeypatch.setitem(K.CONFIG, "router_fused", False)
+        ref3 = K.route(x, r_w1, r_b1, r_w2, r_b2, t)
+        monkeypatch.setitem(K.CONFIG, "router_fused", True)
+        outs = [K.route(x, r_w1, r_b1, r_w2, r_b2, t) for _ in range(5)]
+        ref_mask, p = ref_route(x, r_w1, r_b1, r_w2, r_b2, t)
+        for mk in outs:
+            assert (mk != ref3).float().mean().item() < 1e-3
+            check_route(mk, p, ref_mask, t, 1e-4)
+        if t == 1.0:
+            assert outs[0].all()
+    key = (x.device.type, x.device.index)
+    assert K._ROUTER_BAR[key].abs().sum().item() == 0, "barrier counters not left zeroed"
+    # in a CUDA graph, replayed with new inputs
+    x_static = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        K.route(x_static, r_w1, r_b1, r_w2, r_b2, 0.5)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        mk_g = K.route(x_static, r_w1, r_b1, r_w2, r_b2, 0.5)
+    for _ in range(3):
+        x_static.copy_(torch.randn(T, d, generator=gen).to(DEV, torch.bfloat16))
+        g.replay()
+        torch.cuda.synchronize()
+        ref_mask, p = ref_route(x_static, r_w1, r_b1, r_w2, r_b2, 0.5)
+        check_route(mk_g, p, ref_mask, 0.5, 1e-4)
+    assert K._ROUTER_BAR[key].abs().sum().item() == 0
