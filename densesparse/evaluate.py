@@ -25,6 +25,19 @@ def nll_sum(model, wins: list[torch.Tensor], bos: bool) -> tuple[float, int]:
     return total, count
 
 
+@torch.no_grad()
+def _timed_pass(model, wins) -> float:
+    """Seconds for one forward pass over the windows on the GPU, after a warm-up, stats off (the real speed)."""
+    device = next(model.parameters()).device
+    model(input_ids=wins[0][None].to(device), use_cache=False)
+    torch.cuda.synchronize()
+    start = time.time()
+    for ids in wins:
+        model(input_ids=ids[None].to(device), use_cache=False)
+    torch.cuda.synchronize()
+    return time.time() - start
+
+
 def _quantile_from_hist(hist: torch.Tensor, q: float) -> int:
     cdf = hist.cumsum(0).double() / max(int(hist.sum()), 1)
     return int(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64)))
@@ -56,13 +69,12 @@ def evaluate_windows(model, wins: list[torch.Tensor], bos: bool, budgets: list[f
         stats = None if all(m.dense for m in mlps) else [LayerStats(m.n_experts) for m in mlps]
         for m, s in zip(mlps, stats or [None] * len(mlps)):
             m.stats = s
-        start = time.time()
         try:
             total, count = nll_sum(model, wins, bos)
         finally:
             for m in mlps:
                 m.stats = None
-        seconds = time.time() - start
+        seconds = _timed_pass(model, wins) if next(model.parameters()).is_cuda else None
         mlp = _mlp_macs(mlps, stats)
         row = {
             "target": target,
@@ -71,8 +83,9 @@ def evaluate_windows(model, wins: list[torch.Tensor], bos: bool, budgets: list[f
             "total_flops_per_token": mlp + other,
             "mlp_flops_kept": mlp / dense_mlp,
             "total_flops_kept": (mlp + other) / (dense_mlp + other),
-            "seconds": round(seconds, 2),
         }
+        if seconds is not None:
+            row["tokens_per_s"] = round(sum(w.numel() for w in wins) / seconds, 1)
         if stats is not None:
             per_layer = [{"mean": s.experts / max(s.tokens, 1), "p50": _quantile_from_hist(s.hist, 0.5),
                           "p95": _quantile_from_hist(s.hist, 0.95), "of": m.n_experts} for s, m in zip(stats, mlps)]
@@ -94,11 +107,16 @@ def evaluate_windows(model, wins: list[torch.Tensor], bos: bool, budgets: list[f
 
 
 def evaluate(model_dir: str | Path, data: list[str] | None, budgets: list[float], max_tokens: int | None = None,
-             seq_len: int = 1024, progress=None) -> dict:
+             seq_len: int = 1024, progress=None, device: str = "cpu") -> dict:
     """The report of `densesparse eval` (stable keys: model, data, tokens, dense, budgets)."""
     from densesparse.io import load, load_tokenizer
 
-    model = load(model_dir, mlp_flops=1.0)
+    if device == "cuda" and not torch.cuda.is_available():
+        from densesparse.errors import DenseSparseError
+
+        raise DenseSparseError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    model = load(model_dir, mlp_flops=1.0, device=device,
+                 dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     tokenizer = load_tokenizer(model_dir)
     text, files = read_text(data)
     bos = adds_bos(tokenizer)

@@ -244,7 +244,10 @@ def load(directory: str | Path, mlp_flops: float | None = None, device: str | to
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
     except Exception as exc:
         raise DenseSparseError(f"cannot load {directory}: {str(exc).splitlines()[0]}") from None
-    mlps = install(model, spec)
+    try:
+        mlps = install(model, spec)
+    except ValueError as exc:
+        raise DenseSparseError(f"{directory}: {exc}: weights and config.json disagree; reconvert the model") from None
     names = {id(p): n for n, p in model.named_parameters()}
     router_params = {names[id(p)]: p for m in mlps for p in m.router.parameters()}
     found = set()

@@ -16,7 +16,7 @@ from densesparse.config import CalibrateConfig, ConfigError, ConvertConfig
 from densesparse.data import calibration_windows
 from densesparse.errors import DenseSparseError
 from densesparse.grouping import neuron_order, permute
-from densesparse.io import SPEC_VERSION, load, load_dense, load_tokenizer, read_spec, save_sparse
+from densesparse.io import SPEC_VERSION, load, load_dense, load_tokenizer, save_sparse
 from densesparse.report import model_card
 from densesparse.router import fit_router
 from densesparse.runtime import apply_budget, install, sparse_mlps
@@ -82,7 +82,8 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
         "layout": layout.to_dict(), "activation": activation_name(model.config, layout), "hidden_size": d,
         "intermediate_size": m, "n_shared": n_shared, "expert_size": cfg.expert_size,
         "n_experts": (m - n_shared) // cfg.expert_size, "router_width": cfg.router_width,
-        "grouping": cfg.grouping, "down_skip": cfg.down_skip, "input_skip": cfg.input_skip, "seed": cfg.seed, "calibration": provenance,
+        "grouping": cfg.grouping, "down_skip": cfg.down_skip, "input_skip": cfg.input_skip, "seed": cfg.seed,
+        "calibration": provenance,
         "default_mlp_flops": cfg.mlp_flops, "source_model": str(cfg.model or source),
     }
     with _progress(show_progress) as progress:
@@ -103,10 +104,9 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
     cfg.validate()
     started = time.time()
     directory = Path(cfg.sparse_dir)
-    spec = read_spec(directory) if directory.exists() else None
     model = load(directory, mlp_flops=1.0)
     tokenizer = load_tokenizer(directory)
-    spec = model.config.densesparse if spec is None else spec
+    spec = model.config.densesparse
     layout = resolve_layout(model)
     generator = torch.Generator().manual_seed(cfg.seed)
     batches, provenance = calibration_windows(tokenizer, cfg.data, cfg.calib_tokens, cfg.seq_len, generator)

@@ -9,15 +9,18 @@ def budget_table(report: dict):
     from rich.table import Table
 
     table = Table(title=f"{report['model']} on {report['tokens']} tokens")
-    for col in ("MLP FLOPs target", "MLP kept", "total kept", "PPL", "vs dense", "experts/token (mean, p50, p95)"):
+    speed = any("tokens_per_s" in r for r in report["budgets"])
+    cols = ["MLP FLOPs target", "MLP kept", "total kept", "PPL", "vs dense", "experts/token (mean, p50, p95)"]
+    for col in cols + (["tokens/s"] if speed else []):
         table.add_column(col, justify="right")
     dense = report["dense"]["ppl"]
-    table.add_row("dense", "1.000", "1.000", f"{dense:.3f}", "1.000x", "all")
+    if all(r["target"] != 1.0 for r in report["budgets"]):
+        table.add_row("dense", "1.000", "1.000", f"{dense:.3f}", "1.000x", "all", *([""] if speed else []))
     for r in report["budgets"]:
         e = r["experts_per_token"]
         table.add_row(f"{r['target']:.2f}", f"{r['mlp_flops_kept']:.3f}", f"{r['total_flops_kept']:.3f}",
-                      f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}x",
-                      f"{e['mean']:.1f}, {e['p50']}, {e['p95']}")
+                      f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}x", f"{e['mean']:.1f}, {e['p50']}, {e['p95']}",
+                      *([str(r.get("tokens_per_s", ""))] if speed else []))
     return table
 
 

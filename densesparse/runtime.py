@@ -1,4 +1,5 @@
-"""The sparse FFN: neuron-group experts, a threshold router, and exact in-expert down-projection skipping.
+"""The sparse FFN: neuron-group experts chosen by a threshold router, plus two exact skips: gate/up ignore input
+channels with tiny |x| and the down projection ignores neurons with tiny |h| * ||down row||.
 
 This file imports only torch and transformers: `io.py` copies it verbatim into each sparse model directory as
 the `trust_remote_code` modeling file, so plain transformers can load a sparse model without densesparse.
@@ -16,7 +17,8 @@ from transformers.activations import ACT2FN
 
 
 class Router(nn.Module):
-    """Predicts each expert's log output norm from the FFN input; softmax turns it into router mass."""
+    """Scores experts from the FFN input; trained so that softmax(scores) matches each token's distribution of
+    true expert output norms, so router mass is a predicted share of the FFN output."""
 
     def __init__(self, hidden: int, width: int, n_experts: int):
         super().__init__()
@@ -275,7 +277,11 @@ def install(model, spec: dict, cls: type | None = None) -> list[SparseMLP]:
         parts = {n: getattr(host, n) for n in names}
         hidden = spec["hidden_size"]
         mlp = cls(layout, spec["activation"], parts, spec["n_shared"], spec["expert_size"],
-                        spec["n_experts"], spec["router_width"], hidden)
+                  spec["n_experts"], spec["router_width"], hidden)
+        rows = mlp.canonical()[1].shape[0]
+        if rows != mlp.intermediate:
+            raise ValueError(f"the FFN has {rows} neurons but the densesparse config describes {mlp.intermediate} "
+                             f"({spec['n_shared']} shared + {spec['n_experts']} x {spec['expert_size']})")
         mlp.router.to(dtype=parts[layout["up"]].weight.dtype, device=parts[layout["up"]].weight.device)
         if mlp.inline:
             setattr(layer, layout["up"], mlp)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from densesparse.config import ConvertConfig
 from densesparse.data import read_text, tokenize, windows

@@ -1,0 +1,86 @@
+"""Render the committed benchmark JSON files as the markdown tables of bench/README.md and README.md (between
+the <!-- name:start/end --> markers).
+
+    python bench/render.py
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TARGETS = (0.75, 0.5, 0.35, 0.25)
+
+
+def quality_table(q: dict) -> str:
+    dense = q["dense"]["ppl"]
+    by_method: dict[str, dict] = {}
+    for r in q["rows"]:
+        by_method.setdefault(r["method"], {})[r["target"]] = r
+    head = "| method | " + " | ".join(f"{int(t * 100)}% kept" for t in TARGETS) + " |"
+    lines = [f"Dense PPL {dense:.2f} on {q['tokens']} tokens ({q['protocol']}). Each cell: PPL (measured MLP FLOPs "
+             "kept, router included).", "", head, "|---" * (len(TARGETS) + 1) + "|"]
+    for method, rows in by_method.items():
+        cells = []
+        for t in TARGETS:
+            r = rows.get(t)
+            cells.append(f"{r['ppl']:.2f} ({r['mlp_flops_kept']:.3f})" if r else "n/a")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    ours = by_method.get("densesparse", {})
+    lines += ["", head.replace("| method |", "| ratio to dense PPL |"), "|---" * (len(TARGETS) + 1) + "|",
+              "| densesparse | " + " | ".join(f"{ours[t]['ppl'] / dense:.3f}x" if t in ours else "n/a"
+                                             for t in TARGETS) + " |", ""]
+    lines.append(f"Command: `{q['command']}`; commit {q['commit'][:10]}; {q['machine']}; "
+                 f"torch {q['versions']['torch']}, transformers {q['versions']['transformers']}; "
+                 f"{q['seconds']:.0f} s in all; conversion of the default model {q['convert_seconds']} s.")
+    return "\n".join(lines)
+
+
+def gpu_table(g: dict) -> str:
+    lines = [f"{g['device']}, torch {g['torch']}, triton {g['triton']}, commit {g.get('commit')}. One MLP layer, bf16, "
+             "time = router + selection + sparse MLP (medians of CUDA-graph replays, weights rotated against L2).", "",
+             "| shape | expert size | kept | batch | dense us | sparse us | ideal us | router us | speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in g["mlp"]:
+        if r["shape"] != "llama3-8b" or r["expert_size"] not in (8, 32) or r["kept"] not in (0.5, 0.25):
+            continue
+        lines.append(f"| {r['shape']} | {r['expert_size']} | {r['kept']} | {r['batch']} | {r['dense_us']:.1f} | "
+                     f"{r['sparse_us']:.1f} | {r['ideal_us']:.1f} | {r['router_us']:.1f} | "
+                     f"{r['dense_us'] / r['sparse_us']:.2f}x |")
+    if g.get("decode"):
+        lines += ["", f"End to end ({g.get('e2e', {}).get('weights', 'random weights')}; "
+                      f"KV cache: {g.get('kv_cache', 'none: each step a full forward')}):", "",
+                  "| MLP kept | batch | dense tok/s | sparse tok/s | speedup |", "|---|---|---|---|---|"]
+        for r in g["decode"]:
+            lines.append(f"| {r['kept']} | {r['batch']} | {r['dense_tok_s']:.1f} | {r['sparse_tok_s']:.1f} | "
+                         f"{r['sparse_tok_s'] / r['dense_tok_s']:.2f}x |")
+    for r in g.get("prefill", []):
+        lines.append(f"\nPrefill {r['tokens']} tokens at {r['kept']} kept: dense {r['dense_ms']:.2f} ms, sparse "
+                     f"{r['sparse_ms']:.2f} ms ({r['dense_ms'] / r['sparse_ms']:.3f}x).")
+    return "\n".join(lines)
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+    return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+
+
+def main():
+    blocks = {}
+    quality = RESULTS / "quality-smollm2.json"
+    if quality.exists():
+        blocks["quality"] = quality_table(json.loads(quality.read_text()))
+    gpu = RESULTS / "gpu-h100.json"
+    if gpu.exists():
+        blocks["gpu"] = gpu_table(json.loads(gpu.read_text()))
+    for readme in (HERE / "README.md", HERE.parent / "README.md"):
+        text = readme.read_text()
+        for name, body in blocks.items():
+            text = replace_block(text, name, body)
+        readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
