@@ -50,8 +50,11 @@ def gpu_table(g: dict) -> str:
                      f"{r['sparse_us']:.1f} | {r['ideal_us']:.1f} | {r['router_us']:.1f} | "
                      f"{r['dense_us'] / r['sparse_us']:.2f}x |")
     if g.get("decode"):
-        lines += ["", f"End to end ({g.get('e2e', {}).get('weights', 'random weights')}; "
-                      f"KV cache: {g.get('kv_cache', 'none: each step a full forward')}):", "",
+        kv = g.get("kv_cache")
+        kv_text = (f"{kv['cache']} of {kv['max_cache_len']} after a {kv['prompt_tokens']}-token prompt, CUDA graphs "
+                   f"{'on' if kv['cuda_graphs'] else 'off'}") if isinstance(kv, dict) else "none"
+        lines += ["", f"End to end, {g.get('e2e', {}).get('model', 'Llama-3-8B shape')}; weights: "
+                      f"{g.get('e2e', {}).get('weights', 'random')}; KV cache: {kv_text}:", "",
                   "| MLP kept | batch | dense tok/s | sparse tok/s | speedup |", "|---|---|---|---|---|"]
         for r in g["decode"]:
             lines.append(f"| {r['kept']} | {r['batch']} | {r['dense_tok_s']:.1f} | {r['sparse_tok_s']:.1f} | "
