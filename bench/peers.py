@@ -46,11 +46,6 @@ class PeerMLP(SparseMLP):
         return float(self.hidden * self.intermediate * (self.gu() + 1))
 
 
-def _down(mlp, h):
-    w_down_t, b_down = mlp.canonical()[4:]
-    return F.linear(h, w_down_t.t(), b_down)
-
-
 def input_col_norms(mlp) -> torch.Tensor:
     w_gate, w_up = mlp.canonical()[:2]
     sq = w_up.float().pow(2).sum(0)
@@ -60,7 +55,7 @@ def input_col_norms(mlp) -> torch.Tensor:
 
 
 def run_dense(mlp, x):
-    return _down(mlp, mlp.hidden_states(x)), torch.full((x.shape[0],), mlp.dense_macs())
+    return mlp.down(mlp.hidden_states(x)), torch.full((x.shape[0],), mlp.dense_macs())
 
 
 def run_teal(mlp, x, tau_x, tau_h, col=None, down=None):
@@ -71,7 +66,7 @@ def run_teal(mlp, x, tau_x, tau_h, col=None, down=None):
     sh = h.abs() * down if down is not None else h.abs()
     keep_h = sh >= tau_h
     macs = keep_x.sum(1) * mlp.intermediate * mlp.gu() + keep_h.sum(1) * mlp.hidden
-    return _down(mlp, h * keep_h), macs.float()
+    return mlp.down(h * keep_h), macs.float()
 
 
 def run_cats(mlp, x, tau):
@@ -80,7 +75,7 @@ def run_cats(mlp, x, tau):
     keep = g.abs() >= tau
     h = g * F.linear(x, w_up, b_up) * keep
     macs = mlp.hidden * mlp.intermediate + 2 * mlp.hidden * keep.sum(1)
-    return _down(mlp, h), macs.float()
+    return mlp.down(h), macs.float()
 
 
 def run_oracle_neuron(mlp, x, frac):
@@ -88,7 +83,7 @@ def run_oracle_neuron(mlp, x, frac):
     k = max(1, round(frac * mlp.intermediate))
     idx = h.abs().topk(k, dim=1).indices
     keep = torch.zeros_like(h, dtype=torch.bool).scatter(1, idx, True)
-    return _down(mlp, h * keep), torch.full((x.shape[0],), float(k * mlp.hidden * (mlp.gu() + 1)))
+    return mlp.down(h * keep), torch.full((x.shape[0],), float(k * mlp.hidden * (mlp.gu() + 1)))
 
 
 def _expert_topk(mlp, scores, k):
@@ -96,12 +91,17 @@ def _expert_topk(mlp, scores, k):
     return torch.zeros_like(scores, dtype=torch.bool).scatter(1, idx, True)
 
 
+def _run_experts(mlp, x, sel, router_macs):
+    """The MLP on the shared neurons plus the selected experts, and its multiply-adds per token."""
+    h = mlp.hidden_states(x) * mlp.neuron_mask(sel)
+    macs = router_macs + (mlp.n_shared + sel.sum(1) * mlp.expert_size) * mlp.hidden * (mlp.gu() + 1)
+    return mlp.down(h), macs.float()
+
+
 def run_oracle_expert(mlp, x, frac):
     k = max(1, round(frac * mlp.intermediate / mlp.expert_size) - mlp.n_shared // mlp.expert_size)
     sel = _expert_topk(mlp, expert_output_norms(mlp, x), min(k, mlp.n_experts))
-    h = mlp.hidden_states(x) * mlp.neuron_mask(sel)
-    macs = (mlp.n_shared + sel.sum(1) * mlp.expert_size) * mlp.hidden * (mlp.gu() + 1)
-    return _down(mlp, h), macs.float()
+    return _run_experts(mlp, x, sel, 0)
 
 
 def run_cmoe(mlp, x, k, reps):
@@ -110,10 +110,7 @@ def run_cmoe(mlp, x, k, reps):
     u = F.linear(x, w_up[reps], None if b_up is None else b_up[reps])
     hr = mlp.act(F.linear(x, w_gate[reps], None if b_gate is None else b_gate[reps])) * u if mlp.gated else mlp.act(u)
     sel = _expert_topk(mlp, hr.abs() * mlp.down_norms()[reps], k)
-    h = mlp.hidden_states(x) * mlp.neuron_mask(sel)
-    router = len(reps) * mlp.hidden * mlp.gu()
-    macs = router + (mlp.n_shared + sel.sum(1) * mlp.expert_size) * mlp.hidden * (mlp.gu() + 1)
-    return _down(mlp, h), macs.float()
+    return _run_experts(mlp, x, sel, len(reps) * mlp.hidden * mlp.gu())
 
 
 METHODS = {"dense": run_dense, "teal": run_teal, "wina": run_teal, "cats": run_cats,
@@ -147,7 +144,7 @@ GREEDY_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 @torch.no_grad()
 def teal_layer_points(mlp, x, weight):
     """TEAL's per-layer allocation: exact output error and MACs for each (input, activation) sparsity pair."""
-    y = _down(mlp, mlp.hidden_states(x))
+    y = mlp.down(mlp.hidden_states(x))
     pts = []
     for sx in GREEDY_LEVELS:
         tau_x = quantile(x.abs(), sx)
@@ -156,7 +153,7 @@ def teal_layer_points(mlp, x, weight):
         for sh in GREEDY_LEVELS:
             tau_h = quantile(h.abs(), sh)
             keep_h = h.abs() >= tau_h
-            err = float((_down(mlp, h * keep_h) - y).pow(2).sum(1).mean()) * weight
+            err = float((mlp.down(h * keep_h) - y).pow(2).sum(1).mean()) * weight
             macs = float((keep_x.sum(1) * mlp.intermediate * mlp.gu() + keep_h.sum(1) * mlp.hidden).float().mean())
             pts.append(Point(macs, err, 1.0, tau_h, tau_x, 1.0))
     return pts

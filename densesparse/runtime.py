@@ -164,6 +164,11 @@ class SparseMLP(nn.Module):
         u = F.linear(x2, w_up, b_up)
         return self.act(F.linear(x2, w_gate, b_gate)) * u if self.gated else self.act(u)
 
+    def down(self, h: torch.Tensor) -> torch.Tensor:
+        """The down projection of intermediate activations h [T, m] (bias included)."""
+        w_down_t, b_down = self.canonical()[4:]
+        return F.linear(h, w_down_t.t(), b_down)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -176,8 +181,7 @@ class SparseMLP(nn.Module):
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def _dense_forward(self, x2):
-        w_down_t, b_down = self.canonical()[4:]
-        return F.linear(self.hidden_states(x2), w_down_t.t(), b_down)
+        return self.down(self.hidden_states(x2))
 
     def select(self, x2: torch.Tensor) -> torch.Tensor:
         """Expert mask [T, n_experts] from the router and the XMoE threshold rule."""
@@ -188,8 +192,11 @@ class SparseMLP(nn.Module):
     def sparse_input(self, x2: torch.Tensor) -> torch.Tensor:
         return x2 * (x2.abs() >= self.input_tau) if self.input_tau > 0 else x2
 
-    def _record(self, x_in, expert_mask, down_keep):
+    def _record(self, x_in, expert_mask, down_keep=None):
+        """Count what this call did; `down_keep` defaults to every neuron of the chosen experts."""
         if self.stats is not None:
+            if down_keep is None:
+                down_keep = self.neuron_mask(expert_mask)
             n_sel = expert_mask.sum(1)
             n_in = (x_in != 0).sum(1) if self.input_tau > 0 else torch.full_like(n_sel, x_in.shape[1])
             self.stats.update(n_sel, self.n_shared + n_sel * self.expert_size, n_in, down_keep.sum(1),
@@ -203,8 +210,7 @@ class SparseMLP(nn.Module):
         if self.down_tau > 0:
             keep = keep & (h.abs() * self.down_norms().to(h.dtype) >= self.down_tau)
         self._record(x_in, expert_mask, keep)
-        w_down_t, b_down = self.canonical()[4:]
-        return F.linear(h * keep, w_down_t.t(), b_down)
+        return self.down(h * keep)
 
     def _cuda_forward(self, x2):
         k = _kernels()
@@ -240,8 +246,7 @@ class SparseMLP(nn.Module):
         tau = (self.down_tau / norms.clamp_min(1e-12)) if self.down_tau > 0 else None
         _, _, b_gate, b_up, _, b_down = self.canonical()
         x_in = self.sparse_input(x2)  # the kernels compute on the masked input; they do not yet skip its zeros
-        if self.stats is not None:  # (the neuron mask costs launches: build it only when recording)
-            self._record(x_in, mask, self.neuron_mask(mask))
+        self._record(x_in, mask)
         return k.sparse_mlp(x_in, packed, b_gate, b_up, b_down, mask, tau, self.act_name)
 
 
