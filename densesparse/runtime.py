@@ -75,6 +75,13 @@ class LayerStats:
         self.hist += torch.bincount(n_sel.cpu(), minlength=self.hist.numel())
 
 
+# CUDA only: a call with more tokens than this runs the plain dense MLP (cuBLAS; no router, no masks), counted as
+# dense in the stats. Above it the union of the tokens' experts is nearly every expert and the router costs more than
+# the skipping saves. Measured crossover: bench/results/gpu-h100.json key "crossover" (llama3-8b layer, expert size 8,
+# kept 0.5 and 0.25; see bench/GPU_NOTES.md). A very large value turns the dispatch off.
+DENSE_ABOVE_TOKENS = 2
+
+
 class SparseMLP(nn.Module):
     """An FFN sliced into `n_experts` contiguous blocks of `expert_size` neurons after `n_shared` always-on ones.
 
@@ -83,6 +90,7 @@ class SparseMLP(nn.Module):
     """
 
     is_densesparse_mlp = True  # duck-typed marker: the remote-code copy of this class is a different class object
+    dense_above_tokens = DENSE_ABOVE_TOKENS  # CUDA path: more tokens than this in a call -> dense MLP
 
     def __init__(self, layout: dict, act: str, parts: dict, n_shared: int, expert_size: int, n_experts: int,
                  router_width: int, hidden: int):
@@ -213,6 +221,12 @@ class SparseMLP(nn.Module):
         return self.down(h * keep)
 
     def _cuda_forward(self, x2):
+        if x2.shape[0] > self.dense_above_tokens:
+            if self.stats is not None:  # every neuron and input channel computed, router not run
+                full = torch.full((x2.shape[0],), self.n_experts, dtype=torch.long)
+                self.stats.update(full, torch.full_like(full, self.intermediate), torch.full_like(full, x2.shape[1]),
+                                  torch.full_like(full, self.intermediate), False)
+            return self._dense_forward(x2)
         k = _kernels()
         if self.n_shared % self.expert_size:  # the kernels count shared neurons in whole blocks of expert_size
             return self._torch_forward(x2)
