@@ -18,16 +18,17 @@ Paths (chosen by T on the host, no device sync):
     and tau, h fp32 [T, m]. Kernel 2 (_down_kernel): split-K over neurons x column blocks of d; a row of
     w_down_t is read only when some token's h is non-zero there (exact: h is 0 on unselected/tau-cut neurons);
     fp32 atomics into a per-layer workspace; the last program of each column block (atomic counter) adds b_down,
-    writes y in the input dtype and re-zeroes the workspace and counter for the next call.
+    writes y in the input dtype and re-zeroes the workspace and counter for the next call (CONFIG
+    "dn_deterministic": per-program partials summed in a fixed order by that last program instead).
   * T > DECODE_MAX_T: dense-with-mask: cuBLAS x @ w_gate^T and x @ w_up^T, one fused Triton kernel for
     act(g)*u*mask*tau (one pass, cheaper than the dense model's separate act and multiply), cuBLAS down.
 
 Router: T <= 16: _r1_kernel (split over rows of r_w1 and over d, bf16 tensor-core dot, fp32 partials),
 _r2_kernel (program per (BE experts, token): reduces the partials, relu, fp32 FMA against a [BE, r] tile of
-r_w2), _select_kernel (exact sort-free XMoE rule, pairwise). _route_fused_kernel runs the three as the phases of
-one persistent launch (grid barriers between phases); it is off by default (CONFIG["router_fused"]: slower on the
-H100, see bench/GPU_NOTES.md). T > 16: cuBLAS layer 1
-(bf16), _r2_big_kernel (relu + bf16 tensor-core layer 2, fp32 logits), _select_bisect_kernel (one program per
+r_w2), _select_kernel (exact sort-free XMoE rule, pairwise). CONFIG["router"] picks these three launches
+("three", the default: fastest on the H100), R1 + _r2_select_kernel (the last R2 program of each token runs the
+bisection select: two launches, "r2sel") or _route_fused_kernel (the three as phases of one persistent launch
+with grid barriers, "persistent"); bench/GPU_NOTES.md has the timings. T > 16: cuBLAS layer 1 (bf16), _r2_big_kernel (relu + bf16 tensor-core layer 2, fp32 logits), _select_bisect_kernel (one program per
 token: bisection over the float bits of the cutoff probability, 31 CTA-wide sums: O(n_e log) not O(n_e^2)).
 """
 from __future__ import annotations
@@ -52,10 +53,18 @@ CONFIG = {
     "gu_BN": 32, "gu_BK": 256, "gu_warps": 4, "gu_stages": 3,
     "dn_BN": 32, "dn_BD": 256, "dn_KCHUNK": 512, "dn_warps": 2, "dn_stages": 3,
     "r1_BR": 16, "r1_SPLIT": 16, "r2_BE": 32,
-    # T <= 16: run the router's three steps (R1, R2, select) as one persistent launch with two grid-wide barriers
-    # (same arithmetic, up to fp32 summation order in R2). OFF: measured slower on the H100 (run 7: 16.1 vs 11.1 us
-    # at T=1, 49.8 vs 20.2 at T=16; the barriers cost more than the launches they save). DS_ROUTER_FUSED=1 opts in.
-    "router_fused": os.environ.get("DS_ROUTER_FUSED", "0") == "1",
+    # Router at T <= 16 (DS_ROUTER overrides):
+    #   "three": R1, R2, select (pairwise) as three launches.
+    #   "r2sel": R1, then R2 + select in one launch (the last R2 program of a token selects it; bisection).
+    #   "persistent": R1, R2, select as the phases of one persistent launch with two grid-wide barriers; measured
+    #     slower on the H100 (run 7: 16.1 vs 11.1 us at T=1, 49.8 vs 20.2 at T=16: the barriers cost more than
+    #     the launches they save).
+    "router": os.environ.get("DS_ROUTER", "three"),
+    # Decode down kernel: per-program partials summed in a fixed order by the last program (bit-identical calls)
+    # instead of fp32 atomics (DS_DOWN_DET=0 opts out). On: same speed on the H100 (run B, e=8 router + MLP, T=1:
+    # 89.7 vs 90.1 us at kept 0.5, 75.9 vs 75.3 at 0.25), and the atomics' last-bit noise was what made two equal
+    # sparse decode steps of a 32-layer model differ (flipped near-tie experts from layer 3 on; bench/GPU_NOTES.md).
+    "dn_deterministic": os.environ.get("DS_DOWN_DET", "1") == "1",
 }
 _BT = 16
 _CNT_MIN_BD = 32
@@ -139,7 +148,10 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, h_
 def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr,
                  T, d, m,
                  HAS_BD: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                 KCHUNK: tl.constexpr):
+                 KCHUNK: tl.constexpr, DET: tl.constexpr, NKP: tl.constexpr, CH: tl.constexpr):
+    """DET: acc_ptr is a [n_programs(0), T, d] fp32 buffer; each program stores its partial there and the last one
+    of a column block sums them in a fixed order (the same bits on every call). Else acc_ptr is the zeroed [BT, d]
+    workspace: fp32 atomics (the summation order, so the last bit, varies between calls)."""
     pid_k = tl.program_id(0)
     pid_d = tl.program_id(1)
     nk = tl.num_programs(0)
@@ -157,16 +169,33 @@ def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr,
         acc += tl.dot(hv.to(wv.dtype), wv)
     omask = tok_ok[:, None] & dmask[None, :]
     optr = offs_t[:, None] * d + offs_d[None, :]
-    tl.atomic_add(acc_ptr + optr, acc, mask=omask, sem="relaxed")
+    if DET:
+        tl.store(acc_ptr + pid_k * T * d + optr, acc, mask=omask)
+    else:
+        tl.atomic_add(acc_ptr + optr, acc, mask=omask, sem="relaxed")
     tl.debug_barrier()
     cnt = tl.atomic_add(cnt_ptr + pid_d, 1, sem="acq_rel")
     if cnt == nk - 1:
-        acc_bits = acc_ptr.to(tl.pointer_type(tl.int32))  # read-and-zero through the bit pattern
-        v = tl.atomic_xchg(acc_bits + optr, tl.zeros([BT, BD], dtype=tl.int32), mask=omask, sem="acq_rel")
-        v = v.to(tl.float32, bitcast=True)
-        if HAS_BD:
-            v += tl.load(bd_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + optr, v.to(y_ptr.dtype.element_ty), mask=omask)
+        if DET:
+            offs_k = tl.arange(0, NKP)
+            kmask = offs_k < nk
+            for t in range(T):
+                for c in tl.static_range(0, BD, CH):
+                    cols = pid_d * BD + c + tl.arange(0, CH)
+                    cm = cols < d
+                    pv = tl.load(acc_ptr + offs_k[:, None] * T * d + t * d + cols[None, :],
+                                 mask=kmask[:, None] & cm[None, :], other=0.0, cache_modifier=".cg")
+                    v = tl.sum(pv, axis=0)
+                    if HAS_BD:
+                        v += tl.load(bd_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+                    tl.store(y_ptr + t * d + cols, v.to(y_ptr.dtype.element_ty), mask=cm)
+        else:
+            acc_bits = acc_ptr.to(tl.pointer_type(tl.int32))  # read-and-zero through the bit pattern
+            v = tl.atomic_xchg(acc_bits + optr, tl.zeros([BT, BD], dtype=tl.int32), mask=omask, sem="acq_rel")
+            v = v.to(tl.float32, bitcast=True)
+            if HAS_BD:
+                v += tl.load(bd_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + optr, v.to(y_ptr.dtype.element_ty), mask=omask)
         tl.atomic_xchg(cnt_ptr + pid_d, 0)
 
 
@@ -308,21 +337,17 @@ def _select_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BJ: tl.constexpr
 
 
 @triton.jit
-def _select_bisect_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BLOCK: tl.constexpr):
-    """Same rule as _select_kernel, one program per token, O(n_e log): S(v) = sum of q_k > v is non-increasing in
-    v, so {v : S(v) < thr*Z} = [v*, inf) and keep j iff q_j >= v*. v* is found exactly by bisection over the bit
-    patterns of non-negative floats (ordered like their values) in [0, 1] (q_max = 1): 30 CTA-wide sums."""
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    msk = offs < n_e
-    s = tl.load(s_ptr + t * n_e + offs, mask=msk, other=float("-inf"))
-    q = tl.exp(s - tl.max(s, axis=0))
-    q = tl.where(msk, q, 0.0)
+def _bisect_keep(s, msk, thr, ALL: tl.constexpr):
+    """XMoE rule on one token's logits s [BLOCK] (masked-off entries -inf), O(n_e log): S(v) = sum of q_k > v is
+    non-increasing in v, so {v : S(v) < thr*Z} = [v*, inf) and keep j iff q_j >= v*. v* is found exactly by
+    bisection over the bit patterns of non-negative floats (ordered like their values) in [0, 1] (q_max = 1)."""
     if ALL:
         keep = msk
     else:
+        q = tl.exp(s - tl.max(s, axis=0))
+        q = tl.where(msk, q, 0.0)
         c = thr * tl.sum(q, axis=0)
-        lo = tl.program_id(0) * 0
+        lo = tl.program_id(0) * 0  # an int32 scalar
         hi = lo + 0x3F800000  # bits of 1.0: S(1.0) = 0
         for _ in range(31):
             mid = lo + (hi - lo) // 2
@@ -331,7 +356,56 @@ def _select_bisect_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BLOCK: tl
             hi = tl.where(go, mid, hi)
             lo = tl.where(go, lo, mid + 1)
         keep = msk & (q >= hi.to(tl.float32, bitcast=True))
+    return keep
+
+
+@triton.jit
+def _select_bisect_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BLOCK: tl.constexpr):
+    """Same rule as _select_kernel, one program per token (_bisect_keep: 31 CTA-wide sums)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    msk = offs < n_e
+    s = tl.load(s_ptr + t * n_e + offs, mask=msk, other=float("-inf"))
+    keep = _bisect_keep(s, msk, thr, ALL)
     tl.store(out_ptr + t * n_e + offs, keep.to(tl.uint8), mask=msk)
+
+
+@triton.jit
+def _r2_select_kernel(part_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, out_ptr, cnt_ptr, T, r, n_e, SPLIT, thr,
+                      HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ALL: tl.constexpr,
+                      BE: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr):
+    """_r2_kernel, then the selection of token t by the last of its programs to finish (no second launch, no
+    spinning): each program stores its BE logits and bumps the token's counter (acq_rel); the one that sees
+    n_programs - 1 reads the token's n_e logits from L2 (.cg), runs _bisect_keep, writes the mask row and re-zeroes
+    the counter for the next call."""
+    pid = tl.program_id(0)
+    t = tl.program_id(1)
+    ex = pid * BE + tl.arange(0, BE)
+    emask = ex < n_e
+    offs_r = tl.arange(0, RP)
+    rmask = offs_r < r
+    offs_s = tl.arange(0, SP)
+    pmask = (offs_s < SPLIT)[:, None] & rmask[None, :]
+    pv = tl.load(part_ptr + offs_s[:, None] * T * r + t * r + offs_r[None, :], mask=pmask, other=0.0)
+    w2 = tl.load(w2_ptr + ex[:, None] * r + offs_r[None, :], mask=emask[:, None] & rmask[None, :],
+                 other=0.0).to(tl.float32)
+    h1 = tl.sum(pv, axis=0)
+    if HAS_B1:
+        h1 += tl.load(b1_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)
+    h1 = tl.maximum(h1, 0.0)
+    sv = tl.sum(w2 * h1[None, :], axis=1)
+    if HAS_B2:
+        sv += tl.load(b2_ptr + ex, mask=emask, other=0.0).to(tl.float32)
+    tl.store(s_ptr + t * n_e + ex, sv, mask=emask)
+    tl.debug_barrier()
+    done = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(0) - 1:
+        offs = tl.arange(0, BLOCK)
+        msk = offs < n_e
+        s = tl.load(s_ptr + t * n_e + offs, mask=msk, other=float("-inf"), cache_modifier=".cg")
+        keep = _bisect_keep(s, msk, thr, ALL)
+        tl.store(out_ptr + t * n_e + offs, keep.to(tl.uint8), mask=msk)
+        tl.atomic_xchg(cnt_ptr + t, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -442,20 +516,21 @@ def _route_fused_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, part_ptr, s_ptr, 
         tl.atomic_xchg(bar_ptr + 2, 0, sem="relaxed", scope="gpu")
 
 
-# device -> int32[4] barrier counters of the fused router (every call leaves them zeroed). Shared by all calls on a
-# device: calls must not run concurrently on two streams.
+# device -> int32[4 + _BT] router counters (every call leaves them zeroed): [0:3] the persistent router's barriers,
+# [4:4 + _BT] the r2sel router's per-token arrival counts. Shared by all calls on a device: calls must not run
+# concurrently on two streams.
 _ROUTER_BAR = {}
 _SMS = {}
 
 
 def _router_bar(dev):
-    """The fused router's counters for `dev`, made on first use; None while a graph is being captured and none
-    exist yet (an allocation then would come from the graph's pool): the three-launch path runs instead."""
+    """The router's counters for `dev`, made on first use; None while a graph is being captured and none exist
+    yet (an allocation then would come from the graph's pool): the three-launch path runs instead."""
     key = (dev.type, dev.index if dev.index is not None else torch.cuda.current_device())
     if key not in _ROUTER_BAR:
         if torch.cuda.is_current_stream_capturing():
             return None, 0
-        _ROUTER_BAR[key] = torch.zeros(4, device=dev, dtype=torch.int32)
+        _ROUTER_BAR[key] = torch.zeros(4 + _BT, device=dev, dtype=torch.int32)
         _SMS[key] = torch.cuda.get_device_properties(dev).multi_processor_count
     return _ROUTER_BAR[key], _SMS[key]
 
@@ -485,8 +560,13 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
             w1 = w1.to(x.dtype)
         dummy = part
         be = cfg["r2_BE"]
-        bar, n_sm = _router_bar(x.device) if cfg.get("router_fused") else (None, 0)
-        if bar is not None:
+        mode = cfg["router"]
+        if mode not in ("three", "r2sel", "persistent"):
+            raise ValueError(f"CONFIG['router'] = {mode!r}: use 'three', 'r2sel' or 'persistent'")
+        if mode == "r2sel" and n_e > _BISECT_MAX:
+            mode = "three"
+        bar, n_sm = _router_bar(x.device) if mode != "three" else (None, 0)
+        if bar is not None and mode == "persistent":
             bj = min(64, max(16, triton.next_power_of_2(n_e)))
             bks = min(128, max(16, triton.next_power_of_2(n_e)))
             n_work = max(triton.cdiv(r, cfg["r1_BR"]) * split, triton.cdiv(n_e, be) * T, T * triton.cdiv(n_e, bj))
@@ -501,6 +581,16 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
             return out.view(torch.bool)
         _r1_kernel[(triton.cdiv(r, cfg["r1_BR"]), split)](x, w1, part, T, d, r, klen,
                                                            BT=_BT, BR=cfg["r1_BR"], BK=bk, num_warps=4)
+        if bar is not None:  # r2sel
+            out = torch.empty((T, n_e), device=dev, dtype=torch.uint8)
+            blk = max(16, triton.next_power_of_2(n_e))
+            _r2_select_kernel[(triton.cdiv(n_e, be), T)](
+                part, r_b1 if r_b1 is not None else dummy, w2, r_b2 if r_b2 is not None else dummy,
+                logits, out, bar[4:], T, r, n_e, split, float(threshold),
+                HAS_B1=r_b1 is not None, HAS_B2=r_b2 is not None, ALL=bool(threshold >= 1.0),
+                BE=be, RP=rp, SP=triton.next_power_of_2(split), BLOCK=blk,
+                num_warps=max(4, min(16, blk // 256)))
+            return out.view(torch.bool)
         _r2_kernel[(triton.cdiv(n_e, be), T)](
             part, r_b1 if r_b1 is not None else dummy, w2, r_b2 if r_b2 is not None else dummy,
             logits, T, r, n_e, split, HAS_B1=r_b1 is not None, HAS_B2=r_b2 is not None,
@@ -542,9 +632,13 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, acc, cn
     y = torch.empty((T, d), device=x.device, dtype=x.dtype)
     bd = cfg["dn_BD"]
     kch = max(cfg["dn_KCHUNK"], cfg["dn_BN"])
-    _down_kernel[(triton.cdiv(m, kch), triton.cdiv(d, bd))](
-        h, w_dt, b_down if b_down is not None else dummy, acc, cnt, y, T, d, m,
+    nk = triton.cdiv(m, kch)
+    det = bool(cfg["dn_deterministic"])
+    ws = torch.empty((nk, T, d), device=x.device, dtype=torch.float32) if det else acc
+    _down_kernel[(nk, triton.cdiv(d, bd))](
+        h, w_dt, b_down if b_down is not None else dummy, ws, cnt, y, T, d, m,
         HAS_BD=b_down is not None, BT=_BT, BN=cfg["dn_BN"], BD=bd, KCHUNK=kch,
+        DET=det, NKP=triton.next_power_of_2(nk), CH=min(64, bd),
         num_warps=cfg["dn_warps"], num_stages=cfg["dn_stages"])
     return y
 

@@ -323,6 +323,7 @@ def test_sparse_mlp_module_one_copy_and_matches_torch():
     mlps = runtime.install(model, spec)
     mm = mlps[0]
     mm.threshold = 0.5
+    mm.dense_above_tokens = 1 << 30  # the sparse kernels at every T (the dense dispatch off)
     dp = model.model.layers[0].mlp.down_proj
     gp = model.model.layers[0].mlp.gate_proj
     ptr_gate = gp.weight.data_ptr()
@@ -378,6 +379,8 @@ def test_library_llama_cuda_matches_torch(B, S, monkeypatch):
     is the dense model."""
     from densesparse import runtime
     model, dense, mlps = _tiny_sparse_llama(100 + 10 * B + S)
+    for mm in mlps:  # the sparse kernels at every T (the dense dispatch off; see test_dense_dispatch)
+        mm.dense_above_tokens = 1 << 30
     gen = torch.Generator().manual_seed(7 * B + S)
     ids = torch.randint(0, 512, (B, S), generator=gen).to(DEV)
     with torch.no_grad():
@@ -441,11 +444,13 @@ def test_library_llama_cuda_matches_torch(B, S, monkeypatch):
         assert rel_err(y_all, ref_dense.double()) < 2e-2
 
 
+@pytest.mark.parametrize("mode", ["r2sel", "persistent"])
 @pytest.mark.parametrize("T,n_e,r", [(1, 1792, 64), (2, 448, 64), (4, 14336, 64), (16, 1792, 256), (1, 7, 64),
                                      (16, 3000, 96), (9, 112, 128)])
-def test_route_fused_matches_three_launches(T, n_e, r, monkeypatch):
-    """T <= 16: the one-launch persistent router (grid barriers) gives the three-launch path's mask (up to fp32
-    summation order in R2: only at a tie), also over repeated calls (the barrier counters reset) and in a graph."""
+def test_route_fused_matches_three_launches(T, n_e, r, mode, monkeypatch):
+    """T <= 16: the r2sel router (R2 + select in one launch, last program per token selects) and the one-launch
+    persistent router (grid barriers) give the three-launch path's mask (up to fp32 summation order: only at a
+    tie), also over repeated calls (the counters reset) and in a graph."""
     gen = torch.Generator().manual_seed(T * 131 + n_e + r)
     d = 4096 if n_e >= 1792 else 512
     x = torch.randn(T, d, generator=gen).to(DEV, torch.bfloat16)
@@ -454,9 +459,9 @@ def test_route_fused_matches_three_launches(T, n_e, r, monkeypatch):
     r_w2 = (torch.randn(n_e, r, generator=gen) * 2 * r ** -0.5).to(DEV, torch.bfloat16)
     r_b2 = (torch.randn(n_e, generator=gen) * 0.1).to(DEV, torch.bfloat16)
     for t in (0.3, 0.7, 0.95, 1.0):
-        monkeypatch.setitem(K.CONFIG, "router_fused", False)
+        monkeypatch.setitem(K.CONFIG, "router", "three")
         ref3 = K.route(x, r_w1, r_b1, r_w2, r_b2, t)
-        monkeypatch.setitem(K.CONFIG, "router_fused", True)
+        monkeypatch.setitem(K.CONFIG, "router", mode)
         outs = [K.route(x, r_w1, r_b1, r_w2, r_b2, t) for _ in range(5)]
         ref_mask, p = ref_route(x, r_w1, r_b1, r_w2, r_b2, t)
         for mk in outs:
@@ -483,3 +488,71 @@ def test_route_fused_matches_three_launches(T, n_e, r, monkeypatch):
         ref_mask, p = ref_route(x_static, r_w1, r_b1, r_w2, r_b2, 0.5)
         check_route(mk_g, p, ref_mask, 0.5, 1e-4)
     assert K._ROUTER_BAR[key].abs().sum().item() == 0
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 16, 40])
+def test_dense_dispatch(T, monkeypatch):
+    """A call with more tokens than dense_above_tokens runs the dense MLP: no router call, the dense model's
+    output (exact up to bf16), counted as dense in the stats (every expert, neuron and input channel; no router
+    FLOPs). At or below it the router runs and the output is sparse. A large value restores the sparse path."""
+    from densesparse import runtime
+    model, dense, mlps = _tiny_sparse_llama(300 + T)
+    gen = torch.Generator().manual_seed(T)
+    ids = torch.randint(0, 512, (1, T), generator=gen).to(DEV)
+    calls = []
+    real_route = K.route
+
+    def route_rec(x, *a):
+        calls.append(x.shape[0])
+        return real_route(x, *a)
+    monkeypatch.setattr(K, "route", route_rec)
+    with torch.no_grad():
+        ref_dense = dense(input_ids=ids).logits.double()
+        for mm in mlps:
+            mm.threshold, mm.down_tau, mm.input_tau = 0.5, 0.05, 0.01
+            mm.stats = runtime.LayerStats(mm.n_experts)
+        y = model(input_ids=ids).logits
+        thr = runtime.DENSE_ABOVE_TOKENS
+        assert all(mm.dense_above_tokens == thr for mm in mlps)
+        if T > thr:
+            assert calls == [] and rel_err(y, ref_dense) < 1e-3
+            for mm in mlps:
+                s = mm.stats
+                assert s.tokens == T and s.routed_tokens == 0 and s.experts == T * mm.n_experts
+                assert s.gate_up_cells == T * mm.intermediate * mm.hidden and s.down_neurons == T * mm.intermediate
+                assert s.hist[mm.n_experts].item() == T
+        else:
+            assert calls == [T] * len(mlps) and rel_err(y, ref_dense) > 1e-2
+            assert all(mm.stats.routed_tokens == T and mm.stats.experts < T * mm.n_experts for mm in mlps)
+        # dispatch off: the sparse path at every T (today's behaviour before the dial)
+        calls.clear()
+        for mm in mlps:
+            mm.dense_above_tokens = 1 << 30
+        y_sparse = model(input_ids=ids).logits
+        assert calls == [T] * len(mlps) and rel_err(y_sparse, ref_dense) > 1e-2
+
+
+@pytest.mark.parametrize("det", [False, True])
+@pytest.mark.parametrize("T,e,n_shared,biases", [(1, 8, 0, False), (2, 8, 2, True), (5, 32, 1, True),
+                                                 (16, 4, 0, False)])
+def test_down_deterministic(T, e, n_shared, biases, det, monkeypatch):
+    """The decode down kernel with fixed-order partial sums (dn_deterministic) matches the reference and gives
+    bit-identical outputs over repeated calls; the atomic one matches the reference (its last bit may vary)."""
+    monkeypatch.setitem(K.CONFIG, "dn_deterministic", det)
+    gen = torch.Generator().manual_seed(T * 97 + e + int(det))
+    d, n_e = 1000, 300 // e * 4
+    L = make_layer(gen, d, e, n_shared, n_e, torch.bfloat16, biases=biases)
+    x = torch.randn(T, d, generator=gen).to(DEV, torch.bfloat16)
+    mask = (torch.rand(T, n_e, generator=gen) < 0.4).to(DEV)
+    ref = ref_mlp(x, L["w_gate"], L["w_up"], L["w_down_t"], L["b_gate"], L["b_up"], L["b_down"], mask, None, e,
+                  n_shared, "silu")
+    packed = K.pack(L["w_gate"], L["w_up"], L["w_down_t"], e, n_shared)
+    ys = []
+    for _ in range(6):
+        poison_allocator()
+        ys.append(K.sparse_mlp(x, packed, L["b_gate"], L["b_up"], L["b_down"], mask, None, "silu", path="triton"))
+    assert all(torch.isfinite(y).all() for y in ys)
+    assert rel_err(ys[0], ref) < 1e-2
+    assert torch.count_nonzero(packed["acc"]).item() == 0 and torch.count_nonzero(packed["cnt"]).item() == 0
+    if det:
+        assert all(torch.equal(y, ys[0]) for y in ys[1:])
