@@ -78,7 +78,7 @@ class LayerStats:
 # CUDA only: a call with more tokens than this runs the plain dense MLP (cuBLAS; no router, no masks), counted as
 # dense in the stats: from there on the union of the tokens' experts is nearly every expert and the router costs
 # more than the skipping saves. Measured: bench/results/gpu-h100.json "crossover" (H100, llama3-8b layer, expert
-# size 8): at kept 0.5 sparse is 1.13-1.15x dense at T=2, 0.98-1.01x at T=3 (a tie goes to dense), 0.94x at T=4;
+# size 8): at kept 0.5 sparse is 1.12-1.15x dense at T=2, 0.98-1.01x at T=3 (a tie goes to dense), 0.93x at T=4;
 # see bench/GPU_NOTES.md. A very large value turns the dispatch off.
 DENSE_ABOVE_TOKENS = 2
 
