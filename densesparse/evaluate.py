@@ -51,14 +51,16 @@ def _mlp_macs(mlps: list[SparseMLP], stats: list[LayerStats] | None) -> float:
             continue
         s = stats[i]
         n = max(s.tokens, 1)
-        total += mlp_macs_sparse(m.hidden, 2 if m.gated else 1, s.gate_up_cells / n, s.down_neurons / n,
-                                 m.router.macs() * s.routed_tokens / n)
+        total += mlp_macs_sparse(m.hidden, s.gate_cells / n if m.gated else 0.0, s.up_cells / n,
+                                 s.down_neurons / n, m.router.macs() * s.routed_tokens / n)
     return total
 
 
 def evaluate_windows(model, wins: list[torch.Tensor], bos: bool, budgets: list[float], budget_table: list[dict],
                      progress=None) -> dict:
     mlps = sparse_mlps(model)
+    for m in mlps:  # perplexity of the sparse function: no dense dispatch for many-token calls on CUDA
+        m.dense_above_tokens = 1 << 30
     context = sum((w.numel() + 1) / 2 for w in wins) / max(len(wins), 1)
     other = non_mlp_macs(model, mlps) + attention_macs(model.config, context)
     dense_mlp = _mlp_macs(mlps, None)

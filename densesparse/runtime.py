@@ -61,16 +61,18 @@ class LayerStats:
         self.tokens = 0
         self.routed_tokens = 0  # tokens for which the router ran (it is skipped when every expert is on)
         self.experts = 0
-        self.gate_up_cells = 0  # sum over tokens of (input channels used) x (gate/up rows computed)
+        self.gate_cells = 0  # sum over tokens of (input channels used) x (gate rows computed)
+        self.up_cells = 0  # the same for up (fewer rows than gate where the gate dial skips neurons)
         self.down_neurons = 0
         self.hist = torch.zeros(n_experts + 1, dtype=torch.long)
 
     def update(self, n_sel: torch.Tensor, rows: torch.Tensor, n_in: torch.Tensor, n_down: torch.Tensor,
-               routed: bool):
+               routed: bool, up_rows: torch.Tensor | None = None):
         self.tokens += n_sel.numel()
         self.routed_tokens += n_sel.numel() if routed else 0
         self.experts += int(n_sel.sum())
-        self.gate_up_cells += int((rows.long() * n_in.long()).sum())
+        self.gate_cells += int((rows.long() * n_in.long()).sum())
+        self.up_cells += int(((rows if up_rows is None else up_rows).long() * n_in.long()).sum())
         self.down_neurons += int(n_down.sum())
         self.hist += torch.bincount(n_sel.cpu(), minlength=self.hist.numel())
 
@@ -117,6 +119,11 @@ class SparseMLP(nn.Module):
         self.threshold = 1.0  # router mass threshold (1 = every expert, router not run)
         self.down_tau = 0.0  # skip down rows whose |h| * ||down row|| is below this (exact, after gate/up)
         self.input_tau = 0.0  # gate/up skip input channels with |x| below this (TEAL-style, exact given x)
+        # gated FFNs: up and down skip neurons whose |act(gate)| * gate_scale is below gate_tau (exact given the
+        # gate); gate_scale = E|up| * ||down row|| from calibration turns the gate into the neuron's expected share
+        self.gate_tau = 0.0
+        if self.gated:
+            self.gate_scale = nn.Parameter(torch.ones(self.intermediate), requires_grad=False)
         self.stats: LayerStats | None = None
         self._kernel_cache = None
 
@@ -157,7 +164,7 @@ class SparseMLP(nn.Module):
 
     @property
     def dense(self) -> bool:
-        return self.threshold >= 1.0 and self.down_tau <= 0.0 and self.input_tau <= 0.0
+        return self.threshold >= 1.0 and self.down_tau <= 0.0 and self.input_tau <= 0.0 and self.gate_tau <= 0.0
 
     def down_norms(self) -> torch.Tensor:
         w_down_t = self.canonical()[4]
@@ -167,11 +174,23 @@ class SparseMLP(nn.Module):
         shared = expert_mask.new_ones(expert_mask.shape[0], self.n_shared)
         return torch.cat([shared, expert_mask.repeat_interleave(self.expert_size, dim=1)], dim=1)
 
-    def hidden_states(self, x2: torch.Tensor) -> torch.Tensor:
-        """All m intermediate activations h (dense; the reference the sparse paths must match on kept neurons)."""
+    def gate_and_up(self, x2: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(act(gate), up) for gated FFNs, (None, act(up)) otherwise; all m neurons, dense."""
         w_gate, w_up, b_gate, b_up, _, _ = self.canonical()
         u = F.linear(x2, w_up, b_up)
-        return self.act(F.linear(x2, w_gate, b_gate)) * u if self.gated else self.act(u)
+        return (self.act(F.linear(x2, w_gate, b_gate)), u) if self.gated else (None, self.act(u))
+
+    def hidden_states(self, x2: torch.Tensor) -> torch.Tensor:
+        """All m intermediate activations h (dense; the reference the sparse paths must match on kept neurons)."""
+        g, u = self.gate_and_up(x2)
+        return u if g is None else g * u
+
+    @torch.no_grad()
+    def calibrate_gate_scale(self, x: torch.Tensor, chunk: int = 8192) -> None:
+        """gate_scale = mean |up| over calibration inputs x, times each neuron's down-row norm."""
+        if self.gated:
+            total = sum(self.gate_and_up(xb.to(self.gate_scale.dtype))[1].abs().float().sum(0) for xb in x.split(chunk))
+            self.gate_scale.copy_(total / x.shape[0] * self.down_norms())
 
     def down(self, h: torch.Tensor) -> torch.Tensor:
         """The down projection of intermediate activations h [T, m] (bias included)."""
@@ -201,24 +220,30 @@ class SparseMLP(nn.Module):
     def sparse_input(self, x2: torch.Tensor) -> torch.Tensor:
         return x2 * (x2.abs() >= self.input_tau) if self.input_tau > 0 else x2
 
-    def _record(self, x_in, expert_mask, down_keep=None):
-        """Count what this call did; `down_keep` defaults to every neuron of the chosen experts."""
+    def _record(self, x_in, expert_mask, down_keep=None, up_rows=None):
+        """Count what this call did; `down_keep` defaults to every neuron of the chosen experts, `up_rows` to the
+        chosen experts' rows."""
         if self.stats is not None:
             if down_keep is None:
                 down_keep = self.neuron_mask(expert_mask)
             n_sel = expert_mask.sum(1)
             n_in = (x_in != 0).sum(1) if self.input_tau > 0 else torch.full_like(n_sel, x_in.shape[1])
             self.stats.update(n_sel, self.n_shared + n_sel * self.expert_size, n_in, down_keep.sum(1),
-                              self.threshold < 1.0)
+                              self.threshold < 1.0, up_rows)
 
     def _torch_forward(self, x2):
         x_in = self.sparse_input(x2)
-        h = self.hidden_states(x_in)
+        g, u = self.gate_and_up(x_in)
         expert_mask = self.select(x2)
         keep = self.neuron_mask(expert_mask)
+        up_rows = None
+        if self.gate_tau > 0:
+            keep = keep & (g.abs() * self.gate_scale.to(g.dtype) >= self.gate_tau)
+            up_rows = keep.sum(1)
+        h = u if g is None else g * u
         if self.down_tau > 0:
             keep = keep & (h.abs() * self.down_norms().to(h.dtype) >= self.down_tau)
-        self._record(x_in, expert_mask, keep)
+        self._record(x_in, expert_mask, keep, up_rows)
         return self.down(h * keep)
 
     def _cuda_forward(self, x2):
@@ -229,7 +254,8 @@ class SparseMLP(nn.Module):
                                   torch.full_like(full, self.intermediate), False)
             return self._dense_forward(x2)
         k = _kernels()
-        if self.n_shared % self.expert_size:  # the kernels count shared neurons in whole blocks of expert_size
+        # the kernels count shared neurons in whole blocks of expert_size and do not implement the gate dial
+        if self.n_shared % self.expert_size or self.gate_tau > 0:
             return self._torch_forward(x2)
         if self._kernel_cache is None:
             # One copy of every weight: the kernels read each projection as [m, d] rows. Where that row view is not
@@ -319,16 +345,16 @@ def sparse_mlps(model) -> list[SparseMLP]:
 
 
 def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> None:
-    """Set each layer's router threshold and down threshold for an MLP-FLOPs target.
+    """Set each layer's four dials (router threshold, input, gate and down thresholds) for an MLP-FLOPs target.
 
     `budgets` holds calibrated per-layer settings at a grid of targets; all-on (1.0) closes the grid. Between grid
-    points the settings are interpolated linearly, since both dials move FLOPs monotonically.
+    points the settings are interpolated linearly, since every dial moves FLOPs monotonically.
     """
     if not 0.0 < target <= 1.0:
         raise ValueError(f"mlp_flops={target} is outside (0, 1]: pass a fraction of the dense MLP FLOPs, e.g. 0.5")
     n = len(mlps)
     grid = sorted(budgets, key=lambda b: b["target"]) + [
-        {"target": 1.0, "thresholds": [1.0] * n, "down_tau": [0.0] * n, "input_tau": [0.0] * n}]
+        {"target": 1.0, "thresholds": [1.0] * n, "down_tau": [0.0] * n, "input_tau": [0.0] * n, "gate_tau": [0.0] * n}]
     targets = [b["target"] for b in grid]
     if target < targets[0]:
         raise ValueError(f"mlp_flops={target} is below the smallest calibrated budget {targets[0]}: "
@@ -341,3 +367,4 @@ def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> N
         m.threshold = a["thresholds"][i] + w * (b["thresholds"][i] - a["thresholds"][i])
         m.down_tau = a["down_tau"][i] + w * (b["down_tau"][i] - a["down_tau"][i])
         m.input_tau = a["input_tau"][i] + w * (b["input_tau"][i] - a["input_tau"][i])
+        m.gate_tau = a["gate_tau"][i] + w * (b["gate_tau"][i] - a["gate_tau"][i])

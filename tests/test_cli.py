@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from densesparse.cli.main import app
+from densesparse.io import SPEC_VERSION
 
 from conftest import tiny_model
 
@@ -38,7 +39,7 @@ def test_convert_calibrate_eval(llama_dir, tmp_path):
     r = runner.invoke(app, ["convert", str(llama_dir), "--out", str(out), *FAST])
     assert r.exit_code == 0, r.output
     spec = json.loads((out / "config.json").read_text())["densesparse"]
-    assert spec["seed"] == 0 and spec["calibration"]["tokens"] >= 600 and spec["version"] == 1
+    assert spec["seed"] == 0 and spec["calibration"]["tokens"] >= 600 and spec["version"] == SPEC_VERSION
     other = tmp_path / "other.txt"
     other.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     r = runner.invoke(app, ["calibrate", str(out), "--data", str(other), "--mlp-flops", "0.4", "--calib-tokens",

@@ -155,3 +155,31 @@ def test_counted_flops_follow_the_real_masks():
     _logits(model, ids)
     assert all(x.stats.experts == x.stats.tokens for x in mlps)
     assert _mlp_macs(mlps, [x.stats for x in mlps]) == 2 * (routed + 3 * d * (8 + 4))
+
+
+@torch.no_grad()
+def test_budget_points_are_the_layers_real_cost_and_error():
+    """Every (MACs, error) point the allocator trades is what the layer really costs and really errs with those
+    dials: MACs as the runtime counts them, error = mean squared distance of the output from the dense output."""
+    from densesparse.budget import layer_points
+    from densesparse.evaluate import _mlp_macs
+    from densesparse.router import fit_router
+
+    model = tiny_model("LlamaForCausalLM")
+    # a narrow router, so that on this tiny layer routing is cheap enough to reach the Pareto front
+    mlp = install(model, _spec(model, expert_size=4, n_shared=8, width=4))[0]
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(3))
+    with torch.enable_grad():
+        fit_router(mlp, x, 20, torch.Generator().manual_seed(0))
+    mlp.calibrate_gate_scale(x)
+    y_dense = mlp(x)
+    points = layer_points(mlp, x, 2.0, down_skip=True, input_skip=True)
+    assert len(points) > 5 and {p.threshold for p in points} - {1.0} and any(p.down_tau > 0 for p in points)
+    assert any(p.input_tau > 0 for p in points) and any(p.gate_tau > 0 for p in points)
+    for p in points:
+        mlp.threshold, mlp.down_tau, mlp.input_tau, mlp.gate_tau = p.threshold, p.down_tau, p.input_tau, p.gate_tau
+        mlp.stats = LayerStats(mlp.n_experts)
+        err = float((mlp(x) - y_dense).pow(2).sum(1).mean())
+        assert p.err == pytest.approx(2.0 * err, rel=1e-3, abs=1e-9)
+        assert p.macs == pytest.approx(_mlp_macs([mlp], [mlp.stats]), rel=1e-6)
+    mlp.stats = None
