@@ -1,6 +1,7 @@
 """GPU speed of the expert-sparse MLP layer (Triton decode kernels, dense-with-mask prefill) vs dense cuBLAS.
 
     python3 bench/gpu_speed.py --out $OUT/gpu-h100.json [--sweep] [--quick]
+    python3 bench/gpu_speed.py --out RECORD.json --gate-dial-only   (adds/replaces the key gate_dial of RECORD.json)
 
 Sections (each a function; main() strings them together, so a section can be added):
   check_correctness()  quick float64-reference checks, fails loudly
@@ -10,6 +11,9 @@ Sections (each a function; main() strings them together, so a section can be add
   bench_crossover()    e=8 layer at T 1..16: dense vs both sparse paths; the measured dense_above_tokens
   bench_mlp()          decode layer: dense / sparse (what SparseMLP runs: router + selection + sparse MLP, or the
                        dense MLP above runtime.DENSE_ABOVE_TOKENS) / pre-sliced ideal / router
+  bench_gate_dial()    llama3-8b e=8 decode layer with the gate dial (router ~50% experts + gate_tau dropping ~half
+                       of the rest's up rows): dense / sparse without / with the dial (both gate/up tile variants),
+                       and the MLP-FLOPs kept fraction from the kernels' own counts
   bench_prefill()      2048-token layer: dense vs sparse (dense dispatch; router + dense-with-mask also recorded)
   tile_trials()        a few decode-kernel tile configs at llama3-8b T=1 (MLP only); keeps the fastest
   bench_e2e()          Llama-3-8B-shaped model (random bf16 weights), decode tok/s (128-token prompt in a StaticCache,
@@ -399,6 +403,118 @@ def bench_down_det(Ts=(1, 2), kepts=(0.5, 0.25), e=8, shape="llama3-8b"):
                 print(f"down det e={e} kept={kept} T={T}: atomics {at:.1f} us, fixed-order {dt:.1f} us", flush=True)
     finally:
         K.CONFIG["dn_deterministic"] = old
+    del L
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_gate_dial(copy_gbps=None, Ts=(1, 2), e=8, shape="llama3-8b", expert_target=0.5, gate_drop=0.5):
+    """The gate dial at llama3-8b, expert size e. Router threshold bisected so the router keeps ~expert_target of
+    the experts on this input; gate_scale per weight copy = mean |up| over 256 random inputs x down-row norm (as
+    SparseMLP.calibrate_gate_scale); gate_tau = the gate_drop quantile of |silu(gate)| * gate_scale over the
+    selected neurons (copy 0). Graphs interleaved: dense; router + sparse MLP without the dial; with the dial,
+    two-phase and fused gate/up tiles; the three MLPs alone on the router's masks. kept_flops_frac = (router +
+    gate rows x d + up rows x d + down neurons x d) / (3 m d) per token, the rows from the kernels' counts (what
+    SparseMLP's stats record), averaged over the weight copies."""
+    L = Layer(shape)
+    L.pack_for(e)
+    d, m, r = L.d, L.m, L.r
+    n_e = m // e
+    gen = torch.Generator(device=DEV).manual_seed(8)
+    xc = torch.randn(256, d, device=DEV, dtype=DT, generator=gen)
+    gss = [((xc @ wu.t()).float().abs().mean(0) * wd.float().norm(dim=0)).to(DT) for (_, wu, wd) in L.dense]
+    rows = []
+    old = K.CONFIG["gu_two_phase"]
+    try:
+        for T in Ts:
+            x = torch.randn(T, d, device=DEV, dtype=DT, generator=gen)
+            lo, hi = 0.0, 1.0
+            for _ in range(14):
+                mid = (lo + hi) / 2
+                if K.route(x, *L.router[0], mid).float().mean().item() < expert_target:
+                    lo = mid
+                else:
+                    hi = mid
+            thr = hi
+            masks = [K.route(x, *L.router[i], thr) for i in range(L.nc)]
+            wg0 = L.dense[0][0]
+            score = torch.nn.functional.silu(x @ wg0.t()).float().abs() * gss[0].float()
+            sel0 = masks[0].repeat_interleave(e, dim=1)
+            gate_tau = torch.quantile(score[sel0], gate_drop).item()
+
+            def mlp(i, dial, two_phase=True, mask=None, counts=None):
+                K.CONFIG["gu_two_phase"] = two_phase
+                c = i % L.nc
+                if mask is None:
+                    mask = K.route(x, *L.router[c], thr)
+                return K.sparse_mlp(x, L.packed[c], None, None, None, mask, None, "silu", path="triton",
+                                    gate_scale=gss[c] if dial else None, gate_tau=gate_tau if dial else 0.0,
+                                    counts=counts)
+            # correctness on every copy: against float32 torch on the same mask, gate cut and weights
+            worst = 0.0
+            fr = {"nodial": [], "dial": []}
+            for c in range(L.nc):
+                wg, wu, wd = L.dense[c]
+                g = torch.nn.functional.silu(x.float() @ wg.float().t())
+                keep = masks[c].repeat_interleave(e, dim=1) & (g.abs() * gss[c].float() >= gate_tau)
+                ref = ((g * (x.float() @ wu.float().t())) * keep) @ wd.float().t()
+                for key, dial in (("nodial", False), ("dial", True)):
+                    for tp in ((True, False) if dial else (True,)):
+                        cnt = torch.zeros(2, T, dtype=torch.int32, device=DEV)
+                        y = mlp(c, dial, tp, masks[c], cnt)
+                        if dial:
+                            err = ((y.float() - ref).norm() / ref.norm()).item()
+                            worst = max(worst, err)
+                            assert err < 1e-2, ("gate dial vs torch", T, c, tp, err)
+                            assert (cnt[0] - keep.sum(1)).abs().max().item() <= 0.001 * m, (cnt, keep.sum(1))
+                        if tp:
+                            n_sel = masks[c].sum(1).float()
+                            macs = (r * d + n_e * r) + n_sel * e * d + cnt[0].float() * d + cnt[1].float() * d
+                            fr[key].append({"experts": n_sel.mean().item() / n_e,
+                                            "up_of_selected": (cnt[0].float() / (n_sel * e)).mean().item(),
+                                            "flops": (macs / (3 * m * d)).mean().item()})
+            tms = time_graphs([
+                lambda i: dense_mlp(x, *L.dense[i % L.nc]),
+                lambda i: mlp(i, False),
+                lambda i: mlp(i, True, True),
+                lambda i: mlp(i, True, False),
+                lambda i: mlp(i, False, True, masks[i % L.nc]),
+                lambda i: mlp(i, True, True, masks[i % L.nc]),
+                lambda i: mlp(i, True, False, masks[i % L.nc]),
+            ], 2 * L.nc, reps=40)
+            dense, nodial, two, fused, m_nodial, m_two, m_fused = tms
+
+            def avg(key, f):
+                return sum(v[f] for v in fr[key]) / len(fr[key])
+            default = two if old else fused  # what SparseMLP runs: the CONFIG default
+            union = sum(mk.any(0).float().mean().item() for mk in masks) / L.nc
+            up_frac = avg("dial", "up_of_selected")
+            # bytes of the default path: gate rows of the experts' union, the kept up rows (union over tokens at
+            # T=2, approximated by the mean at T=1), the down rows of the kept neurons, the router
+            byts = (union * (1 + up_frac + up_frac) * m * d + r * d + n_e * r) * 2
+            row = {"shape": shape, "expert_size": e, "batch": T, "router_threshold": round(thr, 4),
+                   "gate_tau": gate_tau, "gate_drop_target": gate_drop,
+                   "experts_kept": round(avg("dial", "experts"), 4), "union_frac": round(union, 4),
+                   "up_rows_kept_of_selected": round(up_frac, 4),
+                   "kept_flops_frac": round(avg("dial", "flops"), 4),
+                   "kept_flops_frac_nodial": round(avg("nodial", "flops"), 4),
+                   "dense_us": round(dense, 2), "sparse_us": round(default, 2),
+                   "sparse_nodial_us": round(nodial, 2), "sparse_two_phase_us": round(two, 2),
+                   "sparse_fused_us": round(fused, 2), "mlp_nodial_us": round(m_nodial, 2),
+                   "mlp_two_phase_us": round(m_two, 2), "mlp_fused_us": round(m_fused, 2),
+                   "speedup_vs_dense": round(dense / default, 3),
+                   "speedup_vs_nodial": round(nodial / default, 3),
+                   "default_tile": "two_phase" if old else "fused",
+                   "max_rel_err_vs_torch": round(worst, 5)}
+            if copy_gbps:
+                row["floor_mlp_us"] = round(byts / (copy_gbps * 1e9) * 1e6, 2)
+            rows.append(row)
+            print(f"gate dial e={e} T={T}: experts {row['experts_kept']:.3f} up kept {up_frac:.3f} of selected, "
+                  f"flops {row['kept_flops_frac']:.3f} (no dial {row['kept_flops_frac_nodial']:.3f}); dense "
+                  f"{dense:.1f} no-dial {nodial:.1f} two-phase {two:.1f} fused {fused:.1f} us; MLP alone no-dial "
+                  f"{m_nodial:.1f} two-phase {m_two:.1f} fused {m_fused:.1f}; err {worst:.1e}", flush=True)
+    finally:
+        K.CONFIG["gu_two_phase"] = old
     del L
     torch.cuda.empty_cache()
     return rows
@@ -888,6 +1004,17 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
     return out
 
 
+def print_gate_dial(rows):
+    print("\n=== gate dial, llama3-8b layer (us; sparse = router + MLP; default tile first) ===")
+    for r in rows:
+        print(f"e={r['expert_size']} T={r['batch']}: experts {r['experts_kept']:.3f}, up rows {r['up_rows_kept_of_selected']:.3f}"
+              f" of selected, MLP FLOPs {r['kept_flops_frac']:.3f} (no dial {r['kept_flops_frac_nodial']:.3f}) | dense "
+              f"{r['dense_us']} sparse {r['sparse_us']} ({r['default_tile']}) x{r['speedup_vs_dense']:.2f} | no dial "
+              f"{r['sparse_nodial_us']} (dial x{r['speedup_vs_nodial']:.2f}) | two-phase {r['sparse_two_phase_us']} fused "
+              f"{r['sparse_fused_us']} | MLP alone: no dial {r['mlp_nodial_us']} two-phase {r['mlp_two_phase_us']} fused "
+              f"{r['mlp_fused_us']} floor {r.get('floor_mlp_us')}")
+
+
 def print_table(res):
     co = res.get("crossover")
     if co:
@@ -923,6 +1050,8 @@ def print_table(res):
         print(f"prefill layer {r['shape']} e={r['expert_size']} kept {r['kept']} T={r['tokens']}: dense {r['dense_us']} "
               f"sparse {r['sparse_us']} ({r['path']}) ratio {r['dense_us'] / r['sparse_us']:.3f} (router + masked "
               f"{r['router_masked_mlp_us']}, router {r['router_us']})")
+    if res.get("gate_dial"):
+        print_gate_dial(res["gate_dial"])
     for r in res.get("down_det", []):
         print(f"down kernel kept {r['kept']} T={r['batch']}: atomics {r['atomic_us']} us, fixed-order "
               f"{r['deterministic_us']} us (router + MLP, e=8)")
@@ -954,8 +1083,23 @@ def main(argv=None):
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--final", action="store_true")
     ap.add_argument("--note", default="", help="free text stored under 'note' (which run, what it is for)")
+    ap.add_argument("--gate-dial-only", action="store_true",
+                    help="run bench_gate_dial alone and merge its key into the existing record at --out")
     a = ap.parse_args(argv)
     import triton
+
+    if a.gate_dial_only:
+        with open(a.out) as f:
+            res = json.load(f)
+        t0 = time.time()
+        res["gate_dial"] = bench_gate_dial(res.get("copy_gbps"))
+        res["gate_dial_run"] = {"commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv),
+                                "note": a.note, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                "triton": triton.__version__, "wall_s": round(time.time() - t0, 1)}
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print_gate_dial(res["gate_dial"])
+        return
 
     from densesparse.config import ConvertConfig
     t0 = time.time()
@@ -998,6 +1142,8 @@ def main(argv=None):
     res["crossover"] = bench_crossover()
     save()
     res["down_det"] = bench_down_det()
+    save()
+    res["gate_dial"] = bench_gate_dial(res["copy_gbps"])
     save()
     if a.quick:
         plan = [("llama3-8b", [8, 32], [0.5, 0.25], [1, 4, 16])]

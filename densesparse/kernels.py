@@ -3,7 +3,7 @@
 Public API:
     route(x, r_w1, r_b1, r_w2, r_b2, threshold) -> mask [T, n_e] bool   (sync-free, graph-capturable)
     pack(w_gate, w_up, w_down_t, e, n_shared) -> dict                    (views of the weights + workspace)
-    sparse_mlp(x, packed, b_gate, b_up, b_down, mask, tau, act) -> y [T, d]
+    sparse_mlp(x, packed, b_gate, b_up, b_down, mask, tau, act, gate_scale=, gate_tau=, counts=) -> y [T, d]
 
 No weight copies: pack() keeps references to the caller's [m, d] row-major w_gate, w_up and w_down_t (one row
 per neuron; an expert's e rows are contiguous). It only copies a weight that is not contiguous, so callers that
@@ -15,7 +15,9 @@ Paths (chosen by T on the host, no device sync):
   * T <= DECODE_MAX_T: Triton. Kernel 1 (_gate_up_kernel): one program per tile of BN neurons, gate+up gather
     GEMV/GEMM over the union of the tokens' experts, read straight from w_gate and w_up (unselected rows are
     predicated-off loads: no bytes move; tiles with no selected row exit at once), act(gate)*up, per-token mask
-    and tau, h fp32 [T, m]. Kernel 2 (_down_kernel): split-K over neurons x column blocks of d; a row of
+    and tau, h fp32 [T, m]. Gate dial (gate_tau > 0): the gate is computed first for the tile's selected rows and
+    up rows are loaded only where some token keeps the neuron (|act(gate)| * gate_scale >= gate_tau; CONFIG
+    "gu_two_phase"). Kernel 2 (_down_kernel): split-K over neurons x column blocks of d; a row of
     w_down_t is read only when some token's h is non-zero there (exact: h is 0 on unselected/tau-cut neurons);
     fp32 atomics into a per-layer workspace; the last program of each column block (atomic counter) adds b_down,
     writes y in the input dtype and re-zeroes the workspace and counter for the next call (CONFIG
@@ -65,6 +67,9 @@ CONFIG = {
     # 89.7 vs 90.1 us at kept 0.5, 75.9 vs 75.3 at 0.25), and the atomics' last-bit noise was what made two equal
     # sparse decode steps of a 32-layer model differ (flipped near-tie experts from layer 3 on; bench/GPU_NOTES.md).
     "dn_deterministic": os.environ.get("DS_DOWN_DET", "1") == "1",
+    # Gate dial in the gate/up kernel: True = gate K-loop, then an up K-loop that loads only the rows the gate keeps
+    # (dropped rows move no bytes); False = one fused loop over gate and up, the gate cut applied in the epilogue.
+    "gu_two_phase": True,
 }
 _BT = 16
 _CNT_MIN_BD = 32
@@ -102,10 +107,15 @@ def _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, h_ptr,
+def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
                     T, d, m, e, n_shared, n_e,
                     GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
+                    GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr,
                     ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """GATE_DIAL: a selected neuron is kept only where |act(gate)| * gs >= gate_tau. TWO_PHASE: the gate K-loop
+    runs first and the up K-loop loads only rows some token keeps (dropped rows move no bytes); otherwise one fused
+    loop reads every selected gate and up row and the gate cut is applied in the epilogue. COUNT: cnt [2, T] int32
+    += per token (up rows computed, neurons kept for down), as SparseMLP's stats count them."""
     pid = tl.program_id(0)
     n = pid * BN + tl.arange(0, BN)
     offs_t = tl.arange(0, BT)
@@ -114,34 +124,70 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, h_
     tok_ok = offs_t < T
     nmask = n < m
     h = tl.zeros([BT, BN], dtype=tl.float32)  # tiles with no selected row store zeros (the down kernel reads h)
+    keep_u = sel
+    keep = sel
     if tl.max(row_any.to(tl.int32), axis=0) > 0:
         row = n.to(tl.int64) * d
         offs_k = tl.arange(0, BK)
         acc_u = tl.zeros([BT, BN], dtype=tl.float32)
         acc_g = tl.zeros([BT, BN], dtype=tl.float32)
-        for k0 in range(0, d, BK):
-            k = k0 + offs_k
-            kmask = k < d
-            xv = tl.load(x_ptr + offs_t[:, None] * d + k[None, :], mask=tok_ok[:, None] & kmask[None, :], other=0.0)
-            wm = row_any[:, None] & kmask[None, :]
-            wu = tl.load(wu_ptr + row[:, None] + k[None, :], mask=wm, other=0.0)
-            acc_u += tl.dot(xv, tl.trans(wu))
-            if GATED:
-                wg = tl.load(wg_ptr + row[:, None] + k[None, :], mask=wm, other=0.0)
+        if GATE_DIAL and TWO_PHASE:
+            for k0 in range(0, d, BK):
+                k = k0 + offs_k
+                kmask = k < d
+                xv = tl.load(x_ptr + offs_t[:, None] * d + k[None, :], mask=tok_ok[:, None] & kmask[None, :],
+                             other=0.0)
+                wg = tl.load(wg_ptr + row[:, None] + k[None, :], mask=row_any[:, None] & kmask[None, :], other=0.0)
                 acc_g += tl.dot(xv, tl.trans(wg))
+            if HAS_BG:
+                acc_g += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            a = _act(acc_g, ACT)
+            gs = tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+            keep_u = sel & (tl.abs(a) * gs[None, :] >= gate_tau)
+            up_any = tl.max(keep_u.to(tl.int32), axis=0) > 0
+            if tl.max(up_any.to(tl.int32), axis=0) > 0:
+                for k0 in range(0, d, BK):
+                    k = k0 + offs_k
+                    kmask = k < d
+                    xv = tl.load(x_ptr + offs_t[:, None] * d + k[None, :], mask=tok_ok[:, None] & kmask[None, :],
+                                 other=0.0)
+                    wu = tl.load(wu_ptr + row[:, None] + k[None, :], mask=up_any[:, None] & kmask[None, :],
+                                 other=0.0)
+                    acc_u += tl.dot(xv, tl.trans(wu))
+        else:
+            for k0 in range(0, d, BK):
+                k = k0 + offs_k
+                kmask = k < d
+                xv = tl.load(x_ptr + offs_t[:, None] * d + k[None, :], mask=tok_ok[:, None] & kmask[None, :],
+                             other=0.0)
+                wm = row_any[:, None] & kmask[None, :]
+                wu = tl.load(wu_ptr + row[:, None] + k[None, :], mask=wm, other=0.0)
+                acc_u += tl.dot(xv, tl.trans(wu))
+                if GATED:
+                    wg = tl.load(wg_ptr + row[:, None] + k[None, :], mask=wm, other=0.0)
+                    acc_g += tl.dot(xv, tl.trans(wg))
+            if GATED:
+                if HAS_BG:
+                    acc_g += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+                a = _act(acc_g, ACT)
+                if GATE_DIAL:
+                    gs = tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+                    keep_u = sel & (tl.abs(a) * gs[None, :] >= gate_tau)
         if HAS_BU:
             acc_u += tl.load(bu_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            if HAS_BG:
-                acc_g += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            h = _act(acc_g, ACT) * acc_u
+            h = a * acc_u
         else:
             h = _act(acc_u, ACT)
+        keep = keep_u
         if HAS_TAU:
             tau = tl.load(tau_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-            h = tl.where(tl.abs(h) >= tau[None, :], h, 0.0)
-        h = tl.where(sel, h, 0.0)
+            keep = keep & (tl.abs(h) >= tau[None, :])
+        h = tl.where(keep, h, 0.0)
     tl.store(h_ptr + offs_t[:, None] * m + n[None, :], h, mask=tok_ok[:, None] & nmask[None, :])
+    if COUNT:
+        tl.atomic_add(cnt_ptr + offs_t, tl.sum(keep_u.to(tl.int32), axis=1), mask=tok_ok, sem="relaxed")
+        tl.atomic_add(cnt_ptr + T + offs_t, tl.sum(keep.to(tl.int32), axis=1), mask=tok_ok, sem="relaxed")
 
 
 @triton.jit
@@ -200,32 +246,40 @@ def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr,
 
 
 @triton.jit
-def _mask_act_kernel(g_ptr, u_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, h_ptr,
+def _mask_act_kernel(g_ptr, u_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
                      T, m, e, n_shared, n_e,
                      GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
-                     ACT: tl.constexpr, BLOCK: tl.constexpr):
+                     GATE_DIAL: tl.constexpr, COUNT: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     nmask = n < m
     b = n // e
     ex = b - n_shared
     sel = tl.load(mask_ptr + t * n_e + ex, mask=nmask & (ex >= 0), other=0) != 0
-    sel = sel | (b < n_shared)
-    u = tl.load(u_ptr + t * m + n, mask=nmask & sel, other=0.0).to(tl.float32)
+    sel = (sel | (b < n_shared)) & nmask
+    u = tl.load(u_ptr + t * m + n, mask=sel, other=0.0).to(tl.float32)
     if HAS_BU:
         u += tl.load(bu_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    keep_u = sel
     if GATED:
-        g = tl.load(g_ptr + t * m + n, mask=nmask & sel, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + t * m + n, mask=sel, other=0.0).to(tl.float32)
         if HAS_BG:
             g += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-        h = _act(g, ACT) * u
+        a = _act(g, ACT)
+        if GATE_DIAL:
+            keep_u = sel & (tl.abs(a) * tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32) >= gate_tau)
+        h = a * u
     else:
         h = _act(u, ACT)
+    keep = keep_u
     if HAS_TAU:
         tau = tl.load(tau_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-        h = tl.where(tl.abs(h) >= tau, h, 0.0)
-    h = tl.where(sel, h, 0.0)
+        keep = keep & (tl.abs(h) >= tau)
+    h = tl.where(keep, h, 0.0)
     tl.store(h_ptr + t * m + n, h.to(h_ptr.dtype.element_ty), mask=nmask)
+    if COUNT:
+        tl.atomic_add(cnt_ptr + t, tl.sum(keep_u.to(tl.int32), axis=0), sem="relaxed")
+        tl.atomic_add(cnt_ptr + T + t, tl.sum(keep.to(tl.int32), axis=0), sem="relaxed")
 
 
 @triton.jit
@@ -615,7 +669,8 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
     return out.view(torch.bool)
 
 
-def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, acc, cnt, e, n_shared, act):
+def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, counts, acc, cnt, e,
+                 n_shared, act):
     T, d = x.shape
     m = w_dt.shape[0]
     n_e = mask.shape[1]
@@ -624,10 +679,14 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, acc, cn
     dummy = h
     mk = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     gated = w_gate is not None
+    dial = gated and gate_scale is not None and gate_tau > 0
     _gate_up_kernel[(triton.cdiv(m, cfg["gu_BN"]),)](
         x, w_gate if gated else w_up, w_up, b_gate if b_gate is not None else dummy,
-        b_up if b_up is not None else dummy, mk, tau if tau is not None else dummy, h, T, d, m, e, n_shared, n_e,
-        GATED=gated, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None, ACT=_ACTS[act],
+        b_up if b_up is not None else dummy, mk, tau if tau is not None else dummy,
+        gate_scale if dial else dummy, float(gate_tau) if dial else 0.0, counts if counts is not None else dummy,
+        h, T, d, m, e, n_shared, n_e,
+        GATED=gated, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
+        GATE_DIAL=dial, TWO_PHASE=bool(cfg["gu_two_phase"]), COUNT=counts is not None, ACT=_ACTS[act],
         BT=_BT, BN=cfg["gu_BN"], BK=cfg["gu_BK"], num_warps=cfg["gu_warps"], num_stages=cfg["gu_stages"])
     y = torch.empty((T, d), device=x.device, dtype=x.dtype)
     bd = cfg["dn_BD"]
@@ -643,18 +702,20 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, acc, cn
     return y
 
 
-def _mask_act_impl(g, u, b_gate, b_up, mask, tau, e, n_shared, act):
+def _mask_act_impl(g, u, b_gate, b_up, mask, tau, gate_scale, gate_tau, counts, e, n_shared, act):
     T, m = u.shape
     n_e = mask.shape[1]
     h = torch.empty((T, m), device=u.device, dtype=u.dtype)
     mk = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     dummy = h
     block = 1024
+    dial = g is not None and gate_scale is not None and gate_tau > 0
     _mask_act_kernel[(T, triton.cdiv(m, block))](
         g if g is not None else u, u, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
-        mk, tau if tau is not None else dummy, h, T, m, e, n_shared, n_e,
+        mk, tau if tau is not None else dummy, gate_scale if dial else dummy, float(gate_tau) if dial else 0.0,
+        counts if counts is not None else dummy, h, T, m, e, n_shared, n_e,
         GATED=g is not None, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
-        ACT=_ACTS[act], BLOCK=block, num_warps=4)
+        GATE_DIAL=dial, COUNT=counts is not None, ACT=_ACTS[act], BLOCK=block, num_warps=4)
     return h
 
 
@@ -673,26 +734,31 @@ def _(x, r_w1, r_b1, r_w2, r_b2, threshold):
 
 
 # acc / cnt are a per-layer workspace that every call leaves zeroed as it found it: declared non-mutated.
-@torch.library.custom_op("densesparse::sparse_mlp_decode", mutates_args=())
+# counts (optional, [2, T] int32) is added to: per token, up rows computed and neurons kept for down.
+@torch.library.custom_op("densesparse::sparse_mlp_decode", mutates_args=("counts",))
 def sparse_mlp_decode_op(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_dt: Tensor, b_gate: Optional[Tensor],
                          b_up: Optional[Tensor], b_down: Optional[Tensor], mask: Tensor, tau: Optional[Tensor],
+                         gate_scale: Optional[Tensor], gate_tau: float, counts: Optional[Tensor],
                          acc: Tensor, cnt: Tensor, e: int, n_shared: int, act: str) -> Tensor:
-    return _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, acc, cnt, e, n_shared, act)
+    return _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, counts, acc,
+                        cnt, e, n_shared, act)
 
 
 @sparse_mlp_decode_op.register_fake
-def _(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, acc, cnt, e, n_shared, act):
+def _(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, counts, acc, cnt, e, n_shared,
+      act):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("densesparse::mask_act", mutates_args=())
+@torch.library.custom_op("densesparse::mask_act", mutates_args=("counts",))
 def mask_act_op(g: Optional[Tensor], u: Tensor, b_gate: Optional[Tensor], b_up: Optional[Tensor], mask: Tensor,
-                tau: Optional[Tensor], e: int, n_shared: int, act: str) -> Tensor:
-    return _mask_act_impl(g, u, b_gate, b_up, mask, tau, e, n_shared, act)
+                tau: Optional[Tensor], gate_scale: Optional[Tensor], gate_tau: float, counts: Optional[Tensor],
+                e: int, n_shared: int, act: str) -> Tensor:
+    return _mask_act_impl(g, u, b_gate, b_up, mask, tau, gate_scale, gate_tau, counts, e, n_shared, act)
 
 
 @mask_act_op.register_fake
-def _(g, u, b_gate, b_up, mask, tau, e, n_shared, act):
+def _(g, u, b_gate, b_up, mask, tau, gate_scale, gate_tau, counts, e, n_shared, act):
     return u.new_empty(u.shape)
 
 
@@ -732,8 +798,13 @@ def pack(w_gate: Optional[Tensor], w_up: Tensor, w_down_t: Tensor, e: int, n_sha
 
 
 def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional[Tensor], b_down: Optional[Tensor],
-               mask: Tensor, tau: Optional[Tensor], act: str, path: Optional[str] = None) -> Tensor:
-    """y [T, d] = sum over computed neurons of h * w_down_t + b_down. path: None (auto by T), 'triton', 'dense'."""
+               mask: Tensor, tau: Optional[Tensor], act: str, path: Optional[str] = None,
+               gate_scale: Optional[Tensor] = None, gate_tau: float = 0.0, counts: Optional[Tensor] = None) -> Tensor:
+    """y [T, d] = sum over computed neurons of h * w_down_t + b_down. path: None (auto by T), 'triton', 'dense'.
+
+    Gate dial (gated FFNs, gate_tau > 0): a selected neuron is kept only where |act(gate)| * gate_scale [m] >=
+    gate_tau; the Triton path then loads no up row that no token keeps. counts: an int32 [2, T] tensor the call
+    adds to (up rows computed, neurons kept for down, per token), for the FLOPs stats."""
     if act not in _ACTS:
         raise ValueError(f"unsupported activation {act!r}")
     x = x.contiguous()
@@ -748,11 +819,12 @@ def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional
         if T > _BT:
             raise ValueError(f"triton decode path takes at most {_BT} tokens")
         return sparse_mlp_decode_op(x, p["w_gate"], p["w_up"], p["w_down_t"], b_gate, b_up, b_down, mask, tau,
-                                    p["acc"], p["cnt"], p["e"], p["n_shared"], act)
+                                    gate_scale, float(gate_tau), counts, p["acc"], p["cnt"], p["e"], p["n_shared"],
+                                    act)
     w_gate, w_up, w_dt = p["w_gate"], p["w_up"], p["w_down_t"]
     g = None if w_gate is None else x @ w_gate.t()
     u = x @ w_up.t()
-    h = mask_act_op(g, u, b_gate, b_up, mask, tau, p["e"], p["n_shared"], act)
+    h = mask_act_op(g, u, b_gate, b_up, mask, tau, gate_scale, float(gate_tau), counts, p["e"], p["n_shared"], act)
     if b_down is not None:
         return torch.addmm(b_down.to(x.dtype), h, w_dt)
     return h @ w_dt

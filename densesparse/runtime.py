@@ -254,8 +254,8 @@ class SparseMLP(nn.Module):
                                   torch.full_like(full, self.intermediate), False)
             return self._dense_forward(x2)
         k = _kernels()
-        # the kernels count shared neurons in whole blocks of expert_size and do not implement the gate dial
-        if self.n_shared % self.expert_size or self.gate_tau > 0:
+        # the kernels count shared neurons in whole blocks of expert_size
+        if self.n_shared % self.expert_size:
             return self._torch_forward(x2)
         if self._kernel_cache is None:
             # One copy of every weight: the kernels read each projection as [m, d] rows. Where that row view is not
@@ -287,8 +287,19 @@ class SparseMLP(nn.Module):
         tau = (self.down_tau / norms.clamp_min(1e-12)) if self.down_tau > 0 else None
         _, _, b_gate, b_up, _, b_down = self.canonical()
         x_in = self.sparse_input(x2)  # the kernels compute on the masked input; they do not yet skip its zeros
-        self._record(x_in, mask)
-        return k.sparse_mlp(x_in, packed, b_gate, b_up, b_down, mask, tau, self.act_name)
+        dial = self.gated and self.gate_tau > 0
+        # the kernels count, per token, the up rows they compute and the neurons kept for down (the torch path's
+        # up_rows and down_keep): only when stats are on, as reading them back syncs
+        counts = None if self.stats is None else torch.zeros(2, x2.shape[0], dtype=torch.int32, device=x2.device)
+        y = k.sparse_mlp(x_in, packed, b_gate, b_up, b_down, mask, tau, self.act_name,
+                         gate_scale=self.gate_scale if dial else None, gate_tau=self.gate_tau if dial else 0.0,
+                         counts=counts)
+        if counts is not None:
+            n_sel = mask.sum(1)
+            n_in = (x_in != 0).sum(1) if self.input_tau > 0 else torch.full_like(n_sel, x_in.shape[1])
+            self.stats.update(n_sel, self.n_shared + n_sel * self.expert_size, n_in, counts[1],
+                              self.threshold < 1.0, counts[0] if dial else None)
+        return y
 
 
 _KERNELS = []
