@@ -408,6 +408,68 @@ def bench_down_det(Ts=(1, 2), kepts=(0.5, 0.25), e=8, shape="llama3-8b"):
     return rows
 
 
+def _gate_layer(shape, e):
+    """Layer packed for e; per weight copy gate_scale = mean |up| over 256 random inputs x down-row norm."""
+    L = Layer(shape)
+    L.pack_for(e)
+    gen = torch.Generator(device=DEV).manual_seed(8)
+    xc = torch.randn(256, L.d, device=DEV, dtype=DT, generator=gen)
+    gss = [((xc @ wu.t()).float().abs().mean(0) * wd.float().norm(dim=0)).to(DT) for (_, wu, wd) in L.dense]
+    return L, gen, gss
+
+
+def _gate_case(L, gen, gss, T, e, expert_target, gate_drop):
+    """Input x, router threshold bisected to keep ~expert_target of the experts (copy 0's router), each copy's
+    router mask, gate_tau = the gate_drop quantile of |silu(gate)| * gate_scale over copy 0's selected neurons."""
+    x = torch.randn(T, L.d, device=DEV, dtype=DT, generator=gen)
+    lo, hi = 0.0, 1.0
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        if K.route(x, *L.router[0], mid).float().mean().item() < expert_target:
+            lo = mid
+        else:
+            hi = mid
+    masks = [K.route(x, *L.router[i], hi) for i in range(L.nc)]
+    score = torch.nn.functional.silu(x @ L.dense[0][0].t()).float().abs() * gss[0].float()
+    gate_tau = torch.quantile(score[masks[0].repeat_interleave(e, dim=1)], gate_drop).item()
+    return x, hi, masks, gate_tau
+
+
+def gate_dial_tiles(Ts=(1, 2), e=8, shape="llama3-8b"):
+    """MLP alone (router masks precomputed), llama3-8b e=8, the gate-dial case of bench_gate_dial: a few tile
+    configs, each timed without the dial and with it (two-phase, fused), graphs interleaved. Diagnostics: the
+    record keeps the log, K.CONFIG is restored."""
+    L, gen, gss = _gate_layer(shape, e)
+    base = dict(K.CONFIG)
+    trials = [{}, {"gu_stages": 4}, {"gu_BN": 64}, {"gu_BK": 512}, {"gu_BN": 16}, {"gu_warps": 8},
+              {"dn_BN": 64, "dn_warps": 4}, {"dn_stages": 4}, {"dn_KCHUNK": 256}]
+    log = []
+    for T in Ts:
+        x, _, masks, gate_tau = _gate_case(L, gen, gss, T, e, 0.5, 0.5)
+
+        def mlp(i, cfg, dial, two_phase=True):
+            K.CONFIG.clear()
+            K.CONFIG.update(base)
+            K.CONFIG.update(cfg)
+            K.CONFIG["gu_two_phase"] = two_phase
+            c = i % L.nc
+            return K.sparse_mlp(x, L.packed[c], None, None, None, masks[c], None, "silu", path="triton",
+                                gate_scale=gss[c] if dial else None, gate_tau=gate_tau if dial else 0.0)
+        for tr in trials:
+            try:
+                ts = [round(v, 2) for v in time_graphs([lambda i: mlp(i, tr, False), lambda i: mlp(i, tr, True, True),
+                                                        lambda i: mlp(i, tr, True, False)], 2 * L.nc, reps=30)]
+            except Exception as ex:  # a tile that does not compile / fit
+                ts = str(ex)[:80]
+            log.append({"batch": T, "cfg": tr, "us_nodial_twophase_fused": ts})
+            print(f"  gate tiles T={T} {tr}: no dial / two-phase / fused {ts}", flush=True)
+    K.CONFIG.clear()
+    K.CONFIG.update(base)
+    del L
+    torch.cuda.empty_cache()
+    return log
+
+
 def bench_gate_dial(copy_gbps=None, Ts=(1, 2), e=8, shape="llama3-8b", expert_target=0.5, gate_drop=0.5):
     """The gate dial at llama3-8b, expert size e. Router threshold bisected so the router keeps ~expert_target of
     the experts on this input; gate_scale per weight copy = mean |up| over 256 random inputs x down-row norm (as
@@ -416,31 +478,14 @@ def bench_gate_dial(copy_gbps=None, Ts=(1, 2), e=8, shape="llama3-8b", expert_ta
     two-phase and fused gate/up tiles; the three MLPs alone on the router's masks. kept_flops_frac = (router +
     gate rows x d + up rows x d + down neurons x d) / (3 m d) per token, the rows from the kernels' counts (what
     SparseMLP's stats record), averaged over the weight copies."""
-    L = Layer(shape)
-    L.pack_for(e)
+    L, gen, gss = _gate_layer(shape, e)
     d, m, r = L.d, L.m, L.r
     n_e = m // e
-    gen = torch.Generator(device=DEV).manual_seed(8)
-    xc = torch.randn(256, d, device=DEV, dtype=DT, generator=gen)
-    gss = [((xc @ wu.t()).float().abs().mean(0) * wd.float().norm(dim=0)).to(DT) for (_, wu, wd) in L.dense]
     rows = []
     old = K.CONFIG["gu_two_phase"]
     try:
         for T in Ts:
-            x = torch.randn(T, d, device=DEV, dtype=DT, generator=gen)
-            lo, hi = 0.0, 1.0
-            for _ in range(14):
-                mid = (lo + hi) / 2
-                if K.route(x, *L.router[0], mid).float().mean().item() < expert_target:
-                    lo = mid
-                else:
-                    hi = mid
-            thr = hi
-            masks = [K.route(x, *L.router[i], thr) for i in range(L.nc)]
-            wg0 = L.dense[0][0]
-            score = torch.nn.functional.silu(x @ wg0.t()).float().abs() * gss[0].float()
-            sel0 = masks[0].repeat_interleave(e, dim=1)
-            gate_tau = torch.quantile(score[sel0], gate_drop).item()
+            x, thr, masks, gate_tau = _gate_case(L, gen, gss, T, e, expert_target, gate_drop)
 
             def mlp(i, dial, two_phase=True, mask=None, counts=None):
                 K.CONFIG["gu_two_phase"] = two_phase
@@ -1085,6 +1130,7 @@ def main(argv=None):
     ap.add_argument("--note", default="", help="free text stored under 'note' (which run, what it is for)")
     ap.add_argument("--gate-dial-only", action="store_true",
                     help="run bench_gate_dial alone and merge its key into the existing record at --out")
+    ap.add_argument("--gate-dial-tiles", action="store_true", help="with --gate-dial-only: gate_dial_tiles() first")
     a = ap.parse_args(argv)
     import triton
 
@@ -1092,6 +1138,8 @@ def main(argv=None):
         with open(a.out) as f:
             res = json.load(f)
         t0 = time.time()
+        if a.gate_dial_tiles:
+            res["gate_dial_tiles"] = gate_dial_tiles()
         res["gate_dial"] = bench_gate_dial(res.get("copy_gbps"))
         res["gate_dial_run"] = {"commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv),
                                 "note": a.note, "device": torch.cuda.get_device_name(), "torch": torch.__version__,

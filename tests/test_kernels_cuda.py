@@ -206,8 +206,9 @@ def realistic_gate_scale(gen, L, d, dtype):
 
 def gate_case(gen, *, d, e, n_shared, n_e, T, dtype, mask_kind="random", use_tau=False, biases=False, drop=0.5,
               path="triton", act="silu"):
-    """One call with the gate dial on (gate_tau at the `drop` quantile of the scores; drop > 1: nothing kept)
-    against the float64 reference: output, and the per-token counts within the tie band of the decisions."""
+    """One call with the gate dial on (gate_tau midway between the two scores around the `drop` quantile, so no
+    neuron sits on it; drop > 1: nothing kept) against the float64 reference: output, and the per-token counts
+    within the tie band of the decisions."""
     L = make_layer(gen, d, e, n_shared, n_e, dtype, True, biases)
     m = L["m"]
     x = torch.randn(T, d, generator=gen).to(DEV, dtype)
@@ -218,7 +219,9 @@ def gate_case(gen, *, d, e, n_shared, n_e, T, dtype, mask_kind="random", use_tau
     if L["b_gate"] is not None:
         g = g + L["b_gate"].double()
     score = ref_act(g, act).abs() * gs.double()
-    gate_tau = 2 * score.max().item() if drop > 1 else torch.quantile(score.flatten(), drop).item()
+    srt = score.flatten().sort().values
+    k = min(int(drop * srt.numel()), srt.numel() - 1)
+    gate_tau = 2 * srt[-1].item() if drop > 1 else (srt[k - 1].item() + srt[k].item()) / 2
     tau = (torch.rand(m, generator=gen) * 0.05).to(DEV, torch.float32) if use_tau else None
     ref, ref_cnt = ref_mlp(x, L["w_gate"], L["w_up"], L["w_down_t"], L["b_gate"], L["b_up"], L["b_down"], mask, tau,
                            e, n_shared, act, gate_scale=gs, gate_tau=gate_tau, counts=True)
@@ -229,12 +232,14 @@ def gate_case(gen, *, d, e, n_shared, n_e, T, dtype, mask_kind="random", use_tau
                      gate_tau=gate_tau, counts=counts)
     assert y.shape == (T, d) and y.dtype == dtype and torch.isfinite(y).all()
     assert torch.count_nonzero(packed["acc"]).item() == 0 and torch.count_nonzero(packed["cnt"]).item() == 0
-    # decisions within 1e-3 (relative) of their threshold may go either way in fp32
-    near = ((score - gate_tau).abs() <= 1e-3 * gate_tau).sum(1)
+    # decisions this close (relative) to their threshold may go either way: the Triton path accumulates in fp32;
+    # the dense-with-mask path takes gate and up from cuBLAS in the input dtype (bf16 rounding: 2^-8)
+    band = 1e-3 if path == "triton" else 1e-2
+    near = ((score - gate_tau).abs() <= band * gate_tau).sum(1)
     if tau is not None:
         u = x.double() @ L["w_up"].double().T + (0 if L["b_up"] is None else L["b_up"].double())
         hh = (ref_act(g, act) * u).abs()
-        near = near + ((hh - tau.double()).abs() <= 1e-3 * tau.double()).sum(1)
+        near = near + ((hh - tau.double()).abs() <= band * tau.double()).sum(1)
     diff = (counts.long() - ref_cnt.long()).abs()
     assert (diff <= near[None, :]).all(), (counts, ref_cnt, near)
     if drop > 1:
@@ -786,7 +791,10 @@ def test_library_gate_dial_cuda_matches_torch(B, S, monkeypatch):
 def test_module_gate_dial_stats_exact(T, monkeypatch):
     """One SparseMLP, one input: stats of the CUDA path equal the torch path's exactly when no decision sits on a
     threshold (gate_scale 1e-4 or 1e4 per neuron, gate_tau 1: |act(gate)| * gate_scale is far from 1 unless
-    |act(gate)| ~ 1e-4); with down_tau, down neurons within a 1% tie band. Outputs agree too."""
+    |act(gate)| ~ 1e-4); with down_tau (20% of the kept neurons' |h| * ||down row||), down neurons within a 1% tie
+    band. Outputs agree too: within 2e-2, and 5e-2 with down_tau, whose decisions the torch path takes on bf16
+    h * norm and the kernels in fp32 (a neuron on the threshold flipped moves y by about tau, a few % of y here,
+    where the router keeps few experts)."""
     _, _, mlps = _tiny_sparse_llama(900 + T)
     mm = mlps[0]
     gen = torch.Generator().manual_seed(T)
@@ -795,10 +803,13 @@ def test_module_gate_dial_stats_exact(T, monkeypatch):
         mm.gate_scale.data = torch.where(torch.rand(mm.intermediate, generator=gen) < 0.5, 1e-4, 1e4).to(
             DEV, torch.bfloat16)
         x = torch.randn(T, 256, generator=gen).to(DEV, torch.bfloat16)
-        for thr, input_tau, down_tau in ((1.0, 0.0, 0.0), (0.7, 0.0, 0.0), (0.7, 0.3, 0.0), (0.7, 0.3, 0.02)):
+        h = mm.hidden_states(x).float().abs() * mm.down_norms()
+        dt = torch.quantile(h[h > 0], 0.2).item()
+        for thr, input_tau, down_tau in ((1.0, 0.0, 0.0), (0.7, 0.0, 0.0), (0.7, 0.3, 0.0), (0.7, 0.3, dt)):
             mm.threshold, mm.gate_tau, mm.input_tau, mm.down_tau = thr, 1.0, input_tau, down_tau
             y_cuda, st_cuda, y_torch, st_torch = _run_both_module(mm, x, monkeypatch)
-            assert rel_err(y_cuda, y_torch.double()) < 2e-2
+            err = rel_err(y_cuda, y_torch.double())
+            assert err < (5e-2 if down_tau > 0 else 2e-2), (thr, input_tau, down_tau, err)
             _same_stats(st_cuda, st_torch, band=0.01 if down_tau > 0 else 0.0)
             assert st_cuda.up_cells < 0.7 * st_cuda.gate_cells
 
