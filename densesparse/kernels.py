@@ -69,7 +69,11 @@ CONFIG = {
     "dn_deterministic": os.environ.get("DS_DOWN_DET", "1") == "1",
     # Gate dial in the gate/up kernel: True = gate K-loop, then an up K-loop that loads only the rows the gate keeps
     # (dropped rows move no bytes); False = one fused loop over gate and up, the gate cut applied in the epilogue.
-    "gu_two_phase": True,
+    # With the dial the tile is gd_BN rows: the up loop reads about half of them; at 32 rows skipping them saved no
+    # time (inferred: too few bytes in flight per iteration). H100, llama3-8b e=8, ~50% experts, gate keeping
+    # ~50% of their up rows, MLP alone (run G2, bench/GPU_NOTES.md): T=1 two-phase 71.4 us at 64 rows vs 78.9 at
+    # 32, fused 78.4 / 76.6, no dial 78.2; T=2 85.9 / 88.7, fused 95.3 / 94.1, no dial 100.7.
+    "gu_two_phase": True, "gd_BN": 64,
 }
 _BT = 16
 _CNT_MIN_BD = 32
@@ -680,14 +684,15 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
     mk = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     gated = w_gate is not None
     dial = gated and gate_scale is not None and gate_tau > 0
-    _gate_up_kernel[(triton.cdiv(m, cfg["gu_BN"]),)](
+    bn = cfg["gd_BN"] if dial else cfg["gu_BN"]
+    _gate_up_kernel[(triton.cdiv(m, bn),)](
         x, w_gate if gated else w_up, w_up, b_gate if b_gate is not None else dummy,
         b_up if b_up is not None else dummy, mk, tau if tau is not None else dummy,
         gate_scale if dial else dummy, float(gate_tau) if dial else 0.0, counts if counts is not None else dummy,
         h, T, d, m, e, n_shared, n_e,
         GATED=gated, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
         GATE_DIAL=dial, TWO_PHASE=bool(cfg["gu_two_phase"]), COUNT=counts is not None, ACT=_ACTS[act],
-        BT=_BT, BN=cfg["gu_BN"], BK=cfg["gu_BK"], num_warps=cfg["gu_warps"], num_stages=cfg["gu_stages"])
+        BT=_BT, BN=bn, BK=cfg["gu_BK"], num_warps=cfg["gu_warps"], num_stages=cfg["gu_stages"])
     y = torch.empty((T, d), device=x.device, dtype=x.dtype)
     bd = cfg["dn_BD"]
     kch = max(cfg["dn_KCHUNK"], cfg["dn_BN"])
