@@ -81,8 +81,8 @@ def run_peers(args, methods, dense, tok, overrides, state, wins, bos, sparse, sp
     layout = resolve_layout(dense)
     m = _intermediate_size(dense, layout)
     defaults = ConvertConfig(**overrides)
-    calib, provenance = calibration_windows(tok, None, defaults.calib_tokens, defaults.seq_len,
-                                            torch.Generator().manual_seed(defaults.seed))
+    calib, provenance, _ = calibration_windows(tok, None, defaults.calib_tokens, defaults.seq_len,
+                                               torch.Generator().manual_seed(defaults.seed))
     state["provenance"] = provenance
     samples = collect(dense, layout, calib)
     gen = torch.Generator().manual_seed(0)

@@ -74,7 +74,12 @@ def convert_cmd(cfg: ConvertConfig):
     spec = convert(cfg, show_progress=True)
     out.print(f"wrote [bold]{cfg.out}[/]: {spec['n_experts']} experts x {spec['expert_size']} neurons per layer "
               f"(+{spec['n_shared']} shared), {len(spec['budgets'])} calibrated budgets, "
-              f"default mlp_flops={spec['default_mlp_flops']}, {spec['seconds']} s")
+              f"default mlp_flops={spec['default_mlp_flops']}{_quality_note(spec)}, {spec['seconds']} s")
+
+
+def _quality_note(spec: dict) -> str:
+    q = spec.get("quality_target")
+    return f" (PPL within +{q['max_ppl_increase']:.0%} of dense on held-out text)" if q else ""
 
 
 @app.command("calibrate")
@@ -85,7 +90,7 @@ def calibrate_cmd(cfg: CalibrateConfig):
 
     spec = calibrate(cfg, show_progress=True)
     out.print(f"recalibrated [bold]{cfg.sparse_dir}[/] on {spec['calibration']['tokens']} tokens, "
-              f"default mlp_flops={spec['default_mlp_flops']}, {spec['seconds']} s")
+              f"default mlp_flops={spec['default_mlp_flops']}{_quality_note(spec)}, {spec['seconds']} s")
 
 
 @app.command("eval")

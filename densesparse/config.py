@@ -7,6 +7,13 @@ from densesparse.errors import DenseSparseError
 
 GROUPINGS = ("coactivation", "weights", "contiguous")
 DEFAULT_SWEEP = (1.0, 0.75, 0.5, 0.35, 0.25)
+QUALITY_HELP = ("Quality budget instead of --mlp-flops: the default becomes the smallest calibrated budget whose "
+                "perplexity on held-out calibration text is at most (1 + this) x dense, e.g. 0.05.")
+
+
+def _check_quality(value: float | None) -> None:
+    if value is not None and not 0.0 < value <= 10.0:
+        raise ConfigError(f"--max-ppl-increase {value} is outside (0, 10]: give a fraction, e.g. 0.05 for 5%")
 
 
 def opt(default, help: str, flag: str | None = None):
@@ -36,6 +43,7 @@ class ConvertConfig:
     input_skip: bool = opt(True, "Also let gate/up skip input channels whose |x| is tiny (TEAL-style, exact given x); "
                                  "the budget search decides per layer how much.")
     mlp_flops: float = opt(0.5, "Default MLP FLOPs budget the model loads with (fraction of dense, router included).")
+    max_ppl_increase: float | None = opt(None, QUALITY_HELP)
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
     seed: int = opt(0, "Seed of every random choice (torch.Generator, recorded in the output).")
     trust_remote_code: bool = opt(False, "Allow the source model's own remote code (off by default).")
@@ -53,6 +61,7 @@ class ConvertConfig:
                                   "dense MLP FLOPs, e.g. 0.5")
         if self.calib_tokens < 256 or self.seq_len < 16:
             raise ConfigError("--calib-tokens must be at least 256 and --seq-len at least 16")
+        _check_quality(self.max_ppl_increase)
         return self
 
     def to_dict(self) -> dict:
@@ -68,6 +77,7 @@ class CalibrateConfig:
     router_epochs: int = opt(8, "Router training epochs.")
     refit_routers: bool = opt(True, "Refit the routers (else only the thresholds).")
     mlp_flops: float | None = opt(None, "New default MLP FLOPs budget (default: keep the saved one).")
+    max_ppl_increase: float | None = opt(None, QUALITY_HELP)
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
     seed: int = opt(0, "Seed (recorded in the output).")
 
@@ -76,6 +86,7 @@ class CalibrateConfig:
             v = getattr(self, name)
             if v is not None and not 0.0 < v <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} {v} is outside (0, 1]: give a fraction, e.g. 0.5")
+        _check_quality(self.max_ppl_increase)
         return self
 
 

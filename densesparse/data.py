@@ -10,6 +10,7 @@ import torch
 
 from densesparse.errors import DenseSparseError
 
+
 def _calibration_dir() -> Path:
     """The shipped corpus: installed as the package `densesparse.calibration`, or the repo's calibration/ folder."""
     spec = importlib.util.find_spec("densesparse.calibration")
@@ -70,12 +71,18 @@ def windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None, bos:
     return out
 
 
-def calibration_windows(tokenizer, paths, tokens: int, seq_len: int, generator: torch.Generator):
-    """A seeded sample of calibration windows spread over the whole text, plus provenance."""
+def calibration_windows(tokenizer, paths, tokens: int, seq_len: int, generator: torch.Generator,
+                        heldout_tokens: int = 0):
+    """A seeded sample of calibration windows spread over the whole text, provenance, and `heldout_tokens` of other
+    windows of the same text (taken first, from the far end of the shuffled order) for checking quality."""
     text, files = read_text(paths)
     ids = tokenize(tokenizer, text)
     wins = windows(ids, seq_len, bos=tokenizer.bos_token_id if adds_bos(tokenizer) else None, min_tokens=16)
     order = torch.randperm(len(wins), generator=generator).tolist()
+    heldout, held = [], 0
+    while held < heldout_tokens and len(order) > 1:
+        heldout.append(wins[order.pop()])
+        held += heldout[-1].numel()
     picked, total = [], 0
     for i in order:
         if total >= tokens:
@@ -86,5 +93,5 @@ def calibration_windows(tokenizer, paths, tokens: int, seq_len: int, generator: 
         warnings.warn(f"calibration text has only {total} tokens (asked for {tokens}); using all of them. "
                       "Pass more text with --data for better routers.", stacklevel=2)
     provenance = {"files": files, "tokens": total, "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                  "seq_len": seq_len}
-    return picked, provenance
+                  "seq_len": seq_len, "heldout_tokens": held}
+    return picked, provenance, heldout

@@ -108,6 +108,34 @@ def evaluate_windows(model, wins: list[torch.Tensor], bos: bool, budgets: list[f
             "rows": rows}
 
 
+def quality_budget(model, wins: list[torch.Tensor], bos: bool, budget_table: list[dict], max_increase: float
+                   ) -> dict:
+    """The smallest calibrated budget whose perplexity on `wins` is at most (1 + max_increase) x dense: bisection
+    over the budget grid, since perplexity grows as the budget shrinks."""
+    mlps = sparse_mlps(model)
+
+    def ppl(target: float) -> float:
+        apply_budget(mlps, budget_table, target)
+        total, count = nll_sum(model, wins, bos)
+        return math.exp(total / count)
+
+    dense = ppl(1.0)
+    grid = sorted(b["target"] for b in budget_table)
+    measured = {}
+    lo, hi = 0, len(grid)  # the answer's index; len(grid) = only the dense model passes
+    while lo < hi:
+        mid = (lo + hi) // 2
+        measured[grid[mid]] = ppl(grid[mid])
+        if measured[grid[mid]] <= dense * (1 + max_increase):
+            hi = mid
+        else:
+            lo = mid + 1
+    apply_budget(mlps, budget_table, 1.0)
+    return {"max_ppl_increase": max_increase, "mlp_flops": grid[lo] if lo < len(grid) else 1.0,
+            "dense_ppl": dense, "tokens": sum(w.numel() - 1 for w in wins),
+            "measured": [{"target": t, "ppl": p} for t, p in sorted(measured.items())]}
+
+
 def evaluate(model_dir: str | Path, data: list[str] | None, budgets: list[float], max_tokens: int | None = None,
              seq_len: int = 1024, progress=None, device: str = "cpu") -> dict:
     """The report of `densesparse eval` (stable keys: model, data, tokens, dense, budgets)."""

@@ -266,8 +266,8 @@ def load(directory: str | Path, mlp_flops: float | None = None, device: str | to
                         found.add(key)
     missing = sorted(set(sparse_params) - found)
     if missing:
-        raise DenseSparseError(f"{directory} lacks router or gate-scale tensors ({missing[0]} and {len(missing) - 1} more): the "
-                               "safetensors do not match config.json; reconvert the model")
+        raise DenseSparseError(f"{directory} lacks router or gate-scale tensors ({missing[0]} and {len(missing) - 1} "
+                               "more): the safetensors do not match config.json; reconvert the model")
     model.to(device=device, dtype=dtype).eval()
     apply_budget(sparse_mlps(model), spec["budgets"], spec["default_mlp_flops"] if mlp_flops is None else mlp_flops)
     return model

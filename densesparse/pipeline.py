@@ -13,8 +13,9 @@ from densesparse import __version__
 from densesparse.arch import activation_name, decoder_layers, resolve_layout
 from densesparse.budget import calibrate_budgets, layer_points
 from densesparse.config import CalibrateConfig, ConfigError, ConvertConfig
-from densesparse.data import calibration_windows
+from densesparse.data import adds_bos, calibration_windows
 from densesparse.errors import DenseSparseError
+from densesparse.evaluate import quality_budget
 from densesparse.grouping import neuron_order, permute
 from densesparse.io import SPEC_VERSION, load, load_dense, load_tokenizer, save_sparse
 from densesparse.report import model_card
@@ -23,6 +24,7 @@ from densesparse.runtime import apply_budget, install, sparse_mlps
 from densesparse.stats import collect
 
 HELDOUT_TOKENS = 1024
+QUALITY_TOKENS = 4096  # held-out calibration text on which --max-ppl-increase is checked
 
 
 def _progress(show: bool):
@@ -44,6 +46,26 @@ def _split(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, t
     held = min(HELDOUT_TOKENS, x.shape[0] // 4)
     order = torch.randperm(x.shape[0], generator=generator)
     return x[order[held:]], x[order[:held]]
+
+
+def _windows(tokenizer, cfg, generator):
+    """Calibration windows, provenance, and the held-out windows a quality budget is checked on."""
+    quality = cfg.max_ppl_increase is not None
+    batches, provenance, heldout = calibration_windows(tokenizer, cfg.data, cfg.calib_tokens, cfg.seq_len, generator,
+                                                       QUALITY_TOKENS if quality else 0)
+    if quality and not heldout:
+        raise ConfigError("--max-ppl-increase needs held-out calibration text and the text is a single window: "
+                          "pass more text with --data or a smaller --seq-len")
+    return batches, provenance, heldout
+
+
+def _default_budget(model, tokenizer, spec: dict, cfg, heldout, fallback: float) -> float:
+    """--max-ppl-increase picks the default budget on held-out text (recorded in the spec); else `fallback`."""
+    if cfg.max_ppl_increase is None:
+        return fallback
+    spec["quality_target"] = quality_budget(model, heldout, adds_bos(tokenizer), spec["budgets"],
+                                            cfg.max_ppl_increase)
+    return spec["quality_target"]["mlp_flops"]
 
 
 def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: bool, spec: dict):
@@ -77,7 +99,7 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
     if (m - n_shared) % cfg.expert_size or m - n_shared < cfg.expert_size:
         raise ConfigError(f"intermediate size {m} minus {n_shared} shared neurons is not a positive multiple of "
                           f"--expert-size {cfg.expert_size}: pick an expert size that divides it")
-    batches, provenance = calibration_windows(tokenizer, cfg.data, cfg.calib_tokens, cfg.seq_len, generator)
+    batches, provenance, heldout = _windows(tokenizer, cfg, generator)
     spec = {
         "version": SPEC_VERSION, "tool_version": __version__, "base_class": type(model).__name__,
         "layout": layout.to_dict(), "activation": activation_name(model.config, layout), "hidden_size": d,
@@ -93,7 +115,8 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
         points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=True, refit=True, spec=spec)
     spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
     spec["router_kl"] = [round(v, 5) for v in losses]
-    apply_budget(mlps, spec["budgets"], cfg.mlp_flops)
+    spec["default_mlp_flops"] = _default_budget(model, tokenizer, spec, cfg, heldout, cfg.mlp_flops)
+    apply_budget(mlps, spec["budgets"], spec["default_mlp_flops"])
     spec["seconds"] = round(time.time() - started, 1)
     recipe = {"command": "convert", "config": cfg.to_dict(), "tool_version": __version__}
     save_sparse(model, tokenizer, spec, recipe, out, model_card(spec, recipe))
@@ -110,7 +133,7 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
     spec = model.config.densesparse
     layout = resolve_layout(model)
     generator = torch.Generator().manual_seed(cfg.seed)
-    batches, provenance = calibration_windows(tokenizer, cfg.data, cfg.calib_tokens, cfg.seq_len, generator)
+    batches, provenance, heldout = _windows(tokenizer, cfg, generator)
     mlps = sparse_mlps(model)
     with _progress(show_progress) as progress:
         samples = collect(model, layout, batches, progress)
@@ -119,8 +142,9 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
     spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
     if losses:
         spec["router_kl"] = [round(v, 5) for v in losses]
-    if cfg.mlp_flops is not None:
-        spec["default_mlp_flops"] = cfg.mlp_flops
+    spec.pop("quality_target", None)
+    spec["default_mlp_flops"] = _default_budget(model, tokenizer, spec, cfg, heldout,
+                                                cfg.mlp_flops or spec["default_mlp_flops"])
     spec["calibration"] = provenance
     spec["seed"] = cfg.seed
     spec["seconds"] = round(time.time() - started, 1)

@@ -69,6 +69,9 @@ def model_card(spec: dict, recipe: dict) -> str:
     cfg = recipe.get("config", {})
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items()
                      if v not in (None, False) and k not in ("model", "out"))
+    quality = spec.get("quality_target")
+    chosen = (f" (the smallest calibrated budget within +{quality['max_ppl_increase']:.0%} of dense perplexity "
+              f"{quality['dense_ppl']:.2f} on {quality['tokens']} held-out calibration tokens)") if quality else ""
     return f"""# Sparse model written by densesparse {spec['tool_version']}
 
 Source: `{spec.get('source_model')}` ({spec['base_class']}). Every FFN is sliced into {spec['n_experts']} experts of
@@ -82,7 +85,7 @@ Calibration: {spec['calibration']['tokens']} tokens from {', '.join(Path(f).name
 
 Load it with `densesparse.load(dir, mlp_flops=0.5)` or
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` then `model.set_mlp_flops(0.5)`.
-Default budget: {spec['default_mlp_flops']}. Evaluate with `densesparse eval DIR --data YOUR.txt`.
+Default budget: {spec['default_mlp_flops']}{chosen}. Evaluate with `densesparse eval DIR --data YOUR.txt`.
 
 | MLP FLOPs target | kept on calibration (held out) |
 |---|---|

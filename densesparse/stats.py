@@ -12,7 +12,6 @@ from rich.progress import Progress
 
 from densesparse.arch import FFNLayout, decoder_layers, get_attr
 
-
 SENSITIVITY_WINDOWS = 8
 
 

@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
+from densesparse.cli.main import app
 from typer.testing import CliRunner
 
-from densesparse.cli.main import app
 from densesparse.io import SPEC_VERSION
-
-from conftest import tiny_model
 
 runner = CliRunner()
 FAST = ["--calib-tokens", "600", "--seq-len", "64", "--router-epochs", "2", "--expert-size", "4",
@@ -61,6 +60,22 @@ def test_convert_calibrate_eval(llama_dir, tmp_path):
         assert 0 < b["mlp_flops_kept"] < 1 and b["total_flops_kept"] > b["mlp_flops_kept"]
     assert report.with_suffix(".png").stat().st_size > 1000
     assert "## Evaluation" in (out / "README.md").read_text()
+    for tolerance in ("10", "0.02"):  # a quality budget: the smallest grid budget within PPL <= (1 + x) dense
+        r = runner.invoke(app, ["calibrate", str(out), "--data", str(other), "--max-ppl-increase", tolerance,
+                                "--calib-tokens", "600", "--seq-len", "64", "--router-epochs", "1",
+                                "--min-budget", "0.3"])
+        assert r.exit_code == 0, r.output
+        spec3 = json.loads((out / "config.json").read_text())["densesparse"]
+        q = spec3["quality_target"]
+        limit = q["dense_ppl"] * (1 + float(tolerance))
+        measured = {m["target"]: m["ppl"] for m in q["measured"]}
+        assert spec3["default_mlp_flops"] == q["mlp_flops"] and q["tokens"] > 0 and measured
+        assert q["mlp_flops"] == 1.0 or measured[q["mlp_flops"]] <= limit
+        assert all(p > limit for t, p in measured.items() if t < q["mlp_flops"])
+        if tolerance == "10":
+            assert q["mlp_flops"] == min(b["target"] for b in spec3["budgets"])
+    r = runner.invoke(app, ["calibrate", str(out), "--max-ppl-increase", "0"])
+    assert r.exit_code == 2 and "--max-ppl-increase" in r.output
 
 
 def test_help_is_documented():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from densesparse.arch import activation_name, resolve_layout
 from densesparse.config import ConvertConfig
@@ -11,8 +12,6 @@ from densesparse.grouping import permute
 from densesparse.io import load
 from densesparse.pipeline import _intermediate_size, convert
 from densesparse.runtime import LayerStats, apply_budget, install, sparse_mlps
-
-from conftest import tiny_model
 
 
 def _spec(model, expert_size=4, n_shared=0, width=16):
