@@ -53,35 +53,11 @@ DEV = "cuda"
 # ----------------------------------------------------------------------------------------------------------------
 def time_graph(fn, n_inner, reps=25, warm=3):
     """fn(i) enqueues call i (i picks the weight copy). Captures n_inner calls in one graph; median per call, us."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(2):
-            fn(i % n_inner)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(n_inner):
-            fn(i)
-    for _ in range(warm):
-        g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1000.0 / n_inner)
-    del g
-    return statistics.median(ts)
+    return time_graphs([fn], n_inner, reps, warm)[0]
 
 
 def time_graphs(fns, n_inner, reps=25, warm=3):
-    """Like time_graph for several fns, their graphs replayed in turn, the order reversed every other round
+    """time_graph for several fns (one graph each), their graphs replayed in turn, the order reversed every other round
     (a b c, c b a, ...): clock drift under a sustained load (seen: the same 2048-token dense layer 5% slower a few
     seconds later, and 3% apart when always replayed in the same order) hits all alike."""
     graphs = []

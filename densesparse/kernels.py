@@ -309,17 +309,10 @@ def _r1_kernel(x_ptr, w1_ptr, part_ptr, T, d, r, KLEN,
 
 
 @triton.jit
-def _r2_kernel(part_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e, SPLIT,
-               HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-               BE: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr):
-    """logits[t, j] = relu(sum_s part[s, t, :] + b1) . w2[j, :] + b2[j], fp32 FMA (exact products).
-
-    Program (expert tile, token): loads the [BE, r] tile of w2 (L2-resident after the first token), reduces the
-    token's [SPLIT, r] partials (one 2-D load), relu, one row-reduction gives BE logits. Tokens run in parallel."""
-    pid = tl.program_id(0)
-    t = tl.program_id(1)
-    ex = pid * BE + tl.arange(0, BE)
-    emask = ex < n_e
+def _r2_logits(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, ex, emask, T, r, SPLIT,
+               HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr):
+    """Token t's logits for experts ex [BE] in fp32: relu(sum_s part[s, t, :] + b1) . w2[ex, :] + b2[ex] (FMA,
+    exact products). Shared by _r2_kernel and _r2_select_kernel so the fused path computes the same logits."""
     offs_r = tl.arange(0, RP)
     rmask = offs_r < r
     offs_s = tl.arange(0, SP)
@@ -334,6 +327,21 @@ def _r2_kernel(part_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e, SPLIT,
     s = tl.sum(w2 * h1[None, :], axis=1)
     if HAS_B2:
         s += tl.load(b2_ptr + ex, mask=emask, other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _r2_kernel(part_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e, SPLIT,
+               HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+               BE: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr):
+    """logits[t, j] = relu(sum_s part[s, t, :] + b1) . w2[j, :] + b2[j], fp32 FMA (exact products).
+
+    Program (expert tile, token): loads the [BE, r] tile of w2 (L2-resident after the first token), reduces the
+    token's [SPLIT, r] partials (one 2-D load), relu, one row-reduction gives BE logits. Tokens run in parallel."""
+    t = tl.program_id(1)
+    ex = tl.program_id(0) * BE + tl.arange(0, BE)
+    emask = ex < n_e
+    s = _r2_logits(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, ex, emask, T, r, SPLIT, HAS_B1, HAS_B2, RP, SP)
     tl.store(s_ptr + t * n_e + ex, s, mask=emask)
 
 
@@ -436,24 +444,10 @@ def _r2_select_kernel(part_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, out_ptr, cnt_ptr,
     spinning): each program stores its BE logits and bumps the token's counter (acq_rel); the one that sees
     n_programs - 1 reads the token's n_e logits from L2 (.cg), runs _bisect_keep, writes the mask row and re-zeroes
     the counter for the next call."""
-    pid = tl.program_id(0)
     t = tl.program_id(1)
-    ex = pid * BE + tl.arange(0, BE)
+    ex = tl.program_id(0) * BE + tl.arange(0, BE)
     emask = ex < n_e
-    offs_r = tl.arange(0, RP)
-    rmask = offs_r < r
-    offs_s = tl.arange(0, SP)
-    pmask = (offs_s < SPLIT)[:, None] & rmask[None, :]
-    pv = tl.load(part_ptr + offs_s[:, None] * T * r + t * r + offs_r[None, :], mask=pmask, other=0.0)
-    w2 = tl.load(w2_ptr + ex[:, None] * r + offs_r[None, :], mask=emask[:, None] & rmask[None, :],
-                 other=0.0).to(tl.float32)
-    h1 = tl.sum(pv, axis=0)
-    if HAS_B1:
-        h1 += tl.load(b1_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)
-    h1 = tl.maximum(h1, 0.0)
-    sv = tl.sum(w2 * h1[None, :], axis=1)
-    if HAS_B2:
-        sv += tl.load(b2_ptr + ex, mask=emask, other=0.0).to(tl.float32)
+    sv = _r2_logits(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, ex, emask, T, r, SPLIT, HAS_B1, HAS_B2, RP, SP)
     tl.store(s_ptr + t * n_e + ex, sv, mask=emask)
     tl.debug_barrier()
     done = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel", scope="gpu")

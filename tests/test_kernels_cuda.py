@@ -80,6 +80,20 @@ def rel_err(a, ref):
     return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def capture_graph(fn):
+    """fn() once on a side stream (compiles and allocates outside the capture), then captured: (graph, fn's result,
+    whose tensors each replay rewrites)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
 def make_layer(gen, d, e, n_shared, n_e, dtype, gated=True, biases=False, device=DEV):
     m = n_shared * e + n_e * e
 
@@ -302,14 +316,7 @@ def test_gate_dial_cuda_graph(two_phase, monkeypatch):
         return mk, K.sparse_mlp(x_static, packed, L["b_gate"], L["b_up"], L["b_down"], mk, None, "silu",
                                 gate_scale=gs, gate_tau=gate_tau)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        mk_out, y_out = step()
+    g, (mk_out, y_out) = capture_graph(step)
     for _ in range(3):
         x_static.copy_(torch.randn(T, d, generator=gen).to(DEV, torch.bfloat16))
         g.replay()
@@ -336,14 +343,7 @@ def test_mlp_cuda_graph():
         mk = K.route(x_static, r_w1, None, r_w2, None, 0.5)
         return mk, K.sparse_mlp(x_static, packed, L["b_gate"], L["b_up"], L["b_down"], mk, None, "silu")
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        mk_out, y_out = step()
+    g, (mk_out, y_out) = capture_graph(step)
     for seed in range(3):
         x_static.copy_(torch.randn(T, d, generator=gen).to(DEV, torch.bfloat16))
         g.replay()
@@ -608,14 +608,7 @@ def test_route_fused_matches_three_launches(T, n_e, r, mode, monkeypatch):
     assert K._ROUTER_BAR[key].abs().sum().item() == 0, "barrier counters not left zeroed"
     # in a CUDA graph, replayed with new inputs
     x_static = x.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        K.route(x_static, r_w1, r_b1, r_w2, r_b2, 0.5)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        mk_g = K.route(x_static, r_w1, r_b1, r_w2, r_b2, 0.5)
+    g, mk_g = capture_graph(lambda: K.route(x_static, r_w1, r_b1, r_w2, r_b2, 0.5))
     for _ in range(3):
         x_static.copy_(torch.randn(T, d, generator=gen).to(DEV, torch.bfloat16))
         g.replay()
@@ -709,6 +702,14 @@ def _capture_inputs(model, mlps, ids):
 
 def _run_both(model, mlps, ids, monkeypatch):
     """(logits, stats) of the CUDA path, then of the pure-torch path on the CUDA pass's expert masks."""
+    out = _run_both_fwd(lambda: model(input_ids=ids).logits, mlps, monkeypatch)
+    assert all(mm._kernel_cache is not None for mm in mlps), "the CUDA path did not run"
+    return out
+
+
+def _run_both_fwd(fwd, mlps, monkeypatch):
+    """fwd()'s output and the mlps' stats on the CUDA path, then on the pure-torch path with each mlp given the mask
+    the CUDA pass routed for it (route calls in layer order, one per mlp)."""
     from densesparse import runtime
     rec = []
     real_route = K.route
@@ -720,10 +721,9 @@ def _run_both(model, mlps, ids, monkeypatch):
     for mm in mlps:
         mm.stats = runtime.LayerStats(mm.n_experts)
     monkeypatch.setattr(K, "route", route_rec)
-    y_cuda = model(input_ids=ids).logits
+    y_cuda = fwd()
     monkeypatch.setattr(K, "route", real_route)
     st_cuda = [mm.stats for mm in mlps]
-    assert all(mm._kernel_cache is not None for mm in mlps), "the CUDA path did not run"
     with monkeypatch.context() as mp:
         if rec:
             for mm, mk in zip(mlps, rec):
@@ -731,7 +731,7 @@ def _run_both(model, mlps, ids, monkeypatch):
         mp.setattr(runtime, "_kernels", lambda: None)
         for mm in mlps:
             mm.stats = runtime.LayerStats(mm.n_experts)
-        y_torch = model(input_ids=ids).logits
+        y_torch = fwd()
     st_torch = [mm.stats for mm in mlps]
     for mm in mlps:
         mm.stats = None
@@ -814,25 +814,5 @@ def test_module_gate_dial_stats_exact(T, monkeypatch):
 
 
 def _run_both_module(mm, x, monkeypatch):
-    from densesparse import runtime
-    rec = []
-    real_route = K.route
-
-    def route_rec(xx, *a):
-        mk = real_route(xx, *a)
-        rec.append(mk.clone())
-        return mk
-    mm.stats = runtime.LayerStats(mm.n_experts)
-    monkeypatch.setattr(K, "route", route_rec)
-    y_cuda = mm(x)
-    monkeypatch.setattr(K, "route", real_route)
-    st_cuda = mm.stats
-    with monkeypatch.context() as mp:
-        if rec:
-            mp.setattr(mm, "select", lambda x2: rec[0])
-        mp.setattr(runtime, "_kernels", lambda: None)
-        mm.stats = runtime.LayerStats(mm.n_experts)
-        y_torch = mm(x)
-    st_torch = mm.stats
-    mm.stats = None
-    return y_cuda, st_cuda, y_torch, st_torch
+    y_cuda, st_cuda, y_torch, st_torch = _run_both_fwd(lambda: mm(x), [mm], monkeypatch)
+    return y_cuda, st_cuda[0], y_torch, st_torch[0]
