@@ -30,8 +30,9 @@ _r2_kernel (program per (BE experts, token): reduces the partials, relu, fp32 FM
 r_w2), _select_kernel (exact sort-free XMoE rule, pairwise). CONFIG["router"] picks these three launches
 ("three", the default: fastest on the H100), R1 + _r2_select_kernel (the last R2 program of each token runs the
 bisection select: two launches, "r2sel") or _route_fused_kernel (the three as phases of one persistent launch
-with grid barriers, "persistent"); bench/GPU_NOTES.md has the timings. T > 16: cuBLAS layer 1 (bf16), _r2_big_kernel (relu + bf16 tensor-core layer 2, fp32 logits), _select_bisect_kernel (one program per
-token: bisection over the float bits of the cutoff probability, 31 CTA-wide sums: O(n_e log) not O(n_e^2)).
+with grid barriers, "persistent"); bench/GPU_NOTES.md has the timings. T > 16: cuBLAS layer 1 (bf16),
+_r2_big_kernel (relu + bf16 tensor-core layer 2, fp32 logits), _select_bisect_kernel (one program per token:
+bisection over the float bits of the cutoff probability, 31 CTA-wide sums: O(n_e log) not O(n_e^2)).
 """
 from __future__ import annotations
 
@@ -287,11 +288,9 @@ def _mask_act_kernel(g_ptr, u_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, ga
 
 
 @triton.jit
-def _r1_kernel(x_ptr, w1_ptr, part_ptr, T, d, r, KLEN,
-               BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
-    """part[s, t, i] = sum over the s-th slice of d of x[t, k] * w1[i, k]."""
-    pid_r = tl.program_id(0)
-    pid_s = tl.program_id(1)
+def _r1_tile(x_ptr, w1_ptr, part_ptr, pid_r, pid_s, T, d, r, KLEN,
+             BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    """part[s, t, i] = sum over the s-th slice of d of x[t, k] * w1[i, k], for the BR rows of tile pid_r."""
     rows = pid_r * BR + tl.arange(0, BR)
     rmask = rows < r
     offs_t = tl.arange(0, BT)
@@ -309,15 +308,26 @@ def _r1_kernel(x_ptr, w1_ptr, part_ptr, T, d, r, KLEN,
 
 
 @triton.jit
+def _r1_kernel(x_ptr, w1_ptr, part_ptr, T, d, r, KLEN,
+               BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    """_r1_tile of program (row tile, d slice)."""
+    _r1_tile(x_ptr, w1_ptr, part_ptr, tl.program_id(0), tl.program_id(1), T, d, r, KLEN, BT, BR, BK)
+
+
+@triton.jit
 def _r2_logits(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, ex, emask, T, r, SPLIT,
-               HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr):
+               HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr,
+               CACHE: tl.constexpr):
     """Token t's logits for experts ex [BE] in fp32: relu(sum_s part[s, t, :] + b1) . w2[ex, :] + b2[ex] (FMA,
-    exact products). Shared by _r2_kernel and _r2_select_kernel so the fused path computes the same logits."""
+    exact products). Shared by _r2_kernel, _r2_select_kernel and the persistent router so every path computes the
+    same logits. CACHE ".cg": the partials were written by other programs of the same launch, so read them from L2,
+    not a stale L1."""
     offs_r = tl.arange(0, RP)
     rmask = offs_r < r
     offs_s = tl.arange(0, SP)
     pmask = (offs_s < SPLIT)[:, None] & rmask[None, :]
-    pv = tl.load(part_ptr + offs_s[:, None] * T * r + t * r + offs_r[None, :], mask=pmask, other=0.0)
+    pv = tl.load(part_ptr + offs_s[:, None] * T * r + t * r + offs_r[None, :], mask=pmask, other=0.0,
+                 cache_modifier=CACHE)
     w2 = tl.load(w2_ptr + ex[:, None] * r + offs_r[None, :], mask=emask[:, None] & rmask[None, :],
                  other=0.0).to(tl.float32)
     h1 = tl.sum(pv, axis=0)
@@ -341,7 +351,7 @@ def _r2_kernel(part_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e, SPLIT,
     t = tl.program_id(1)
     ex = tl.program_id(0) * BE + tl.arange(0, BE)
     emask = ex < n_e
-    s = _r2_logits(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, ex, emask, T, r, SPLIT, HAS_B1, HAS_B2, RP, SP)
+    s = _r2_logits(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, ex, emask, T, r, SPLIT, HAS_B1, HAS_B2, RP, SP, "")
     tl.store(s_ptr + t * n_e + ex, s, mask=emask)
 
 
@@ -368,29 +378,30 @@ def _r2_big_kernel(h1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e,
 
 
 @triton.jit
-def _select_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
-    """XMoE rule on softmax(logits[t]): keep expert j iff the mass of the experts with larger p is < thr.
+def _select_block(s_ptr, out_ptr, t, jb, n_e, thr, ALL: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+                  CACHE: tl.constexpr):
+    """XMoE rule on softmax(logits[t]) for the experts j of block jb: keep j iff the mass of the experts with larger
+    p is < thr.
 
-    Sort-free and exact: q = exp(s - max) (monotone in p); program (t, jb) handles experts j of block jb and
-    sums, over all k, q_k where q_k > q_j (pairwise, accumulated elementwise, one reduction at the end);
-    keep j iff that mass < thr * sum(q). Ties: experts with equal p do not count as ranked before each other.
-    """
-    t = tl.program_id(0).to(tl.int64)
-    jb = tl.program_id(1)
+    Sort-free and exact: q = exp(s - max) (monotone in p); sums, over all k, q_k where q_k > q_j (pairwise,
+    accumulated elementwise, one reduction at the end); keep j iff that mass < thr * sum(q). Ties: experts with
+    equal p do not count as ranked before each other. CACHE ".cg": logits written by other programs of the same
+    launch are read from L2."""
     row = s_ptr + t * n_e
     offs_k = tl.arange(0, BK)
     mx = tl.full([BK], float("-inf"), tl.float32)
     for c in range(0, n_e, BK):
-        v = tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf"))
+        v = tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf"), cache_modifier=CACHE)
         mx = tl.maximum(mx, v)
     smax = tl.max(mx, axis=0)
     offs_j = jb * BJ + tl.arange(0, BJ)
     jmask = offs_j < n_e
-    qj = tl.exp(tl.load(row + offs_j, mask=jmask, other=float("-inf")) - smax)
+    qj = tl.exp(tl.load(row + offs_j, mask=jmask, other=float("-inf"), cache_modifier=CACHE) - smax)
     zacc = tl.zeros([BK], dtype=tl.float32)
     macc = tl.zeros([BJ, BK], dtype=tl.float32)
     for c in range(0, n_e, BK):
-        qk = tl.exp(tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf")) - smax)
+        qk = tl.exp(tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf"), cache_modifier=CACHE)
+                    - smax)
         zacc += qk
         if not ALL:
             macc += tl.where(qk[None, :] > qj[:, None], qk[None, :], 0.0)
@@ -400,6 +411,12 @@ def _select_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BJ: tl.constexpr
         mass = tl.sum(macc, axis=1)
         keep = mass < thr * tl.sum(zacc, axis=0)
     tl.store(out_ptr + t * n_e + offs_j, keep.to(tl.uint8), mask=jmask)
+
+
+@triton.jit
+def _select_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    """_select_block of program (token, expert block)."""
+    _select_block(s_ptr, out_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), n_e, thr, ALL, BJ, BK, "")
 
 
 @triton.jit
@@ -447,7 +464,7 @@ def _r2_select_kernel(part_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, out_ptr, cnt_ptr,
     t = tl.program_id(1)
     ex = tl.program_id(0) * BE + tl.arange(0, BE)
     emask = ex < n_e
-    sv = _r2_logits(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, ex, emask, T, r, SPLIT, HAS_B1, HAS_B2, RP, SP)
+    sv = _r2_logits(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, ex, emask, T, r, SPLIT, HAS_B1, HAS_B2, RP, SP, "")
     tl.store(s_ptr + t * n_e + ex, sv, mask=emask)
     tl.debug_barrier()
     done = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel", scope="gpu")
@@ -481,84 +498,30 @@ def _route_fused_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, part_ptr, s_ptr, 
                         BT: tl.constexpr, BR: tl.constexpr, BK1: tl.constexpr,
                         BE: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr,
                         BJ: tl.constexpr, BK: tl.constexpr, MAX_SPIN: tl.constexpr):
-    """_r1_kernel, _r2_kernel and _select_kernel (same arithmetic; R2's row sums may round in another order) as
+    """_r1_kernel, _r2_kernel and _select_kernel (the same _r1_tile and _r2_logits; selection pairwise) as
     three phases of one persistent launch: each program loops over the phase's work items; phases are separated
     by grid barriers (bar_ptr[0], bar_ptr[1]); the last program to finish re-zeroes the three counters for the
     next call. Cross-program data (partials, logits) is read with .cg loads (L2, not a stale L1)."""
     pid = tl.program_id(0)
     # phase 1: partials part[s, t, i] = x[t, slice s] . w1[i, slice s]
     n_r = tl.cdiv(r, BR)
-    offs_t = tl.arange(0, BT)
-    tok_ok = offs_t < T
     for item in range(pid, n_r * SPLIT, n_prog):
-        pid_r = item % n_r
-        pid_s = item // n_r
-        rows = pid_r * BR + tl.arange(0, BR)
-        rmask = rows < r
-        acc = tl.zeros([BT, BR], dtype=tl.float32)
-        k_begin = pid_s * KLEN
-        for k0 in range(0, KLEN, BK1):
-            k = k_begin + k0 + tl.arange(0, BK1)
-            kmask = (k < d) & (k < k_begin + KLEN)
-            xv = tl.load(x_ptr + offs_t[:, None] * d + k[None, :], mask=tok_ok[:, None] & kmask[None, :], other=0.0)
-            wv = tl.load(w1_ptr + rows[:, None] * d + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            acc += tl.dot(xv, tl.trans(wv))
-        tl.store(part_ptr + pid_s * T * r + offs_t[:, None] * r + rows[None, :], acc,
-                 mask=tok_ok[:, None] & rmask[None, :])
+        _r1_tile(x_ptr, w1_ptr, part_ptr, item % n_r, item // n_r, T, d, r, KLEN, BT, BR, BK1)
     _grid_sync(bar_ptr, n_prog, MAX_SPIN)
     # phase 2: logits[t, j] = relu(sum_s part[s, t, :] + b1) . w2[j, :] + b2[j]
     n_eb = tl.cdiv(n_e, BE)
-    offs_r = tl.arange(0, RP)
-    rmask2 = offs_r < r
-    offs_s = tl.arange(0, SP)
-    pmask = (offs_s < SPLIT)[:, None] & rmask2[None, :]
     for item in range(pid, n_eb * T, n_prog):
         eb = item % n_eb
         t = item // n_eb
         ex = eb * BE + tl.arange(0, BE)
         emask = ex < n_e
-        pv = tl.load(part_ptr + offs_s[:, None] * T * r + t * r + offs_r[None, :], mask=pmask, other=0.0,
-                     cache_modifier=".cg")
-        w2 = tl.load(w2_ptr + ex[:, None] * r + offs_r[None, :], mask=emask[:, None] & rmask2[None, :],
-                     other=0.0).to(tl.float32)
-        h1 = tl.sum(pv, axis=0)
-        if HAS_B1:
-            h1 += tl.load(b1_ptr + offs_r, mask=rmask2, other=0.0).to(tl.float32)
-        h1 = tl.maximum(h1, 0.0)
-        sv = tl.sum(w2 * h1[None, :], axis=1)
-        if HAS_B2:
-            sv += tl.load(b2_ptr + ex, mask=emask, other=0.0).to(tl.float32)
+        sv = _r2_logits(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, ex, emask, T, r, SPLIT, HAS_B1, HAS_B2, RP, SP, ".cg")
         tl.store(s_ptr + t * n_e + ex, sv, mask=emask)
     _grid_sync(bar_ptr + 1, n_prog, MAX_SPIN)
     # phase 3: the XMoE rule, pairwise (as _select_kernel)
     n_jb = tl.cdiv(n_e, BJ)
-    offs_k = tl.arange(0, BK)
     for item in range(pid, T * n_jb, n_prog):
-        t = (item // n_jb).to(tl.int64)
-        jb = item % n_jb
-        row = s_ptr + t * n_e
-        mx = tl.full([BK], float("-inf"), tl.float32)
-        for c in range(0, n_e, BK):
-            v = tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf"), cache_modifier=".cg")
-            mx = tl.maximum(mx, v)
-        smax = tl.max(mx, axis=0)
-        offs_j = jb * BJ + tl.arange(0, BJ)
-        jmask = offs_j < n_e
-        qj = tl.exp(tl.load(row + offs_j, mask=jmask, other=float("-inf"), cache_modifier=".cg") - smax)
-        zacc = tl.zeros([BK], dtype=tl.float32)
-        macc = tl.zeros([BJ, BK], dtype=tl.float32)
-        for c in range(0, n_e, BK):
-            qk = tl.exp(tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf"),
-                                cache_modifier=".cg") - smax)
-            zacc += qk
-            if not ALL:
-                macc += tl.where(qk[None, :] > qj[:, None], qk[None, :], 0.0)
-        if ALL:
-            keep = jmask
-        else:
-            mass = tl.sum(macc, axis=1)
-            keep = mass < thr * tl.sum(zacc, axis=0)
-        tl.store(out_ptr + t * n_e + offs_j, keep.to(tl.uint8), mask=jmask)
+        _select_block(s_ptr, out_ptr, (item // n_jb).to(tl.int64), item % n_jb, n_e, thr, ALL, BJ, BK, ".cg")
     # every program has passed both barriers once it gets here: the last one re-zeroes the counters
     tl.debug_barrier()
     done = tl.atomic_add(bar_ptr + 2, 1, sem="acq_rel", scope="gpu")
