@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import platform
@@ -181,6 +182,7 @@ def main():
             "data": str(eval_text.relative_to(ROOT.parent)) if eval_text == WT2 else str(eval_text),
             "protocol": ("wt2-64k" if args.windows == 64 else f"wt2-64k cut to its first {args.windows} windows")
             if eval_text == WT2 else f"custom text, {args.windows} windows of 1024",
+            "data_sha256": hashlib.sha256(eval_text.read_bytes()).hexdigest(),
             "tokens": tokens,
             "calibration": state.get("provenance"),
             "command": "python " + " ".join(sys.argv),
