@@ -2,6 +2,7 @@
 
     python3 bench/gpu_speed.py --out $OUT/gpu-h100.json [--sweep] [--quick]
     python3 bench/gpu_speed.py --out RECORD.json --gate-dial-only   (adds/replaces the key gate_dial of RECORD.json)
+    python3 bench/gpu_speed.py --out $OUT/gpu-h100-compact.json --compact-only [--quick] [--no-trials]
 
 Sections (each a function; main() strings them together, so a section can be added):
   check_correctness()  quick float64-reference checks, fails loudly
@@ -16,6 +17,10 @@ Sections (each a function; main() strings them together, so a section can be add
                        and the MLP-FLOPs kept fraction from the kernels' own counts
   bench_prefill()      2048-token layer: dense vs sparse (dense dispatch; router + dense-with-mask also recorded)
   tile_trials()        a few decode-kernel tile configs at llama3-8b T=1 (MLP only); keeps the fastest
+  compact_trials()     (--compact-only) tiles of the compacted decode path (kernels.CONFIG["compact"]), old path as
+                       the yardstick; profile_compact() per-kernel device times old vs compacted; bench_compact() old vs
+                       compacted side by side (router + MLP, MLP alone, list kernel, ideal, floor; e 8/16/32, T 1/2
+                       and 4); bench_compact_dial() the same with the gate dial
   bench_e2e()          Llama-3-8B-shaped model (random bf16 weights), decode tok/s (128-token prompt in a StaticCache,
                        one decode step captured in a CUDA graph)
                        and 2048-token prefill, dense vs sparse at ~50% / ~25% kept MLP FLOPs
@@ -1026,6 +1031,219 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
     return out
 
 
+def _with_cfg(cfg, fn):
+    """fn run with K.CONFIG updated by cfg (restored after): a graph captured inside keeps cfg's kernels."""
+    old = {k: K.CONFIG[k] for k in cfg}
+    K.CONFIG.update(cfg)
+    try:
+        return fn()
+    finally:
+        K.CONFIG.update(old)
+
+
+def compact_trials(quick=False, shape="llama3-8b", e=8):
+    """Tiles of the compacted decode path (MLP alone, llama3-8b, e=8, T 1/2, kept 0.25/0.5, random masks), the old
+    path in the same interleaved graphs as the yardstick. Greedy: gate/up group first, then down; keeps the fastest
+    (summed over the cases) in K.CONFIG for the rest of the run (the record says which)."""
+    L = Layer(shape)
+    L.pack_for(e)
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    cases = []
+    for T in (1, 2):
+        x = torch.randn(T, L.d, device=DEV, dtype=DT, generator=gen)
+        for kept in (0.25, 0.5):
+            cases.append((T, kept, x, random_mask(T, L.m // e, kept, gen)))
+    # runs C1-C5 of this round (bench/GPU_NOTES.md) also tried c_gu_BN 16/64, gu_BK 128/512, c_dn_BN 64, c_dn_BD 128,
+    # fixed chunks of 128/256/512 compacted rows, h in neuron order with the old down kernel reading it where the
+    # mask selects, the next blocks loaded one step ahead: all slower; these groups: the list made by every gate/up
+    # program vs one separate kernel, and the down kernel's split / skip / stages / warps
+    groups = [
+        [{}, {"c_fused": False}],
+        [{}, {"c_dn_skip": True}, {"c_dn_split": 14}, {"c_dn_split": 56}, {"c_dn_stages": 2}, {"c_dn_warps": 2}],
+    ]
+    log = []
+    for grp in groups:
+        base = dict(K.CONFIG)
+        tot = [0.0] * len(grp)
+        for T, kept, x, mask in cases:
+            def mlp(i, cfg, compact):
+                c = {"compact": compact}
+                c.update(cfg)
+                return _with_cfg(c, lambda: K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mask, None, "silu",
+                                                         path="triton"))
+            fns = [lambda i: mlp(i, {}, False)] + [lambda i, tr=tr: mlp(i, tr, True) for tr in grp]
+            try:
+                ts = time_graphs(fns, 2 * L.nc, reps=20)
+            except Exception as ex:  # one tile that does not compile / fit: time them one by one
+                ts = [time_graph(fns[0], 2 * L.nc)]
+                for f in fns[1:]:
+                    try:
+                        ts.append(time_graph(f, 2 * L.nc))
+                    except Exception as ex2:
+                        print("  tile failed:", str(ex2)[:120], flush=True)
+                        ts.append(float("inf"))
+            for j in range(len(grp)):
+                tot[j] += ts[1 + j]
+            log.append({"batch": T, "kept": kept, "old_us": round(ts[0], 2),
+                        "compact_us": [{"cfg": tr, "us": round(t, 2)} for tr, t in zip(grp, ts[1:])]})
+            print(f"  compact tiles T={T} kept={kept}: old {ts[0]:.1f} | " +
+                  " ".join(f"{tr or 'base'} {t:.1f}" for tr, t in zip(grp, ts[1:])), flush=True)
+        best = min(range(len(grp)), key=lambda j: tot[j])
+        K.CONFIG.clear()
+        K.CONFIG.update(base)
+        K.CONFIG.update(grp[best])
+    picked = {k: K.CONFIG[k] for k in K.CONFIG if k.startswith("c_") or k.startswith("gu_") or k.startswith("dn_")}
+    print("compact tiles picked:", picked, flush=True)
+    del L
+    torch.cuda.empty_cache()
+    return {"picked": picked, "log": log}
+
+
+def bench_compact(copy_gbps, es=(8, 16, 32), kepts=(0.5, 0.25), Ts=(1, 2), shape="llama3-8b", extra_T=(4,)):
+    """Old vs compacted Triton decode path, side by side in one set of interleaved graphs per case: dense;
+    router + old MLP; router + compacted MLP; the two MLPs alone (random masks); the compaction kernel alone
+    (active_blocks); the router alone; the pre-sliced cuBLAS ideal (kept rows of each weight, dense GEMV). Floor =
+    the union's MLP bytes at the copy rate. Also each case's outputs old vs compact (rel err, float). extra_T (e=8
+    only): T where the Triton path is not the default (dense dispatch), for what the compacted kernels would give."""
+    rows = []
+    gen = torch.Generator(device=DEV).manual_seed(12)
+    L = Layer(shape)
+    d, m = L.d, L.m
+    for e in es:
+        L.pack_for(e)
+        n_e = m // e
+        for T in tuple(Ts) + (tuple(extra_T) if e == es[0] else ()):
+            x = torch.randn(T, d, device=DEV, dtype=DT, generator=gen)
+            for kept in kepts:
+                mask = random_mask(T, n_e, kept, gen)
+                union = mask.any(0).float().mean().item()
+                mk = max(1, round(union * m))
+                sl = [(wg[:mk].contiguous(), wu[:mk].contiguous(), wd[:, :mk].contiguous())
+                      for (wg, wu, wd) in L.dense]
+
+                def mlp(i, compact, fused=True):
+                    return _with_cfg({"compact": compact, "c_fused": fused}, lambda: K.sparse_mlp(
+                        x, L.packed[i % L.nc], None, None, None, mask, None, "silu", path="triton"))
+
+                def full(i, compact):
+                    K.route(x, *L.router[i % L.nc], 0.5)
+                    return mlp(i, compact)
+                ys = [mlp(0, False).float(), mlp(0, True).float()]
+                diff = ((ys[0] - ys[1]).norm() / ys[0].norm()).item()
+                blk = K.active_blocks(mask, 0)
+                assert blk[0].item() == mask.any(0).sum().item()
+                ts = time_graphs([
+                    lambda i: dense_mlp(x, *L.dense[i % L.nc]),
+                    lambda i: full(i, False),
+                    lambda i: full(i, True),
+                    lambda i: mlp(i, False),
+                    lambda i: mlp(i, True),
+                    lambda i: mlp(i, True, False),
+                    lambda i: K.active_blocks(mask, 0),
+                    lambda i: K.route(x, *L.router[i % L.nc], 0.5),
+                    lambda i: dense_mlp(x, *sl[i % L.nc]),
+                ], 2 * L.nc, reps=30)
+                del sl
+                dense, old, comp, m_old, m_comp, m_kern, cpt, router, ideal = ts
+                floor = union * 3 * m * d * 2 / (copy_gbps * 1e9) * 1e6
+                row = {"shape": shape, "expert_size": e, "batch": T, "kept": kept, "union_frac": round(union, 4),
+                       "dense_us": round(dense, 2), "old_us": round(old, 2), "compact_us": round(comp, 2),
+                       "mlp_old_us": round(m_old, 2), "mlp_compact_us": round(m_comp, 2),
+                       "mlp_compact_sep_kernel_us": round(m_kern, 2), "compaction_kernel_us": round(cpt, 2),
+                       "router_us": round(router, 2),
+                       "ideal_us": round(ideal, 2), "floor_mlp_us": round(floor, 2),
+                       "compact_vs_old_rel": diff, "default_path": T <= K.DECODE_MAX_T}
+                rows.append(row)
+                print(f"compact e={e} T={T} kept={kept} union {union:.3f}: dense {dense:.1f} | router+MLP old {old:.1f}"
+                      f" compact {comp:.1f} | MLP old {m_old:.1f} compact {m_comp:.1f} (sep. kernel {m_kern:.1f}) | "
+                      f"ideal {ideal:.1f} floor {floor:.1f} | compaction {cpt:.1f} router {router:.1f} | rel {diff:.1e}",
+                      flush=True)
+    del L
+    torch.cuda.empty_cache()
+    return rows
+
+
+def profile_compact(cases=((1, 0.25), (1, 0.5), (2, 0.5), (4, 0.5)), e=8, shape="llama3-8b"):
+    """Per-kernel device time (torch.profiler, us per call) of the old and the compacted MLP (the CONFIG of the run,
+    then variants: the list by a separate kernel, the down kernel skipping zero h rows), llama3-8b e=8: which kernel
+    gains or loses."""
+    from torch.profiler import ProfilerActivity, profile
+    L = Layer(shape)
+    L.pack_for(e)
+    gen = torch.Generator(device=DEV).manual_seed(13)
+    out = []
+    for T, kept in cases:
+        x = torch.randn(T, L.d, device=DEV, dtype=DT, generator=gen)
+        mask = random_mask(T, L.m // e, kept, gen)
+        for name, cfg in (("old", {"compact": False}), ("compact", {"compact": True}),
+                          ("sep-list", {"compact": True, "c_fused": False}),
+                          ("skip", {"compact": True, "c_dn_skip": True})):
+            def call(i):
+                return _with_cfg(cfg, lambda: K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mask, None,
+                                                            "silu", path="triton"))
+            for i in range(3):
+                call(i)
+            torch.cuda.synchronize()
+            n = 20
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for i in range(n):
+                    call(i)
+                torch.cuda.synchronize()
+            ks = {}
+            for ev in prof.key_averages():
+                if getattr(ev, "device_time_total", 0) > 0:
+                    ks[ev.key[:40]] = round(ev.device_time_total / n, 2)
+            out.append({"batch": T, "kept": kept, "variant": name, "kernels_us": ks})
+            print(f"profile T={T} kept={kept} {name}: {ks}", flush=True)
+    del L
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_compact_dial(Ts=(1, 2), e=8, shape="llama3-8b"):
+    """The gate-dial case of bench_gate_dial (router ~50% experts, gate_tau dropping ~half of their up rows), old vs
+    compacted path, two-phase tile (the default), graphs interleaved: router + MLP and MLP alone."""
+    L, gen, gss = _gate_layer(shape, e)
+    rows = []
+    for T in Ts:
+        x, thr, masks, gate_tau = _gate_case(L, gen, gss, T, e, 0.5, 0.5)
+
+        def mlp(i, compact, route):
+            c = i % L.nc
+            mask = K.route(x, *L.router[c], thr) if route else masks[c]
+            return _with_cfg({"compact": compact}, lambda: K.sparse_mlp(
+                x, L.packed[c], None, None, None, mask, None, "silu", path="triton", gate_scale=gss[c],
+                gate_tau=gate_tau))
+        ys = [mlp(0, False, False).float(), mlp(0, True, False).float()]
+        diff = ((ys[0] - ys[1]).norm() / ys[0].norm()).item()
+        old, comp, m_old, m_comp = time_graphs([lambda i: mlp(i, False, True), lambda i: mlp(i, True, True),
+                                                lambda i: mlp(i, False, False), lambda i: mlp(i, True, False)],
+                                               2 * L.nc, reps=30)
+        rows.append({"shape": shape, "expert_size": e, "batch": T, "gate_tau": gate_tau,
+                     "experts_kept": round(sum(mk.float().mean().item() for mk in masks) / L.nc, 4),
+                     "old_us": round(old, 2), "compact_us": round(comp, 2), "mlp_old_us": round(m_old, 2),
+                     "mlp_compact_us": round(m_comp, 2), "compact_vs_old_rel": diff})
+        print(f"compact dial e={e} T={T}: router+MLP old {old:.1f} compact {comp:.1f} | MLP old {m_old:.1f} compact "
+              f"{m_comp:.1f} | rel {diff:.1e}", flush=True)
+    del L
+    torch.cuda.empty_cache()
+    return rows
+
+
+def print_compact(res):
+    print("\n=== compacted vs old Triton decode path, llama3-8b (us per call; full = router + MLP) ===")
+    print("  e  T kept  union | dense | full old  compact | MLP old compact sep.kernel | ideal  floor | compaction")
+    for r in res.get("compact", []):
+        print(f"{r['expert_size']:3d} {r['batch']:2d} {r['kept']:.2f} {r['union_frac']:.3f} | {r['dense_us']:6.1f} | "
+              f"{r['old_us']:6.1f} {r['compact_us']:7.1f} | {r['mlp_old_us']:6.1f} {r['mlp_compact_us']:6.1f} "
+              f"{r.get('mlp_compact_sep_kernel_us', float('nan')):6.1f} | {r['ideal_us']:6.1f} "
+              f"{r['floor_mlp_us']:6.1f} "
+              f"| {r['compaction_kernel_us']:5.1f}")
+    for r in res.get("compact_dial", []):
+        print(f"dial e={r['expert_size']} T={r['batch']}: full old {r['old_us']} compact {r['compact_us']} | MLP old "
+              f"{r['mlp_old_us']} compact {r['mlp_compact_us']}")
+
+
 def print_gate_dial(rows):
     print("\n=== gate dial, llama3-8b layer (us; sparse = router + MLP; default tile first) ===")
     for r in rows:
@@ -1108,8 +1326,37 @@ def main(argv=None):
     ap.add_argument("--gate-dial-only", action="store_true",
                     help="run bench_gate_dial alone and merge its key into the existing record at --out")
     ap.add_argument("--gate-dial-tiles", action="store_true", help="with --gate-dial-only: gate_dial_tiles() first")
+    ap.add_argument("--compact-only", action="store_true",
+                    help="old vs compacted decode path alone (compact_trials unless --no-trials, bench_compact, "
+                         "bench_compact_dial); --quick: e=8 only, fewer tiles")
     a = ap.parse_args(argv)
     import triton
+
+    if a.compact_only:
+        t0 = time.time()
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv), "note": a.note}
+
+        def save_c():
+            res["wall_s"] = round(time.time() - t0, 1)
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=1)
+        res["copy_gbps"] = round(copy_bandwidth(), 1)
+        res["config_default"] = dict(K.CONFIG)
+        if not a.no_trials:
+            res["compact_trials"] = compact_trials(quick=a.quick)
+            save_c()
+        res["config"] = dict(K.CONFIG)
+        res["compact_profile"] = profile_compact()
+        save_c()
+        res["compact"] = bench_compact(res["copy_gbps"], es=(8,) if a.quick else (8, 16, 32))
+        save_c()
+        res["compact_dial"] = bench_compact_dial()
+        save_c()
+        print(f"wall {res['wall_s']} s")
+        print_compact(res)
+        return
 
     if a.gate_dial_only:
         with open(a.out) as f:

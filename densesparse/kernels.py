@@ -22,6 +22,11 @@ Paths (chosen by T on the host, no device sync):
     fp32 atomics into a per-layer workspace; the last program of each column block (atomic counter) adds b_down,
     writes y in the input dtype and re-zeroes the workspace and counter for the next call (CONFIG
     "dn_deterministic": per-program partials summed in a fixed order by that last program instead).
+    CONFIG "compact" (off by default; DS_COMPACT=1): the compacted variant of both kernels: the active expert blocks
+    are listed on the device (ascending, with their count: by _compact_kernel, or by every gate/up program itself),
+    each gate/up program takes BN consecutive list rows (full tiles; programs past the count exit), h is stored
+    compacted and the down kernel splits the active rows evenly over a fixed grid. Faster only at T=1 with few
+    experts on the H100 (bench/GPU_NOTES.md, compaction round).
   * T > DECODE_MAX_T: dense-with-mask: cuBLAS x @ w_gate^T and x @ w_up^T, one fused Triton kernel for
     act(g)*u*mask*tau (one pass, cheaper than the dense model's separate act and multiply), cuBLAS down.
 
@@ -75,6 +80,21 @@ CONFIG = {
     # ~50% of their up rows, MLP alone (run G2, bench/GPU_NOTES.md): T=1 two-phase 71.4 us at 64 rows vs 78.9 at
     # 32, fused 78.4 / 76.6, no dial 78.2; T=2 85.9 / 88.7, fused 95.3 / 94.1, no dial 100.7.
     "gu_two_phase": True, "gd_BN": 64,
+    # Compacted decode path (CONFIG["compact"], env DS_COMPACT=1; off by default): the active expert blocks (the
+    # shared ones and the union of the tokens' experts, ascending) and their count are listed on the device, no
+    # sync: by every gate/up program itself (c_fused, env DS_COMPACT_FUSED; a prefix sum over the mask per program)
+    # or by one extra _compact_kernel launch. Each gate/up program takes c_gu_BN (c_gd_BN with the gate dial)
+    # consecutive rows of that list, so its tile is full (programs past the count exit at once), and stores h
+    # compacted; the down kernel splits the active rows evenly over c_dn_split row chunks x column blocks (same
+    # deterministic / atomics reduction). c_dn_skip: skip rows whose h is 0 for every token also without the dial
+    # or down tau (there, it is always on). gu_BK / gu_warps / gu_stages are shared with the old path. H100,
+    # llama3-8b (bench/GPU_NOTES.md, compaction round, run C6): a clear win only at T=1 with few experts (e=8
+    # kept 0.25: MLP 69.0 -> 54.1 us); 2.7-3.4 us slower at T=1 kept 0.5, even at T=2 kept 0.25, 6-11 us slower
+    # at T=2 kept 0.5 and 13.5 with the gate dial at T=2 (the list costs ~2.5 us, as a launch or as a prefix sum
+    # in every gate/up program, and the gathered down rows run slower per row than the old path's), hence off.
+    "compact": os.environ.get("DS_COMPACT", "0") == "1",
+    "c_gu_BN": 32, "c_gd_BN": 64, "c_dn_BN": 32, "c_dn_BD": 256, "c_dn_warps": 4, "c_dn_stages": 3,
+    "c_dn_split": 28, "c_dn_skip": False, "c_BLOCK": 2048, "c_fused": os.environ.get("DS_COMPACT_FUSED", "1") == "1",
 }
 _BT = 16
 _CNT_MIN_BD = 32
@@ -113,20 +133,81 @@ def _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e):
 
 @triton.jit
 def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
-                    T, d, m, e, n_shared, n_e,
+                    blk_ptr, T, d, m, e, n_shared, n_e,
                     GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
-                    GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr,
+                    GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr, COMPACT: tl.constexpr,
+                    FUSED: tl.constexpr, MT: tl.constexpr, CBLK: tl.constexpr,
                     ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """GATE_DIAL: a selected neuron is kept only where |act(gate)| * gs >= gate_tau. TWO_PHASE: the gate K-loop
     runs first and the up K-loop loads only rows some token keeps (dropped rows move no bytes); otherwise one fused
     loop reads every selected gate and up row and the gate cut is applied in the epilogue. COUNT: cnt [2, T] int32
-    += per token (up rows computed, neurons kept for down), as SparseMLP's stats count them."""
+    += per token (up rows computed, neurons kept for down), as SparseMLP's stats count them.
+    COMPACT: blk_ptr = [count, active blocks ascending] (_compact_kernel); program p takes the compacted rows
+    j in [p*BN, (p+1)*BN) (row j = neuron blk[j // e] * e + j % e), so its tile is full of selected rows, and
+    stores h compacted (h[t, j]); programs with p*BN >= count*e exit at once. FUSED: no _compact_kernel launch:
+    every program runs the prefix sum over the mask itself (_compact_own: MT >= T token rows, CBLK blocks a chunk),
+    writes the list entries its own rows use and reads them back; program 0 writes the count (the down kernel reads
+    the list). Else program p takes neurons [p*BN, (p+1)*BN) and h is in neuron order (tiles with no selected row
+    store zeros)."""
     pid = tl.program_id(0)
-    n = pid * BN + tl.arange(0, BN)
     offs_t = tl.arange(0, BT)
+    tok_ok = offs_t < T
+    if COMPACT:
+        if FUSED:
+            R = _compact_own(mask_ptr, blk_ptr, pid, T, e, n_shared, n_e, BN, MT, CBLK) * e
+        else:
+            R = tl.load(blk_ptr) * e
+        col = pid * BN + tl.arange(0, BN)
+        cv = col < R
+        bl = tl.load(blk_ptr + 1 + col // e, mask=cv, other=0, cache_modifier=".cg")
+        n = tl.where(cv, bl * e + col % e, m)
+    else:
+        R = m
+        n = pid * BN + tl.arange(0, BN)
+        col = n
+    if pid * BN < R:
+        _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
+                      n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e,
+                      GATED, HAS_BG, HAS_BU, HAS_TAU, GATE_DIAL, TWO_PHASE, COUNT, ACT, BT, BN, BK)
+
+
+@triton.jit
+def _compact_own(mask_ptr, blk_ptr, pid, T, e, n_shared, n_e, BN: tl.constexpr, MT: tl.constexpr,
+                 CBLK: tl.constexpr):
+    """The active-block count (as _compact_kernel), computed by this program alone; it stores the list entries
+    (ranks) that its compacted rows [pid*BN, (pid+1)*BN) use, program 0 the count; a CTA barrier makes the stores
+    visible to the program's own later (.cg) loads."""
+    nb = n_shared + n_e
+    lo = (pid * BN) // e
+    hi = ((pid + 1) * BN - 1) // e + 1
+    offs_t = tl.arange(0, MT)
+    tok_ok = offs_t < T
+    base = tl.full([], 0, tl.int32)
+    for b0 in range(0, nb, CBLK):
+        b = b0 + tl.arange(0, CBLK)
+        ex = b - n_shared
+        ld = tok_ok[:, None] & ((ex >= 0) & (b < nb))[None, :]
+        sv = tl.load(mask_ptr + offs_t[:, None] * n_e + ex[None, :], mask=ld, other=0)
+        act = (tl.max((sv != 0).to(tl.int32), axis=0) > 0) | (b < n_shared)
+        a = act.to(tl.int32)
+        rank = tl.cumsum(a, axis=0) + base - 1
+        tl.store(blk_ptr + 1 + rank, b, mask=act & (rank >= lo) & (rank < hi))
+        base += tl.sum(a, axis=0)
+    if pid == 0:
+        tl.store(blk_ptr, base)
+    tl.debug_barrier()
+    return base
+
+
+@triton.jit
+def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
+                  n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e,
+                  GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
+                  GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr,
+                  ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One tile of BN neurons n (n == m: no row); h goes to columns col of h_ptr [T, m]."""
     sel = _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e)
     row_any = tl.max(sel.to(tl.int32), axis=0) > 0
-    tok_ok = offs_t < T
     nmask = n < m
     h = tl.zeros([BT, BN], dtype=tl.float32)  # tiles with no selected row store zeros (the down kernel reads h)
     keep_u = sel
@@ -189,20 +270,44 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
             tau = tl.load(tau_ptr + n, mask=nmask, other=0.0).to(tl.float32)
             keep = keep & (tl.abs(h) >= tau[None, :])
         h = tl.where(keep, h, 0.0)
-    tl.store(h_ptr + offs_t[:, None] * m + n[None, :], h, mask=tok_ok[:, None] & nmask[None, :])
+    tl.store(h_ptr + offs_t[:, None] * m + col[None, :], h, mask=tok_ok[:, None] & nmask[None, :])
     if COUNT:
         tl.atomic_add(cnt_ptr + offs_t, tl.sum(keep_u.to(tl.int32), axis=1), mask=tok_ok, sem="relaxed")
         tl.atomic_add(cnt_ptr + T + offs_t, tl.sum(keep.to(tl.int32), axis=1), mask=tok_ok, sem="relaxed")
 
 
 @triton.jit
-def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr,
-                 T, d, m,
+def _down_rows(h_ptr, wd_ptr, blk_ptr, acc, s, hi, offs_t, tok_ok, offs_d, dmask, d, m, e, BN: tl.constexpr,
+               SKIP: tl.constexpr):
+    """acc += h[:, j] @ w_down_t[row j] for the compacted rows j in [s, min(s + BN, hi)). SKIP: a row whose h is 0
+    for every token is not read (pays where the gate dial or down tau zero rows; without it the weight loads wait on
+    no h load: measured ~1 us faster at T=1/2 with neither)."""
+    j = s + tl.arange(0, BN)
+    jv = j < hi
+    bl = tl.load(blk_ptr + 1 + j // e, mask=jv, other=0)
+    n = bl * e + j % e
+    hv = tl.load(h_ptr + offs_t[:, None] * m + j[None, :], mask=tok_ok[:, None] & jv[None, :], other=0.0)
+    if SKIP:
+        wm = (tl.max((hv != 0.0).to(tl.int32), axis=0) > 0)[:, None] & dmask[None, :]
+    else:
+        wm = jv[:, None] & dmask[None, :]
+    wv = tl.load(wd_ptr + n.to(tl.int64)[:, None] * d + offs_d[None, :], mask=wm, other=0.0)
+    return acc + tl.dot(hv.to(wv.dtype), wv)
+
+
+@triton.jit
+def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr, blk_ptr,
+                 T, d, m, e,
                  HAS_BD: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                 KCHUNK: tl.constexpr, DET: tl.constexpr, NKP: tl.constexpr, CH: tl.constexpr):
+                 KCHUNK: tl.constexpr, DET: tl.constexpr, NKP: tl.constexpr, CH: tl.constexpr,
+                 COMPACT: tl.constexpr, SKIP: tl.constexpr):
     """DET: acc_ptr is a [n_programs(0), T, d] fp32 buffer; each program stores its partial there and the last one
     of a column block sums them in a fixed order (the same bits on every call). Else acc_ptr is the zeroed [BT, d]
-    workspace: fp32 atomics (the summation order, so the last bit, varies between calls)."""
+    workspace: fp32 atomics (the summation order, so the last bit, varies between calls).
+    COMPACT: h is compacted (h[t, j] for row j = neuron blk[j // e] * e + j % e, j < R = count * e, as the
+    compacted gate/up kernel stores it); the R rows are split into n_programs(0) equal chunks (a multiple of BN,
+    fixed by R: the same split, so the same bits, on every call with the same mask); programs past R store nothing
+    and the last program sums only the used partials. Else program k takes neurons [k*KCHUNK, (k+1)*KCHUNK)."""
     pid_k = tl.program_id(0)
     pid_d = tl.program_id(1)
     nk = tl.num_programs(0)
@@ -211,14 +316,27 @@ def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr,
     offs_d = pid_d * BD + tl.arange(0, BD)
     dmask = offs_d < d
     acc = tl.zeros([BT, BD], dtype=tl.float32)
-    for s in range(0, KCHUNK, BN):
-        n = pid_k * KCHUNK + s + tl.arange(0, BN)
-        hv = tl.load(h_ptr + offs_t[:, None] * m + n[None, :], mask=tok_ok[:, None] & (n < m)[None, :], other=0.0)
-        row_any = tl.max((hv != 0.0).to(tl.int32), axis=0) > 0
-        wv = tl.load(wd_ptr + n.to(tl.int64)[:, None] * d + offs_d[None, :],
-                     mask=row_any[:, None] & dmask[None, :], other=0.0)
-        acc += tl.dot(hv.to(wv.dtype), wv)
-    omask = tok_ok[:, None] & dmask[None, :]
+    if COMPACT:
+        R = tl.load(blk_ptr) * e
+        C = tl.maximum(tl.cdiv(tl.cdiv(R, nk), BN) * BN, BN)
+        lo = pid_k * C
+        hi = tl.minimum(lo + C, R)
+        n_used = tl.cdiv(R, C)
+        for s in range(lo, hi, BN):
+            acc = _down_rows(h_ptr, wd_ptr, blk_ptr, acc, s, hi, offs_t, tok_ok, offs_d, dmask, d, m, e, BN, SKIP)
+        has = pid_k < n_used
+    else:
+        n_used = nk
+        has = pid_k < nk
+        for s in range(0, KCHUNK, BN):
+            n = pid_k * KCHUNK + s + tl.arange(0, BN)
+            hv = tl.load(h_ptr + offs_t[:, None] * m + n[None, :], mask=tok_ok[:, None] & (n < m)[None, :],
+                         other=0.0)
+            row_any = tl.max((hv != 0.0).to(tl.int32), axis=0) > 0
+            wv = tl.load(wd_ptr + n.to(tl.int64)[:, None] * d + offs_d[None, :],
+                         mask=row_any[:, None] & dmask[None, :], other=0.0)
+            acc += tl.dot(hv.to(wv.dtype), wv)
+    omask = tok_ok[:, None] & dmask[None, :] & has
     optr = offs_t[:, None] * d + offs_d[None, :]
     if DET:
         tl.store(acc_ptr + pid_k * T * d + optr, acc, mask=omask)
@@ -227,9 +345,10 @@ def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr,
     tl.debug_barrier()
     cnt = tl.atomic_add(cnt_ptr + pid_d, 1, sem="acq_rel")
     if cnt == nk - 1:
+        omask = tok_ok[:, None] & dmask[None, :]
         if DET:
             offs_k = tl.arange(0, NKP)
-            kmask = offs_k < nk
+            kmask = offs_k < n_used
             for t in range(T):
                 for c in tl.static_range(0, BD, CH):
                     cols = pid_d * BD + c + tl.arange(0, CH)
@@ -248,6 +367,27 @@ def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr,
                 v += tl.load(bd_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + optr, v.to(y_ptr.dtype.element_ty), mask=omask)
         tl.atomic_xchg(cnt_ptr + pid_d, 0)
+
+
+@triton.jit
+def _compact_kernel(mask_ptr, blk_ptr, T, n_shared, n_e, BT: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: blk = [count, the active blocks in ascending order]: the n_shared shared blocks and every
+    expert some token selects (the union over the T tokens). Exclusive prefix sum over the mask, chunk by chunk."""
+    nb = n_shared + n_e
+    offs_t = tl.arange(0, BT)
+    tok_ok = offs_t < T
+    base = tl.full([], 0, tl.int32)
+    for b0 in range(0, nb, BLOCK):
+        b = b0 + tl.arange(0, BLOCK)
+        ex = b - n_shared
+        ld = tok_ok[:, None] & ((ex >= 0) & (b < nb))[None, :]
+        sv = tl.load(mask_ptr + offs_t[:, None] * n_e + ex[None, :], mask=ld, other=0)
+        act = (tl.max((sv != 0).to(tl.int32), axis=0) > 0) | (b < n_shared)
+        a = act.to(tl.int32)
+        incl = tl.cumsum(a, axis=0)
+        tl.store(blk_ptr + base + incl, b, mask=act)
+        base += tl.sum(a, axis=0)
+    tl.store(blk_ptr, base)
 
 
 @triton.jit
@@ -630,6 +770,22 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
     return out.view(torch.bool)
 
 
+def _active_blocks(mk, n_shared):
+    """int32 [1 + n_shared + n_e]: [count, the active blocks in ascending order, then unwritten], on the device
+    (no sync, graph-capturable): the shared blocks and the experts some token of mk [T, n_e] (uint8) selects."""
+    T, n_e = mk.shape
+    blk = torch.empty((n_shared + n_e + 1,), device=mk.device, dtype=torch.int32)
+    _compact_kernel[(1,)](mk, blk, T, n_shared, n_e, BT=max(2, triton.next_power_of_2(T)), BLOCK=CONFIG["c_BLOCK"],
+                          num_warps=4)
+    return blk
+
+
+def active_blocks(mask: Tensor, n_shared: int) -> Tensor:
+    """The compacted path's block list (tests, bench): see _active_blocks."""
+    mask = mask.contiguous()
+    return _active_blocks(mask.view(torch.uint8) if mask.dtype == torch.bool else mask, n_shared)
+
+
 def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, counts, acc, cnt, e,
                  n_shared, act):
     T, d = x.shape
@@ -641,26 +797,39 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
     mk = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     gated = w_gate is not None
     dial = gated and gate_scale is not None and gate_tau > 0
-    bn = cfg["gd_BN"] if dial else cfg["gu_BN"]
+    compact = bool(cfg["compact"])
+    pre = "c_" if compact else ""
+    bn = cfg[pre + "gd_BN"] if dial else cfg[pre + "gu_BN"]
+    fused = compact and bool(cfg["c_fused"])
+    if fused:  # the gate/up programs write the list themselves
+        blk = torch.empty((n_shared + n_e + 1,), device=x.device, dtype=torch.int32)
+    else:
+        blk = _active_blocks(mk, n_shared) if compact else dummy
+    nb = n_shared + n_e
     _gate_up_kernel[(triton.cdiv(m, bn),)](
         x, w_gate if gated else w_up, w_up, b_gate if b_gate is not None else dummy,
         b_up if b_up is not None else dummy, mk, tau if tau is not None else dummy,
         gate_scale if dial else dummy, float(gate_tau) if dial else 0.0, counts if counts is not None else dummy,
-        h, T, d, m, e, n_shared, n_e,
+        h, blk, T, d, m, e, n_shared, n_e,
         GATED=gated, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
-        GATE_DIAL=dial, TWO_PHASE=bool(cfg["gu_two_phase"]), COUNT=counts is not None, ACT=_ACTS[act],
-        BT=_BT, BN=bn, BK=cfg["gu_BK"], num_warps=cfg["gu_warps"], num_stages=cfg["gu_stages"])
+        GATE_DIAL=dial, TWO_PHASE=bool(cfg["gu_two_phase"]), COUNT=counts is not None, COMPACT=compact,
+        FUSED=fused, MT=max(2, triton.next_power_of_2(T)),
+        CBLK=min(cfg["c_BLOCK"], max(16, triton.next_power_of_2(nb))),
+        ACT=_ACTS[act], BT=_BT, BN=bn, BK=cfg["gu_BK"], num_warps=cfg["gu_warps"], num_stages=cfg["gu_stages"])
     y = torch.empty((T, d), device=x.device, dtype=x.dtype)
-    bd = cfg["dn_BD"]
-    kch = max(cfg["dn_KCHUNK"], cfg["dn_BN"])
-    nk = triton.cdiv(m, kch)
+    bd = cfg[pre + "dn_BD"]
+    dbn = cfg[pre + "dn_BN"]
+    kch = max(cfg["dn_KCHUNK"], dbn)
+    # compact: c_dn_split row chunks (the active rows split evenly on the device); old: chunks of dn_KCHUNK neurons
+    nk = max(1, min(cfg["c_dn_split"], triton.cdiv(m, dbn))) if compact else triton.cdiv(m, kch)
     det = bool(cfg["dn_deterministic"])
     ws = torch.empty((nk, T, d), device=x.device, dtype=torch.float32) if det else acc
     _down_kernel[(nk, triton.cdiv(d, bd))](
-        h, w_dt, b_down if b_down is not None else dummy, ws, cnt, y, T, d, m,
-        HAS_BD=b_down is not None, BT=_BT, BN=cfg["dn_BN"], BD=bd, KCHUNK=kch,
-        DET=det, NKP=triton.next_power_of_2(nk), CH=min(64, bd),
-        num_warps=cfg["dn_warps"], num_stages=cfg["dn_stages"])
+        h, w_dt, b_down if b_down is not None else dummy, ws, cnt, y, blk, T, d, m, e,
+        HAS_BD=b_down is not None, BT=_BT, BN=dbn, BD=bd, KCHUNK=kch,
+        DET=det, NKP=triton.next_power_of_2(nk), CH=min(64, bd), COMPACT=compact,
+        SKIP=bool(cfg["c_dn_skip"] or dial or tau is not None), num_warps=cfg[pre + "dn_warps"],
+        num_stages=cfg[pre + "dn_stages"])
     return y
 
 

@@ -15,6 +15,21 @@ from densesparse import kernels as K  # noqa: E402
 DEV = "cuda"
 
 
+@pytest.fixture(params=[False, True], ids=["old", "compact"])
+def compact(request, monkeypatch):
+    """Both Triton decode paths: the old one (tiles in neuron order) and the compacted one (CONFIG["compact"]:
+    active blocks listed on the device, full tiles, compacted h, down kernel over the active rows only)."""
+    monkeypatch.setitem(K.CONFIG, "compact", request.param)
+    return request.param
+
+
+def no_triton_path(compact, T):
+    """The compact variant of a case that never takes the Triton decode path (T above what it runs) is the old one:
+    skipped."""
+    if compact and T > K.DECODE_MAX_T:
+        pytest.skip("no Triton decode path at this T")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # float64 reference (self-contained)
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,7 +174,9 @@ def run_case(gen, *, d, e, n_shared, n_e, T, dtype, act="silu", gated=True, bias
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("e", [1, 4, 8, 16, 32, 128])
 @pytest.mark.parametrize("T", [1, 5, 16, 64])
-def test_mlp_matches_reference(e, T, dtype):
+def test_mlp_matches_reference(e, T, dtype, compact):
+    if compact and T > 16:
+        pytest.skip("no Triton decode path at T > 16")
     gen = torch.Generator().manual_seed(1000 * e + T + (7 if dtype == torch.float16 else 0))
     n_e = max(6, 1024 // e)
     paths = ["triton", "dense", None] if T <= 16 else ["dense", None]
@@ -168,10 +185,49 @@ def test_mlp_matches_reference(e, T, dtype):
         assert err < 1e-2, (path, err)
 
 
+@pytest.mark.parametrize("T,n_shared,n_e", [(1, 0, 1792), (2, 3, 1792), (1, 0, 7), (2, 0, 14336), (5, 1, 3000),
+                                             (16, 2, 1025), (1, 4, 1)])
+def test_active_blocks(T, n_shared, n_e):
+    """The compacted path's list: [count, shared blocks and the union of the tokens' experts, ascending], for
+    fresh random masks of every density (zero and all experts included), chunk boundaries crossed."""
+    gen = torch.Generator().manual_seed(T * 7 + n_shared + n_e)
+    for p in (0.0, 0.05, 0.25, 0.5, 1.0):
+        mask = (torch.rand(T, n_e, generator=gen) < p).to(DEV)
+        blk = K.active_blocks(mask, n_shared)
+        want = torch.cat([torch.arange(n_shared), n_shared + mask.any(0).nonzero().flatten().cpu()])
+        cnt = blk[0].item()
+        assert cnt == want.numel(), (p, cnt, want.numel())
+        assert torch.equal(blk[1:1 + cnt].cpu().long(), want.long())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_compact_list_and_skip_variants(T, fused, monkeypatch):
+    """The compacted path with its block list made by every gate/up program (c_fused) or by the separate kernel,
+    and the down kernel with and without the zero-row skip: the reference, zero and all experts, e 1/8/12/48
+    (tiles that split and gather blocks), biases, tau, the gate dial."""
+    monkeypatch.setitem(K.CONFIG, "compact", True)
+    monkeypatch.setitem(K.CONFIG, "c_fused", fused)
+    gen = torch.Generator().manual_seed(8000 + T + 10 * int(fused))
+    for skip in (False, True):
+        monkeypatch.setitem(K.CONFIG, "c_dn_skip", skip)
+        for e, n_shared, n_e, kind in ((8, 0, 120, "random"), (1, 3, 301, "random"), (12, 1, 30, "none"),
+                                       (48, 1, 5, "all"), (8, 2, 60, "random")):
+            err = run_case(gen, d=200, e=e, n_shared=n_shared, n_e=n_e, T=T, dtype=torch.bfloat16, path="triton",
+                           mask_kind=kind, biases=True, use_tau=(e == 1))
+            assert err < 1e-2, (skip, e, kind, err)
+        if T <= 2:
+            err, _, _ = gate_case(gen, d=256, e=8, n_shared=1, n_e=60, T=T, dtype=torch.bfloat16, use_tau=True,
+                                  biases=True)
+            assert err < 1e-2, (skip, err)
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "all"])
 @pytest.mark.parametrize("n_shared", [0, 2])
 @pytest.mark.parametrize("T", [1, 7, 33])
-def test_mlp_zero_and_all_experts(mask_kind, n_shared, T):
+def test_mlp_zero_and_all_experts(mask_kind, n_shared, T, compact):
+    if compact and T > 16:
+        pytest.skip("no Triton decode path at T > 16")
     gen = torch.Generator().manual_seed(17 + T + n_shared)
     paths = ["triton", "dense"] if T <= 16 else ["dense"]
     for path in paths:
@@ -180,9 +236,12 @@ def test_mlp_zero_and_all_experts(mask_kind, n_shared, T):
         assert err < 1e-2, (path, err)
 
 
-@pytest.mark.parametrize("d,e,n_shared,n_e", [(200, 4, 1, 37), (203, 1, 3, 201), (200, 8, 0, 25), (136, 32, 1, 3)])
+@pytest.mark.parametrize("d,e,n_shared,n_e", [(200, 4, 1, 37), (203, 1, 3, 201), (200, 8, 0, 25), (136, 32, 1, 3),
+                                               (200, 12, 1, 30), (136, 48, 1, 5)])
 @pytest.mark.parametrize("T", [1, 3, 16, 20])
-def test_mlp_odd_sizes(d, e, n_shared, n_e, T):
+def test_mlp_odd_sizes(d, e, n_shared, n_e, T, compact):
+    if compact and T > 16:
+        pytest.skip("no Triton decode path at T > 16")
     gen = torch.Generator().manual_seed(d * 31 + e + T)
     paths = ["triton", "dense"] if T <= 16 else ["dense"]
     for path in paths:
@@ -194,7 +253,9 @@ def test_mlp_odd_sizes(d, e, n_shared, n_e, T):
 @pytest.mark.parametrize("act,gated", [("silu", True), ("gelu_tanh", True), ("gelu", False), ("relu", False),
                                        ("gelu_tanh", False)])
 @pytest.mark.parametrize("T", [2, 24])
-def test_mlp_acts_bias_tau(act, gated, T):
+def test_mlp_acts_bias_tau(act, gated, T, compact):
+    if compact and T > 16:
+        pytest.skip("no Triton decode path at T > 16")
     gen = torch.Generator().manual_seed(hash((act, gated, T)) % 10000)
     paths = ["triton", "dense"] if T <= 16 else ["dense"]
     for path in paths:
@@ -266,7 +327,7 @@ def gate_case(gen, *, d, e, n_shared, n_e, T, dtype, mask_kind="random", use_tau
 @pytest.mark.parametrize("two_phase", [True, False])
 @pytest.mark.parametrize("T", [1, 2])
 @pytest.mark.parametrize("e", [1, 4, 8, 16, 32, 128])
-def test_gate_dial_matches_reference(e, T, two_phase, monkeypatch):
+def test_gate_dial_matches_reference(e, T, two_phase, compact, monkeypatch):
     """Triton decode path with the gate dial, both gate/up tile variants: alone (every expert on), with an expert
     mask (router), with down tau, with biases, fp16 and bf16, the zero-kept case; counts = the reference's."""
     monkeypatch.setitem(K.CONFIG, "gu_two_phase", two_phase)
@@ -296,7 +357,7 @@ def test_gate_dial_dense_masked_path(T, act):
 
 
 @pytest.mark.parametrize("two_phase", [True, False])
-def test_gate_dial_cuda_graph(two_phase, monkeypatch):
+def test_gate_dial_cuda_graph(two_phase, compact, monkeypatch):
     """Router + gate-dial MLP captured in a CUDA graph: every replay equals the eager call on the same input,
     bit for bit (deterministic down kernel), and the float64 reference on the graph's mask."""
     monkeypatch.setitem(K.CONFIG, "gu_two_phase", two_phase)
@@ -329,9 +390,13 @@ def test_gate_dial_cuda_graph(two_phase, monkeypatch):
         assert cnt[0].item() < 0.9 * (n_shared * e + mk_out.sum().item() * e)
 
 
-def test_mlp_cuda_graph():
-    gen = torch.Generator().manual_seed(5)
-    d, e, n_shared, n_e, T = 512, 16, 1, 40, 4
+@pytest.mark.parametrize("e,T", [(16, 4), (8, 1), (8, 2)])
+def test_mlp_cuda_graph(e, T, compact):
+    """Router + sparse MLP (Triton path) captured once, replayed on new inputs (new masks, so a new active-block
+    count on the compact path): the float64 reference on the graph's mask; the replay equals the eager call."""
+    no_triton_path(compact, T)
+    gen = torch.Generator().manual_seed(5 + e + T)
+    d, n_shared, n_e = 512, 1, 640 // e
     L = make_layer(gen, d, e, n_shared, n_e, torch.bfloat16, biases=True)
     r = 64
     r_w1 = (torch.randn(r, d, generator=gen) * d ** -0.5).to(DEV, torch.bfloat16)
@@ -351,6 +416,9 @@ def test_mlp_cuda_graph():
         ref = ref_mlp(x_static, L["w_gate"], L["w_up"], L["w_down_t"], L["b_gate"], L["b_up"], L["b_down"],
                       mk_out, None, e, n_shared, "silu")
         assert rel_err(y_out, ref) < 1e-2
+        if T <= K.DECODE_MAX_T:  # the Triton path (deterministic down kernel): bit-identical to eager
+            mk_e, y_e = step()
+            assert torch.equal(mk_e, mk_out) and torch.equal(y_e, y_out)
         mk_ref, _ = ref_route(x_static, r_w1, None, r_w2, None, 0.5)
         assert (mk_ref != mk_out).float().mean().item() < 0.02
 
@@ -444,7 +512,7 @@ def test_pack_makes_no_copy():
     assert p["copied"] == []
 
 
-def test_sparse_mlp_module_one_copy_and_matches_torch():
+def test_sparse_mlp_module_one_copy_and_matches_torch(compact):
     """SparseMLP on CUDA: down_proj's storage is re-laid in place (one copy), the kernels read the module's own
     weights, and the output matches the pure-torch path (the CPU reference) on the same mask."""
     transformers = pytest.importorskip("transformers")
@@ -507,11 +575,12 @@ def _tiny_sparse_llama(seed):
 
 
 @pytest.mark.parametrize("B,S", [(1, 1), (2, 1), (1, 9), (2, 24)])
-def test_library_llama_cuda_matches_torch(B, S, monkeypatch):
+def test_library_llama_cuda_matches_torch(B, S, compact, monkeypatch):
     """install() on a tiny bf16 Llama (2 shared blocks + 126 experts of 8): logits of the CUDA path (router +
     Triton/dense-with-mask kernels, input_tau and down_tau on) match the pure-torch path on the same expert
     masks (rel err < 2e-2); the router's masks match the float64 reference (tie band); threshold 1 with taus 0
     is the dense model."""
+    no_triton_path(compact, B * S)
     from densesparse import runtime
     model, dense, mlps = _tiny_sparse_llama(100 + 10 * B + S)
     for mm in mlps:  # the sparse kernels at every T (the dense dispatch off; see test_dense_dispatch)
@@ -664,11 +733,11 @@ def test_dense_dispatch(T, monkeypatch):
 @pytest.mark.parametrize("det", [False, True])
 @pytest.mark.parametrize("T,e,n_shared,biases", [(1, 8, 0, False), (2, 8, 2, True), (5, 32, 1, True),
                                                  (16, 4, 0, False)])
-def test_down_deterministic(T, e, n_shared, biases, det, monkeypatch):
+def test_down_deterministic(T, e, n_shared, biases, det, compact, monkeypatch):
     """The decode down kernel with fixed-order partial sums (dn_deterministic) matches the reference and gives
     bit-identical outputs over repeated calls; the atomic one matches the reference (its last bit may vary)."""
     monkeypatch.setitem(K.CONFIG, "dn_deterministic", det)
-    gen = torch.Generator().manual_seed(T * 97 + e + int(det))
+    gen = torch.Generator().manual_seed(T * 97 + e + int(det) + 2 * int(compact))
     d, n_e = 1000, 300 // e * 4
     L = make_layer(gen, d, e, n_shared, n_e, torch.bfloat16, biases=biases)
     x = torch.randn(T, d, generator=gen).to(DEV, torch.bfloat16)
@@ -749,11 +818,12 @@ def _same_stats(a, b, band=0.0):
 
 
 @pytest.mark.parametrize("B,S", [(1, 1), (2, 1), (1, 9)])
-def test_library_gate_dial_cuda_matches_torch(B, S, monkeypatch):
+def test_library_gate_dial_cuda_matches_torch(B, S, compact, monkeypatch):
     """Tiny bf16 Llama, gate_scale calibrated (mean |up| x down-row norm), gate_tau at the median score: alone,
     with the router threshold, + input_tau, + down_tau. CUDA logits = torch logits on the same masks; layer 0's
     stats (same input on both paths) equal the torch path's (up rows / down neurons within a 1% tie band); the
     gate dial cuts real up rows."""
+    no_triton_path(compact, B * S)
     model, _, mlps = _tiny_sparse_llama(700 + 10 * B + S)
     gen = torch.Generator().manual_seed(11 * B + S)
     ids = torch.randint(0, 512, (B, S), generator=gen).to(DEV)
@@ -787,13 +857,14 @@ def test_library_gate_dial_cuda_matches_torch(B, S, monkeypatch):
 
 
 @pytest.mark.parametrize("T", [1, 2, 9])
-def test_module_gate_dial_stats_exact(T, monkeypatch):
+def test_module_gate_dial_stats_exact(T, compact, monkeypatch):
     """One SparseMLP, one input: stats of the CUDA path equal the torch path's exactly when no decision sits on a
     threshold (gate_scale 1e-4 or 1e4 per neuron, gate_tau 1: |act(gate)| * gate_scale is far from 1 unless
     |act(gate)| ~ 1e-4); with down_tau (20% of the kept neurons' |h| * ||down row||), down neurons within a 1% tie
     band. Outputs agree too: within 2e-2, and 5e-2 with down_tau, whose decisions the torch path takes on bf16
     h * norm and the kernels in fp32 (a neuron on the threshold flipped moves y by about tau, a few % of y here,
     where the router keeps few experts)."""
+    no_triton_path(compact, T)
     _, _, mlps = _tiny_sparse_llama(900 + T)
     mm = mlps[0]
     gen = torch.Generator().manual_seed(T)
