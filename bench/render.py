@@ -32,9 +32,27 @@ def quality_table(q: dict) -> str:
     lines += ["", head.replace("| method |", "| ratio to dense PPL |"), "|---" * (len(TARGETS) + 1) + "|",
               "| densesparse | " + " | ".join(f"{ours[t]['ppl'] / dense:.3f}x" if t in ours else "n/a"
                                              for t in TARGETS) + " |", ""]
+    conversion = (f"conversion of the default model {q['convert_seconds']} s" if q.get("convert_seconds")
+                  else "ours reused a default conversion (--sparse)")
     lines.append(f"Command: `{q['command']}`; commit {q['commit'][:10]}; {q['machine']}; "
                  f"torch {q['versions']['torch']}, transformers {q['versions']['transformers']}; "
-                 f"{q['seconds']:.0f} s in all; conversion of the default model {q['convert_seconds']} s.")
+                 f"{q['seconds']:.0f} s in all; {conversion}.")
+    return "\n".join(lines)
+
+
+def predictors_table(p: dict) -> str:
+    targets = sorted({r["target"] for r in p["rows"]}, reverse=True)
+    by_method: dict[str, dict] = {}
+    for r in p["rows"]:
+        by_method.setdefault(r["method"], {})[r["target"]] = r
+    lines = [f"Dense PPL {p['dense']['ppl']:.2f}; {p['data']}; allocation {p['allocation']}. Each cell: PPL "
+             "(fraction of neurons the budget leaves once the predictor is paid).", "",
+             "| score | " + " | ".join(f"{int(t * 100)}% MLP FLOPs" for t in targets) + " |",
+             "|---" * (len(targets) + 1) + "|"]
+    for method, rows in by_method.items():
+        lines.append(f"| {method} | " + " | ".join(
+            f"{rows[t]['ppl']:.2f} ({rows[t]['neurons_kept']:.3f})" if t in rows else "n/a" for t in targets) + " |")
+    lines.append(f"\nCommand: `{p['command']}`; commit {p['commit'][:10]}; {p['machine']}; {p['seconds']:.0f} s.")
     return "\n".join(lines)
 
 
@@ -86,6 +104,12 @@ def main():
     quality = RESULTS / "quality-smollm2.json"
     if quality.exists():
         blocks["quality"] = quality_table(json.loads(quality.read_text()))
+    docs = RESULTS / "quality-smollm2-python-docs.json"
+    if docs.exists():
+        blocks["quality-docs"] = quality_table(json.loads(docs.read_text()))
+    predictors = RESULTS / "predictors-smollm2.json"
+    if predictors.exists():
+        blocks["predictors"] = predictors_table(json.loads(predictors.read_text()))
     gpu = RESULTS / "gpu-h100.json"
     if gpu.exists():
         blocks["gpu"] = gpu_table(json.loads(gpu.read_text()))
