@@ -3,6 +3,8 @@
     python3 bench/gpu_speed.py --out $OUT/gpu-h100.json [--sweep] [--quick]
     python3 bench/gpu_speed.py --out RECORD.json --gate-dial-only   (adds/replaces the key gate_dial of RECORD.json)
     python3 bench/gpu_speed.py --out $OUT/gpu-h100-compact.json --compact-only [--quick] [--no-trials]
+    python3 bench/gpu_speed.py --out RECORD.json --compact-crossover   (adds/replaces the key compact_crossover)
+    python3 bench/gpu_speed.py --out $OUT/gpu-h100-e2e-compact.json --e2e-only
 
 Sections (each a function; main() strings them together, so a section can be added):
   check_correctness()  quick float64-reference checks, fails loudly
@@ -21,6 +23,8 @@ Sections (each a function; main() strings them together, so a section can be add
                        the yardstick; profile_compact() per-kernel device times old vs compacted; bench_compact() old vs
                        compacted side by side (router + MLP, MLP alone, list kernel, ideal, floor; e 8/16/32, T 1/2
                        and 4); bench_compact_dial() the same with the gate dial
+  bench_compact_crossover() (--compact-crossover) T=1, old vs compacted path over expert fractions 0.2-0.5, with
+                       and without the gate dial: where runtime.COMPACT_BELOW should sit
   bench_e2e()          Llama-3-8B-shaped model (random bf16 weights), decode tok/s (128-token prompt in a StaticCache,
                        one decode step captured in a CUDA graph)
                        and 2048-token prefill, dense vs sparse at ~50% / ~25% kept MLP FLOPs
@@ -761,7 +765,7 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
         r = mm.router
         return K.route(xin, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, t).float().mean().item()
 
-    thresholds = {}
+    thresholds, fracs = {}, {}
     for kept in kepts:
         ths, ks = [], []
         for mm, xin in zip(mlps, caps):
@@ -775,9 +779,12 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
             ths.append(hi)
             ks.append(kept_of(mm, xin, hi))
         thresholds[kept] = ths
+        fracs[kept] = ks  # each layer's measured fraction of selected experts: SparseMLP.expert_frac, as a budget
         meas = sum(ks) / len(ks)
         out["calibration"].append({"target": kept, "measured_kept": round(meas, 4),
-                                   "threshold_min": round(min(ths), 4), "threshold_max": round(max(ths), 4)})
+                                   "threshold_min": round(min(ths), 4), "threshold_max": round(max(ths), 4),
+                                   "expert_frac_min": round(min(ks), 4), "expert_frac_max": round(max(ks), 4),
+                                   "compact_layers_at_b1": sum(f <= runtime.COMPACT_BELOW for f in ks)})
         print(f"e2e calibration: target {kept} measured kept {meas:.4f} thresholds {min(ths):.3f}..{max(ths):.3f}",
               flush=True)
     del caps
@@ -785,6 +792,9 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
     def set_mode(kept):
         for i, mm in enumerate(mlps):
             mm.threshold = 1.0 if kept == 1.0 else thresholds[kept][i]
+            # as apply_budget sets it from a calibrated spec: batch-1 steps of layers at or below
+            # runtime.COMPACT_BELOW take the compacted kernels
+            mm.expert_frac = 1.0 if kept == 1.0 else fracs[kept][i]
 
     def decode_nocache_ms(B):
         # previous rounds' measure (runs 1-5), kept for reference: full forward of B new tokens, no KV cache, graph
@@ -1005,6 +1015,25 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
                     print("e2e no-cache decode error:", ex, flush=True)
         res[(kept, "prefill")] = prefill_ms()
         print(f"e2e prefill kept={kept} T={prefill_T}: {res[(kept, 'prefill')]:.2f} ms", flush=True)
+    # B=1 again with the compact rule off (every layer on the old tiles) and then on: what runtime.COMPACT_BELOW
+    # buys end to end, the two measured back to back (fresh graphs each)
+    saved = runtime.COMPACT_BELOW
+    for kept in kepts:
+        set_mode(kept)
+        pair = {}
+        for name, below in (("rule_off_ms", -1.0), ("rule_on_ms", saved)):
+            runtime.COMPACT_BELOW = below
+            try:
+                pair[name] = round(decode_ms(1)[0], 3)
+            except Exception as ex:
+                pair[name] = None
+                print("e2e rule on/off error:", ex, flush=True)
+            finally:
+                runtime.COMPACT_BELOW = saved
+        out.setdefault("decode_b1_compact_rule", []).append(
+            {"target": kept, "compact_layers": sum(mm.expert_frac <= saved for mm in mlps), **pair})
+        print(f"e2e decode B=1 kept={kept}: compact rule off {pair['rule_off_ms']} ms, on {pair['rule_on_ms']} ms",
+              flush=True)
     kmeas = {c["target"]: c["measured_kept"] for c in out["calibration"]}
     kinds = sorted(set(how.values()))
     out["kv_cache"] = {"cache": "StaticCache" if kinds == ["static+graph"] else "/".join(kinds) or "none",
@@ -1230,6 +1259,110 @@ def bench_compact_dial(Ts=(1, 2), e=8, shape="llama3-8b"):
     return rows
 
 
+def _crossover_case(L, gen, gss, T, e, frac, gate_drop):
+    """As _gate_case, but the router threshold is bisected for every weight copy's own router, so that every copy
+    selects the same fraction of experts (with copy 0's threshold the copies' random routers select different
+    fractions, which blurs a sweep over the fraction)."""
+    x = torch.randn(T, L.d, device=DEV, dtype=DT, generator=gen)
+    thrs = []
+    for c in range(L.nc):
+        lo, hi = 0.0, 1.0
+        for _ in range(16):
+            mid = (lo + hi) / 2
+            if K.route(x, *L.router[c], mid).float().mean().item() < frac:
+                lo = mid
+            else:
+                hi = mid
+        thrs.append(hi)
+    masks = [K.route(x, *L.router[c], thrs[c]) for c in range(L.nc)]
+    score = torch.nn.functional.silu(x @ L.dense[0][0].t()).float().abs() * gss[0].float()
+    gate_tau = torch.quantile(score[masks[0].repeat_interleave(e, dim=1)], gate_drop).item()
+    return x, thrs, masks, gate_tau
+
+
+def bench_compact_crossover(fracs=(0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5), es=(8, 32), rounds=2, T=1,
+                            shape="llama3-8b", gate_drop=0.5):
+    """Where the compacted decode path stops winning at batch 1 (runtime.COMPACT_BELOW): for each expert fraction,
+    each weight copy's router threshold bisected to select it, then router + MLP old vs compacted (the MLP on that
+    router call's mask) in one set of interleaved graphs, without and with the gate dial (gate_tau = the gate_drop
+    quantile of the selected neurons' scores), and the two MLPs alone on the precomputed masks. `rounds` passes
+    over all fractions (the spread between them is the run-to-run noise)."""
+    rows = []
+    for e in es:
+        L, gen, gss = _gate_layer(shape, e)
+        cases = [(f, *_crossover_case(L, gen, gss, T, e, f, gate_drop)) for f in fracs]
+        for rnd in range(rounds):
+            for frac, x, thrs, masks, gate_tau in cases:
+                def mlp(i, compact, route, dial):
+                    c = i % L.nc
+                    mask = K.route(x, *L.router[c], thrs[c]) if route else masks[c]
+                    return K.sparse_mlp(x, L.packed[c], None, None, None, mask, None, "silu", path="triton",
+                                        gate_scale=gss[c] if dial else None, gate_tau=gate_tau if dial else 0.0,
+                                        compact=compact)
+                diff = {}
+                for dial in (False, True):
+                    ys = [mlp(0, cp, False, dial).float() for cp in (False, True)]
+                    diff[dial] = ((ys[0] - ys[1]).norm() / ys[0].norm()).item()
+                ts = time_graphs([lambda i, cp=cp, dl=dl, rt=rt: mlp(i, cp, rt, dl)
+                                  for rt, dl in ((True, False), (True, True), (False, False))
+                                  for cp in (False, True)], 2 * L.nc, reps=30)
+                got = sum(mk.float().mean().item() for mk in masks) / L.nc
+                row = {"shape": shape, "expert_size": e, "batch": T, "round": rnd, "target_frac": frac,
+                       "expert_frac": round(got, 4), "expert_frac_copies": [round(mk.float().mean().item(), 4)
+                                                                            for mk in masks],
+                       "thresholds": [round(t, 5) for t in thrs], "gate_tau": gate_tau,
+                       "old_us": round(ts[0], 2), "compact_us": round(ts[1], 2),
+                       "dial_old_us": round(ts[2], 2), "dial_compact_us": round(ts[3], 2),
+                       "mlp_old_us": round(ts[4], 2), "mlp_compact_us": round(ts[5], 2),
+                       "gain": round(1 - ts[1] / ts[0], 4), "dial_gain": round(1 - ts[3] / ts[2], 4),
+                       "compact_vs_old_rel": diff[False], "dial_compact_vs_old_rel": diff[True]}
+                rows.append(row)
+                print(f"crossover e={e} T={T} round {rnd} experts {got:.3f}: router+MLP old {ts[0]:.1f} compact "
+                      f"{ts[1]:.1f} ({100 * row['gain']:+.1f}%) | dial old {ts[2]:.1f} compact {ts[3]:.1f} "
+                      f"({100 * row['dial_gain']:+.1f}%) | MLP old {ts[4]:.1f} compact {ts[5]:.1f}", flush=True)
+        del L, gss
+        torch.cuda.empty_cache()
+    return rows
+
+
+def crossover_summary(rows, min_gain=0.02):
+    """Per expert size: mean over rounds per fraction, and the largest fraction up to which compact wins by
+    >= min_gain at every fraction (with and without the dial)."""
+    out = {}
+    for e in sorted({r["expert_size"] for r in rows}):
+        per = {}
+        for r in rows:
+            if r["expert_size"] == e:
+                per.setdefault(r["target_frac"], []).append(r)
+        table = []
+        for f in sorted(per):
+            rs = per[f]
+
+            def mean(k, rs=rs):
+                return round(sum(r[k] for r in rs) / len(rs), 4 if k == "expert_frac" else 2)
+            table.append({"target_frac": f, "expert_frac": mean("expert_frac"), "old_us": mean("old_us"),
+                          "compact_us": mean("compact_us"), "dial_old_us": mean("dial_old_us"),
+                          "dial_compact_us": mean("dial_compact_us"), "mlp_old_us": mean("mlp_old_us"),
+                          "mlp_compact_us": mean("mlp_compact_us"),
+                          "expert_frac_copies": rs[0]["expert_frac_copies"] if "expert_frac_copies" in rs[0] else None,
+                          "gain_min": min(r["gain"] for r in rs), "gain_max": max(r["gain"] for r in rs),
+                          "dial_gain_min": min(r["dial_gain"] for r in rs),
+                          "dial_gain_max": max(r["dial_gain"] for r in rs)})
+        table.sort(key=lambda t: t["expert_frac"])
+        res = {"table": table}
+        # the largest measured fraction up to which every measured point wins by >= min_gain in every round
+        for key, gk in (("largest_win", "gain_min"), ("largest_win_dial", "dial_gain_min")):
+            best = None
+            for t in table:
+                if t[gk] >= min_gain:
+                    best = t["expert_frac"]
+                else:
+                    break
+            res[key] = best
+        out[str(e)] = res
+    return out
+
+
 def print_compact(res):
     print("\n=== compacted vs old Triton decode path, llama3-8b (us per call; full = router + MLP) ===")
     print("  e  T kept  union | dense | full old  compact | MLP old compact sep.kernel | ideal  floor | compaction")
@@ -1329,8 +1462,63 @@ def main(argv=None):
     ap.add_argument("--compact-only", action="store_true",
                     help="old vs compacted decode path alone (compact_trials unless --no-trials, bench_compact, "
                          "bench_compact_dial); --quick: e=8 only, fewer tiles")
+    ap.add_argument("--compact-crossover", action="store_true",
+                    help="bench_compact_crossover alone; merged as key compact_crossover into the record at --out "
+                         "(created if absent)")
+    ap.add_argument("--fracs", default="0.2,0.25,0.3,0.35,0.4,0.45,0.5", help="--compact-crossover fractions")
+    ap.add_argument("--rounds", type=int, default=2, help="--compact-crossover passes")
+    ap.add_argument("--e2e-only", action="store_true",
+                    help="bench_e2e alone (the defaults, runtime.COMPACT_BELOW active) into a new record at --out")
     a = ap.parse_args(argv)
     import triton
+
+    if a.compact_crossover:
+        from densesparse import runtime
+        res = {}
+        if os.path.exists(a.out):
+            with open(a.out) as f:
+                res = json.load(f)
+        t0 = time.time()
+        rows = bench_compact_crossover(fracs=tuple(float(f) for f in a.fracs.split(",")), rounds=a.rounds)
+        prev = res.get("compact_crossover")
+        res["compact_crossover"] = {
+            "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv), "note": a.note,
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "config": {k: v for k, v in K.CONFIG.items()}, "compact_below_at_run": runtime.COMPACT_BELOW,
+            "summary": crossover_summary(rows), "rows": rows, "wall_s": round(time.time() - t0, 1)}
+        if prev:  # earlier sweeps stay, newest last
+            res["compact_crossover"]["earlier_runs"] = prev.pop("earlier_runs", []) + [prev]
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(json.dumps(res["compact_crossover"]["summary"], indent=1))
+        return
+
+    if a.e2e_only:
+        from densesparse import runtime
+        from densesparse.config import ConvertConfig
+        t0 = time.time()
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv), "note": a.note,
+               "config": dict(K.CONFIG), "compact_below": runtime.COMPACT_BELOW,
+               "dense_above_tokens": DENSE_ABOVE, "default_expert_size": ConvertConfig().expert_size}
+        try:
+            e2e = bench_e2e(E=res["default_expert_size"])
+            res["decode"], res["prefill"] = e2e.pop("decode"), e2e.pop("prefill")
+            res["e2e"] = e2e
+        except Exception as ex:
+            import traceback
+            traceback.print_exc()
+            res["e2e_error"] = f"{type(ex).__name__}: {str(ex)[:500]}"
+        res["wall_s"] = round(time.time() - t0, 1)
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        for r in res.get("decode", []):
+            print(r)
+        for r in res.get("prefill", []):
+            print(r)
+        return
 
     if a.compact_only:
         t0 = time.time()

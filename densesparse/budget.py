@@ -40,6 +40,9 @@ class Point:
     input_tau: float
     recall: float
     gate_tau: float = 0.0
+    # mean fraction of the routed experts the router selects per token on the calibration tokens (1 = router off);
+    # the CUDA runtime picks its decode kernels by it (runtime.COMPACT_BELOW)
+    experts: float = 1.0
 
 
 def _quantiles(values: torch.Tensor, qs) -> list[float]:
@@ -61,6 +64,7 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
     y_full = F.linear(mlp.hidden_states(x), w_down)
     logits = mlp.router.float()(x)
     selections = {t: threshold_select(logits, t) for t in MASS_GRID}
+    expert_frac = {t: float(sel.float().mean()) for t, sel in selections.items()}
     # the shared neurons form group 0, always on; expert j is group j + 1
     group = torch.cat([torch.zeros(mlp.n_shared, dtype=torch.long),
                        1 + torch.arange(mlp.n_experts).repeat_interleave(mlp.expert_size)])
@@ -109,7 +113,7 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
                     down = (kept - float(by_bucket[i + 1] - by_bucket[0])) / n
                     err = input_err + dropped_expert_err + float(sq_bucket[i + 1]) / n
                     macs = mlp_macs_sparse(d, gate_cells, up_cells, down, router)
-                    screened.append(Point(macs, err, t, tau, x_tau, recall, g_tau))
+                    screened.append(Point(macs, err, t, tau, x_tau, recall, g_tau, expert_frac[t]))
     points = [Point(mlp_macs_dense(d, mlp.intermediate, mlp.gated), 0.0, 1.0, 0.0, 0.0, 1.0)]
     for p in _pareto(screened):
         h, gate_score = cache[p.input_tau]
@@ -119,7 +123,8 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
         if p.down_tau > 0:
             keep = keep & (h.abs() * norms >= p.down_tau)
         err = float((F.linear(h * keep, w_down) - y_full).pow(2).sum()) / n
-        points.append(Point(p.macs, err * weight, p.threshold, p.down_tau, p.input_tau, p.recall, p.gate_tau))
+        points.append(Point(p.macs, err * weight, p.threshold, p.down_tau, p.input_tau, p.recall, p.gate_tau,
+                            p.experts))
     return points
 
 
@@ -185,5 +190,7 @@ def calibrate_budgets(per_layer: list[list[Point]], min_budget: float) -> list[d
             "gate_tau": [p.gate_tau for p in chosen],
             "calib_mlp_flops_kept": sum(p.macs for p in chosen) / dense,
             "calib_expert_recall": [round(p.recall, 4) for p in chosen],
+            # per layer, the mean fraction of experts selected per calibration token (runtime: expert_frac)
+            "expert_frac": [round(p.experts, 4) for p in chosen],
         })
     return out

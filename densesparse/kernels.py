@@ -26,7 +26,8 @@ Paths (chosen by T on the host, no device sync):
     are listed on the device (ascending, with their count: by _compact_kernel, or by every gate/up program itself),
     each gate/up program takes BN consecutive list rows (full tiles; programs past the count exit), h is stored
     compacted and the down kernel splits the active rows evenly over a fixed grid. Faster only at T=1 with few
-    experts on the H100 (bench/GPU_NOTES.md, compaction round).
+    experts on the H100 (bench/GPU_NOTES.md, compaction and compact-rule rounds): sparse_mlp(compact=...) picks it
+    per call, which SparseMLP does at T=1 for layers calibrated to <= runtime.COMPACT_BELOW of the experts.
   * T > DECODE_MAX_T: dense-with-mask: cuBLAS x @ w_gate^T and x @ w_up^T, one fused Triton kernel for
     act(g)*u*mask*tau (one pass, cheaper than the dense model's separate act and multiply), cuBLAS down.
 
@@ -92,6 +93,8 @@ CONFIG = {
     # kept 0.25: MLP 69.0 -> 54.1 us); 2.7-3.4 us slower at T=1 kept 0.5, even at T=2 kept 0.25, 6-11 us slower
     # at T=2 kept 0.5 and 13.5 with the gate dial at T=2 (the list costs ~2.5 us, as a launch or as a prefix sum
     # in every gate/up program, and the gathered down rows run slower per row than the old path's), hence off.
+    # This is the default of sparse_mlp(compact=None); SparseMLP passes compact=True per call at T=1 for layers
+    # calibrated to at most runtime.COMPACT_BELOW (0.375) of the experts, where it was measured to win.
     "compact": os.environ.get("DS_COMPACT", "0") == "1",
     "c_gu_BN": 32, "c_gd_BN": 64, "c_dn_BN": 32, "c_dn_BD": 256, "c_dn_warps": 4, "c_dn_stages": 3,
     "c_dn_split": 28, "c_dn_skip": False, "c_BLOCK": 2048, "c_fused": os.environ.get("DS_COMPACT_FUSED", "1") == "1",
@@ -787,7 +790,7 @@ def active_blocks(mask: Tensor, n_shared: int) -> Tensor:
 
 
 def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, counts, acc, cnt, e,
-                 n_shared, act):
+                 n_shared, act, compact):
     T, d = x.shape
     m = w_dt.shape[0]
     n_e = mask.shape[1]
@@ -797,7 +800,7 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
     mk = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     gated = w_gate is not None
     dial = gated and gate_scale is not None and gate_tau > 0
-    compact = bool(cfg["compact"])
+    compact = bool(compact)
     pre = "c_" if compact else ""
     bn = cfg[pre + "gd_BN"] if dial else cfg[pre + "gu_BN"]
     fused = compact and bool(cfg["c_fused"])
@@ -870,14 +873,14 @@ def _(x, r_w1, r_b1, r_w2, r_b2, threshold):
 def sparse_mlp_decode_op(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_dt: Tensor, b_gate: Optional[Tensor],
                          b_up: Optional[Tensor], b_down: Optional[Tensor], mask: Tensor, tau: Optional[Tensor],
                          gate_scale: Optional[Tensor], gate_tau: float, counts: Optional[Tensor],
-                         acc: Tensor, cnt: Tensor, e: int, n_shared: int, act: str) -> Tensor:
+                         acc: Tensor, cnt: Tensor, e: int, n_shared: int, act: str, compact: bool) -> Tensor:
     return _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, counts, acc,
-                        cnt, e, n_shared, act)
+                        cnt, e, n_shared, act, compact)
 
 
 @sparse_mlp_decode_op.register_fake
 def _(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, counts, acc, cnt, e, n_shared,
-      act):
+      act, compact):
     return x.new_empty(x.shape)
 
 
@@ -930,8 +933,13 @@ def pack(w_gate: Optional[Tensor], w_up: Tensor, w_down_t: Tensor, e: int, n_sha
 
 def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional[Tensor], b_down: Optional[Tensor],
                mask: Tensor, tau: Optional[Tensor], act: str, path: Optional[str] = None,
-               gate_scale: Optional[Tensor] = None, gate_tau: float = 0.0, counts: Optional[Tensor] = None) -> Tensor:
+               gate_scale: Optional[Tensor] = None, gate_tau: float = 0.0, counts: Optional[Tensor] = None,
+               compact: Optional[bool] = None) -> Tensor:
     """y [T, d] = sum over computed neurons of h * w_down_t + b_down. path: None (auto by T), 'triton', 'dense'.
+
+    compact (Triton path only): True / False = the compacted / old decode kernels for this call; None = CONFIG
+    ["compact"] (read at the call; a CUDA graph keeps what was chosen at capture). SparseMLP passes True for
+    one-token calls of layers calibrated to few experts (runtime.COMPACT_BELOW).
 
     Gate dial (gated FFNs, gate_tau > 0): a selected neuron is kept only where |act(gate)| * gate_scale [m] >=
     gate_tau; the Triton path then loads no up row that no token keeps. counts: an int32 [2, T] tensor the call
@@ -949,9 +957,11 @@ def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional
     if path == "triton":
         if T > _BT:
             raise ValueError(f"triton decode path takes at most {_BT} tokens")
+        if compact is None:
+            compact = bool(CONFIG["compact"])
         return sparse_mlp_decode_op(x, p["w_gate"], p["w_up"], p["w_down_t"], b_gate, b_up, b_down, mask, tau,
                                     gate_scale, float(gate_tau), counts, p["acc"], p["cnt"], p["e"], p["n_shared"],
-                                    act)
+                                    act, bool(compact))
     w_gate, w_up, w_dt = p["w_gate"], p["w_up"], p["w_down_t"]
     g = None if w_gate is None else x @ w_gate.t()
     u = x @ w_up.t()

@@ -84,6 +84,18 @@ class LayerStats:
 # see bench/GPU_NOTES.md. A very large value turns the dispatch off.
 DENSE_ABOVE_TOKENS = 2
 
+# CUDA only: a one-token call (batch-1 decode) takes the compacted Triton kernels (kernels.sparse_mlp(compact=True):
+# the active expert blocks listed on the device, full tiles, the down kernel over the active rows only) when the
+# layer's calibrated mean fraction of selected experts (`expert_frac`, set by apply_budget) is at most this; other
+# calls take the old tiles (or whatever kernels.CONFIG["compact"] says). The host cannot read the mask without a
+# sync, so the choice comes from calibration. Measured: bench/results/gpu-h100-compact.json "compact_crossover"
+# (H100, llama3-8b layer, T=1, router + MLP, interleaved CUDA graphs, 3 rounds; bench/GPU_NOTES.md, compact-rule
+# round): expert size 8, compacted vs old at 0.30 / 0.35 / 0.375 / 0.40 / 0.425 / 0.45 of the experts: +14.6 /
+# +7.7 / +5.3 / +1.7 / +0.2 / -3.3 %, so 0.375 is the largest fraction where it wins by >= 2% (the run-to-run
+# spread). With the gate dial it wins further (+4% at 0.425). Expert size 32 crosses earlier (+2.8% at 0.325,
+# +0.9% at 0.35, -0.8% at 0.375): up to ~1% lost there between 0.35 and 0.375.
+COMPACT_BELOW = 0.375
+
 
 class SparseMLP(nn.Module):
     """An FFN sliced into `n_experts` contiguous blocks of `expert_size` neurons after `n_shared` always-on ones.
@@ -122,6 +134,9 @@ class SparseMLP(nn.Module):
         # gated FFNs: up and down skip neurons whose |act(gate)| * gate_scale is below gate_tau (exact given the
         # gate); gate_scale = E|up| * ||down row|| from calibration turns the gate into the neuron's expected share
         self.gate_tau = 0.0
+        # mean fraction of the experts the router selects per token at the current budget (calibration's measure,
+        # 1 = router off); CUDA only: it picks the kernels of one-token calls (COMPACT_BELOW), no effect on outputs
+        self.expert_frac = 1.0
         if self.gated:
             self.gate_scale = nn.Parameter(torch.ones(self.intermediate), requires_grad=False)
         self.stats: LayerStats | None = None
@@ -291,9 +306,13 @@ class SparseMLP(nn.Module):
         # the kernels count, per token, the up rows they compute and the neurons kept for down (the torch path's
         # up_rows and down_keep): only when stats are on, as reading them back syncs
         counts = None if self.stats is None else torch.zeros(2, x2.shape[0], dtype=torch.int32, device=x2.device)
+        # batch-1 decode of a layer calibrated to few experts: the compacted kernels (COMPACT_BELOW); else the
+        # kernels' default (kernels.CONFIG["compact"], off unless a bench or DS_COMPACT=1 forces it). The argument
+        # is passed only when set, so this file keeps working with kernels that predate it.
+        extra = {"compact": True} if x2.shape[0] == 1 and self.expert_frac <= COMPACT_BELOW else {}
         y = k.sparse_mlp(x_in, packed, b_gate, b_up, b_down, mask, tau, self.act_name,
                          gate_scale=self.gate_scale if dial else None, gate_tau=self.gate_tau if dial else 0.0,
-                         counts=counts)
+                         counts=counts, **extra)
         if counts is not None:
             n_sel = mask.sum(1)
             n_in = (x_in != 0).sum(1) if self.input_tau > 0 else torch.full_like(n_sel, x_in.shape[1])
@@ -356,7 +375,8 @@ def sparse_mlps(model) -> list[SparseMLP]:
 
 
 def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> None:
-    """Set each layer's four dials (router threshold, input, gate and down thresholds) for an MLP-FLOPs target.
+    """Set each layer's four dials (router threshold, input, gate and down thresholds) for an MLP-FLOPs target,
+    and its calibrated fraction of selected experts (`expert_frac`, 1.0 where a spec predates it).
 
     `budgets` holds calibrated per-layer settings at a grid of targets; all-on (1.0) closes the grid. Between grid
     points the settings are interpolated linearly, since every dial moves FLOPs monotonically.
@@ -365,7 +385,8 @@ def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> N
         raise ValueError(f"mlp_flops={target} is outside (0, 1]: pass a fraction of the dense MLP FLOPs, e.g. 0.5")
     n = len(mlps)
     grid = sorted(budgets, key=lambda b: b["target"]) + [
-        {"target": 1.0, "thresholds": [1.0] * n, "down_tau": [0.0] * n, "input_tau": [0.0] * n, "gate_tau": [0.0] * n}]
+        {"target": 1.0, "thresholds": [1.0] * n, "down_tau": [0.0] * n, "input_tau": [0.0] * n, "gate_tau": [0.0] * n,
+         "expert_frac": [1.0] * n}]
     targets = [b["target"] for b in grid]
     if target < targets[0]:
         raise ValueError(f"mlp_flops={target} is below the smallest calibrated budget {targets[0]}: "
@@ -379,3 +400,5 @@ def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> N
         m.down_tau = a["down_tau"][i] + w * (b["down_tau"][i] - a["down_tau"][i])
         m.input_tau = a["input_tau"][i] + w * (b["input_tau"][i] - a["input_tau"][i])
         m.gate_tau = a["gate_tau"][i] + w * (b["gate_tau"][i] - a["gate_tau"][i])
+        fa, fb = (g.get("expert_frac", [1.0] * n)[i] for g in (a, b))
+        m.expert_frac = fa + w * (fb - fa)

@@ -131,10 +131,32 @@ def test_budget_dial_moves_thresholds_monotonically(tiny_dir, tmp_path):
             assert all(c[0] >= p[0] - 1e-9 for c, p in zip(cur, last))
         last = cur
     assert all(m.dense for m in mlps)
+    assert all(m.expert_frac == 1.0 for m in mlps)
+    # calibration records each layer's mean fraction of selected experts per budget; apply_budget sets it
+    for b in spec["budgets"]:
+        assert len(b["expert_frac"]) == len(mlps) and all(0.0 < f <= 1.0 for f in b["expert_frac"])
+        apply_budget(mlps, spec["budgets"], b["target"])
+        assert [m.expert_frac for m in mlps] == pytest.approx(b["expert_frac"])
     with pytest.raises(ValueError):
         apply_budget(mlps, spec["budgets"], 1.5)
     with pytest.raises(ValueError):
         apply_budget(mlps, spec["budgets"], 0.01)
+
+
+def test_apply_budget_sets_expert_frac_and_defaults_without_it():
+    """expert_frac is interpolated like the other dials; a spec from before it (no key) gives 1.0 everywhere."""
+    model = tiny_model("LlamaForCausalLM")
+    mlps = install(model, _spec(model))
+    n = len(mlps)
+    entry = {"thresholds": [0.5] * n, "down_tau": [0.0] * n, "input_tau": [0.0] * n, "gate_tau": [0.0] * n}
+    fracs = [0.2 + 0.1 * i for i in range(n)]
+    budgets = [{"target": 0.4, **entry, "expert_frac": fracs}]
+    apply_budget(mlps, budgets, 0.4)
+    assert [m.expert_frac for m in mlps] == pytest.approx(fracs)
+    apply_budget(mlps, budgets, 0.7)  # halfway to the dense end of the grid (1.0)
+    assert [m.expert_frac for m in mlps] == pytest.approx([(f + 1.0) / 2 for f in fracs])
+    apply_budget(mlps, [{"target": 0.4, **entry}], 0.4)
+    assert all(m.expert_frac == 1.0 for m in mlps) and all(m.threshold == 0.5 for m in mlps)
 
 
 @torch.no_grad()
@@ -181,4 +203,7 @@ def test_budget_points_are_the_layers_real_cost_and_error():
         err = float((mlp(x) - y_dense).pow(2).sum(1).mean())
         assert p.err == pytest.approx(2.0 * err, rel=1e-3, abs=1e-9)
         assert p.macs == pytest.approx(_mlp_macs([mlp], [mlp.stats]), rel=1e-6)
+        # the recorded fraction of selected experts is the real masks' mean (1 where the router is off)
+        assert p.experts == pytest.approx(mlp.stats.experts / (mlp.stats.tokens * mlp.n_experts), rel=1e-6)
+    assert {p.experts for p in points if p.threshold == 1.0} == {1.0} and min(p.experts for p in points) < 1.0
     mlp.stats = None

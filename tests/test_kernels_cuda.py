@@ -887,3 +887,81 @@ def test_module_gate_dial_stats_exact(T, compact, monkeypatch):
 def _run_both_module(mm, x, monkeypatch):
     y_cuda, st_cuda, y_torch, st_torch = _run_both_fwd(lambda: mm(x), [mm], monkeypatch)
     return y_cuda, st_cuda[0], y_torch, st_torch[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-call choice of the compacted path (sparse_mlp(compact=...), SparseMLP by expert_frac and runtime.COMPACT_BELOW)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dial", [False, True])
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("e,n_shared,n_e", [(8, 0, 120), (16, 1, 40), (1, 2, 301)])
+def test_compact_argument_equals_config_path(e, n_shared, n_e, T, dial, monkeypatch):
+    """compact=True / False per call runs exactly the kernels CONFIG["compact"] = True / False runs (bit for bit,
+    deterministic down reduction), whatever CONFIG says; compact=None follows CONFIG."""
+    monkeypatch.setitem(K.CONFIG, "dn_deterministic", True)
+    gen = torch.Generator().manual_seed(7100 + 10 * e + T + int(dial))
+    d = 256
+    L = make_layer(gen, d, e, n_shared, n_e, torch.bfloat16, True, True)
+    x = torch.randn(T, d, generator=gen).to(DEV, torch.bfloat16)
+    mask = (torch.rand(T, n_e, generator=gen) < 0.3).to(DEV)
+    packed = K.pack(L["w_gate"], L["w_up"], L["w_down_t"], e, n_shared)
+    kw = {}
+    if dial:
+        gs = realistic_gate_scale(gen, L, d, torch.bfloat16)
+        kw = {"gate_scale": gs, "gate_tau": float(gs.float().median())}
+
+    def call(compact):
+        return K.sparse_mlp(x, packed, L["b_gate"], L["b_up"], L["b_down"], mask, None, "silu", path="triton",
+                            compact=compact, **kw)
+    by_cfg = {}
+    for flag in (False, True):
+        monkeypatch.setitem(K.CONFIG, "compact", flag)
+        by_cfg[flag] = call(None)
+    for flag in (False, True):
+        for cfg_flag in (False, True):
+            monkeypatch.setitem(K.CONFIG, "compact", cfg_flag)
+            assert torch.equal(call(flag), by_cfg[flag]), (flag, cfg_flag)
+    if not dial:  # (the dial's reference, with its tie band, is test_gate_dial_matches_reference's)
+        ref = ref_mlp(x, L["w_gate"], L["w_up"], L["w_down_t"], L["b_gate"], L["b_up"], L["b_down"], mask, None, e,
+                      n_shared, "silu")
+        for flag in (False, True):
+            assert rel_err(by_cfg[flag], ref) < 1e-2
+
+
+@pytest.mark.parametrize("dial", [False, True])
+def test_module_compact_rule_matches_torch(dial, monkeypatch):
+    """SparseMLP takes the compacted kernels exactly for one-token calls with expert_frac <= COMPACT_BELOW, and
+    its output equals the pure-torch path on the same mask either way (below / above the constant, T 1 and 2)."""
+    from densesparse import runtime
+    monkeypatch.setitem(K.CONFIG, "compact", False)
+    below = runtime.COMPACT_BELOW if runtime.COMPACT_BELOW > 0 else 0.4
+    monkeypatch.setattr(runtime, "COMPACT_BELOW", below)
+    _, _, mlps = _tiny_sparse_llama(950 + int(dial))
+    mm = mlps[0]
+    seen = []
+    real = K.sparse_mlp
+
+    def rec(*a, **k):
+        seen.append(k.get("compact"))
+        return real(*a, **k)
+    monkeypatch.setattr(K, "sparse_mlp", rec)
+    gen = torch.Generator().manual_seed(951 + int(dial))
+    with torch.no_grad():
+        mm.threshold = 0.6
+        mm.dense_above_tokens = 1 << 30
+        if dial:
+            xc = torch.randn(256, 256, generator=gen).to(DEV, torch.bfloat16)
+            mm.gate_scale.data = torch.ones(mm.intermediate, device=DEV, dtype=torch.bfloat16)
+            mm.calibrate_gate_scale(xc)
+            sc = mm.gate_and_up(xc)[0].float().abs() * mm.gate_scale.float()
+            mm.gate_tau = float(sc.median())
+        for T in (1, 2):
+            x = torch.randn(T, 256, generator=gen).to(DEV, torch.bfloat16)
+            for frac in (below - 0.05, below, below + 0.05, 1.0):
+                mm.expert_frac = frac
+                seen.clear()
+                y_cuda, st_cuda, y_torch, st_torch = _run_both_module(mm, x, monkeypatch)
+                want = True if (T == 1 and frac <= below) else None
+                assert seen == [want], (T, frac, seen)
+                assert rel_err(y_cuda, y_torch.double()) < 2e-2, (T, frac)
+                _same_stats(st_cuda, st_torch, band=0.01 if dial else 0.0)
