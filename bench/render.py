@@ -124,6 +124,9 @@ def main():
     quality = RESULTS / "quality-smollm2.json"
     if quality.exists():
         blocks["quality"] = quality_table(json.loads(quality.read_text()))
+    full = RESULTS / "quality-smollm2-wt2-64k-ours.json"
+    if full.exists():
+        blocks["quality-64k"] = quality_table(json.loads(full.read_text()))
     docs = RESULTS / "quality-smollm2-python-docs.json"
     if docs.exists():
         blocks["quality-docs"] = quality_table(json.loads(docs.read_text()))
