@@ -119,26 +119,22 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
 
 
+# README block name -> (record, renderer); a block is rendered only where its record exists
+BLOCKS = {
+    "quality": ("quality-smollm2.json", quality_table),
+    "quality-64k": ("quality-smollm2-wt2-64k-ours.json", quality_table),
+    "quality-docs": ("quality-smollm2-python-docs.json", quality_table),
+    "predictors": ("predictors-smollm2.json", predictors_table),
+    "gpu": ("gpu-h100.json", gpu_table),
+}
+
+
 def main():
-    blocks = {}
-    quality = RESULTS / "quality-smollm2.json"
-    if quality.exists():
-        blocks["quality"] = quality_table(json.loads(quality.read_text()))
-    full = RESULTS / "quality-smollm2-wt2-64k-ours.json"
-    if full.exists():
-        blocks["quality-64k"] = quality_table(json.loads(full.read_text()))
-    docs = RESULTS / "quality-smollm2-python-docs.json"
-    if docs.exists():
-        blocks["quality-docs"] = quality_table(json.loads(docs.read_text()))
-    predictors = RESULTS / "predictors-smollm2.json"
-    if predictors.exists():
-        blocks["predictors"] = predictors_table(json.loads(predictors.read_text()))
-    gpu = RESULTS / "gpu-h100.json"
-    if gpu.exists():
-        blocks["gpu"] = gpu_table(json.loads(gpu.read_text()))
-        compact = RESULTS / "gpu-h100-e2e-compact.json"
-        if compact.exists():
-            blocks["gpu"] += "\n" + compact_rule_lines(json.loads(compact.read_text()))
+    blocks = {name: render(json.loads((RESULTS / record).read_text()))
+              for name, (record, render) in BLOCKS.items() if (RESULTS / record).exists()}
+    compact = RESULTS / "gpu-h100-e2e-compact.json"
+    if "gpu" in blocks and compact.exists():
+        blocks["gpu"] += "\n" + compact_rule_lines(json.loads(compact.read_text()))
     for readme in (HERE / "README.md", HERE.parent / "README.md"):
         text = readme.read_text()
         for name, body in blocks.items():
