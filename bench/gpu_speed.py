@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from densesparse import kernels as K  # noqa: E402
-from densesparse.runtime import DENSE_ABOVE_TOKENS as DENSE_ABOVE  # noqa: E402
+from densesparse.runtime import COMPACT_BELOW, DENSE_ABOVE_TOKENS as DENSE_ABOVE  # noqa: E402
 
 SHAPES = {"llama3-8b": (4096, 14336), "llama2-7b": (4096, 11008), "smollm2-135m": (576, 1536)}
 ROUTER_R = {"llama3-8b": 64, "llama2-7b": 64, "smollm2-135m": 64}  # ConvertConfig.router_width
@@ -207,12 +207,12 @@ def random_mask(T, n_e, kept, gen):
     return mask
 
 
-def time_sparse(L, x, mask, path, with_router=True, thr=0.5):
+def time_sparse(L, x, mask, path, with_router=True, thr=0.5, compact=None):
     def fn(i):
         if with_router:
             rw1, rb1, rw2, rb2 = L.router[i % L.nc]
             K.route(x, rw1, rb1, rw2, rb2, thr)
-        return K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mask, None, "silu", path=path)
+        return K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mask, None, "silu", path=path, compact=compact)
     return time_graph(fn, 2 * L.nc)
 
 
@@ -295,7 +295,11 @@ def bench_mlp(shapes, expert_sizes, kepts, batches, copy_gbps):
                 for kept in kepts:
                     mask = random_mask(T, n_e, kept, gen)
                     union = mask.any(0).float().mean().item()
-                    tri = time_sparse(L, x, mask, "triton") if T <= 16 else None
+                    # SparseMLP's rule (runtime.COMPACT_BELOW): a one-token call of a layer whose measured expert
+                    # fraction (here the mask's: union at T=1) is <= COMPACT_BELOW takes the compacted kernels
+                    compact = T == 1 and union <= COMPACT_BELOW
+                    tri = time_sparse(L, x, mask, "triton", compact=True if compact else None) if T <= 16 else None
+                    tri_old = time_sparse(L, x, mask, "triton", compact=False) if compact else None
                     dm = time_sparse(L, x, mask, "dense")
                     if T > DENSE_ABOVE:
                         auto, how = dispatch_cache[T], "dense-dispatch"
@@ -309,13 +313,16 @@ def bench_mlp(shapes, expert_sizes, kepts, batches, copy_gbps):
                         "ideal_us": round(ideal_cache[(T, kept)], 2), "router_us": round(router_us, 2),
                         "gbps": round(bytes_moved / (auto * 1e-6) / 1e9, 1),
                         "path": how, "router_in_sparse": how != "dense-dispatch",
+                        "compact": how == "triton" and compact,
+                        "triton_old_us": None if tri_old is None else round(tri_old, 2),
                         "triton_us": None if tri is None else round(tri, 2), "dense_masked_us": round(dm, 2),
                         "union_frac": round(union, 4),
                         "floor_us": round(bytes_moved / (copy_gbps * 1e9) * 1e6, 2),
                     })
                     r = rows[-1]
                     print(f"{shape:13s} e={e:<3d} kept={kept:<4} T={T:<2d} dense {r['dense_us']:7.1f} "
-                          f"sparse {r['sparse_us']:7.1f} (tri {r['triton_us']}, dm {r['dense_masked_us']}) "
+                          f"sparse {r['sparse_us']:7.1f} (tri {r['triton_us']}, compact {r['compact']}, old "
+                          f"{r['triton_old_us']}, dm {r['dense_masked_us']}) "
                           f"ideal {r['ideal_us']:7.1f} router {router_us:5.1f} floor {r['floor_us']:6.1f} "
                           f"x{r['dense_us'] / r['sparse_us']:.2f}", flush=True)
         del L
