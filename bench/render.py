@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -70,7 +69,7 @@ def gpu_table(g: dict) -> str:
             continue
         lines.append(f"| {r['shape']} | {r['expert_size']} | {r['kept']} | {r['batch']} | {r['dense_us']:.1f} | "
                      f"{r['sparse_us']:.1f} | {r['ideal_us']:.1f} | {r['router_us']:.1f} | "
-                     f"{r['dense_us'] / r['sparse_us']:.2f}x | {r.get('path', 'triton')} |")
+                     f"{r['dense_us'] / r['sparse_us']:.2f}x | {r.get('path', 'triton')}{' (compacted)' if r.get('compact') else ''} |")
     run = g.get("gate_dial_run", {})
     for r in g.get("gate_dial", []):
         lines.append(f"\nGate dial (commit {run.get('commit')}; {r['shape']}, expert size {r['expert_size']}, "
@@ -101,19 +100,6 @@ def decode_lines(g: dict) -> list[str]:
     return lines
 
 
-def compact_rule_lines(c: dict) -> str:
-    """The end-to-end run with the compacted batch-1 kernels on by the calibrated rule (runtime.COMPACT_BELOW)."""
-    sys.path.insert(0, str(HERE.parent))
-    from densesparse.runtime import COMPACT_BELOW
-
-    return "\n".join(["", f"The same end-to-end bench after the compacted decode kernels became the default for "
-                           f"one-token calls of layers calibrated to few experts ({c['device']}, torch {c['torch']}, "
-                           "record `bench/results/gpu-h100-e2e-compact.json`): the run used the threshold "
-                           f"{c['compact_below']}, the code's `runtime.COMPACT_BELOW` is {COMPACT_BELOW}; at 0.25 "
-                           "kept every layer's measured fraction is 0.25 (compacted at batch 1), at 0.5 it is 0.5 "
-                           "(not compacted), so both pick the same kernels:", "", *decode_lines(c)])
-
-
 def replace_block(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
     return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
@@ -132,9 +118,6 @@ BLOCKS = {
 def main():
     blocks = {name: render(json.loads((RESULTS / record).read_text()))
               for name, (record, render) in BLOCKS.items() if (RESULTS / record).exists()}
-    compact = RESULTS / "gpu-h100-e2e-compact.json"
-    if "gpu" in blocks and compact.exists():
-        blocks["gpu"] += "\n" + compact_rule_lines(json.loads(compact.read_text()))
     for readme in (HERE / "README.md", HERE.parent / "README.md"):
         text = readme.read_text()
         for name, body in blocks.items():
