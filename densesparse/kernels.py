@@ -175,6 +175,16 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
 
 
 @triton.jit
+def _active_chunk(mask_ptr, b0, offs_t, tok_ok, n_shared, n_e, BLOCK: tl.constexpr):
+    """Blocks b0 .. b0 + BLOCK - 1 and which of them are active: a shared block, or an expert some token selects."""
+    b = b0 + tl.arange(0, BLOCK)
+    ex = b - n_shared
+    ld = tok_ok[:, None] & ((ex >= 0) & (b < n_shared + n_e))[None, :]
+    sv = tl.load(mask_ptr + offs_t[:, None] * n_e + ex[None, :], mask=ld, other=0)
+    return b, (tl.max((sv != 0).to(tl.int32), axis=0) > 0) | (b < n_shared)
+
+
+@triton.jit
 def _compact_own(mask_ptr, blk_ptr, pid, T, e, n_shared, n_e, BN: tl.constexpr, MT: tl.constexpr,
                  CBLK: tl.constexpr):
     """The active-block count (as _compact_kernel), computed by this program alone; it stores the list entries
@@ -187,11 +197,7 @@ def _compact_own(mask_ptr, blk_ptr, pid, T, e, n_shared, n_e, BN: tl.constexpr, 
     tok_ok = offs_t < T
     base = tl.full([], 0, tl.int32)
     for b0 in range(0, nb, CBLK):
-        b = b0 + tl.arange(0, CBLK)
-        ex = b - n_shared
-        ld = tok_ok[:, None] & ((ex >= 0) & (b < nb))[None, :]
-        sv = tl.load(mask_ptr + offs_t[:, None] * n_e + ex[None, :], mask=ld, other=0)
-        act = (tl.max((sv != 0).to(tl.int32), axis=0) > 0) | (b < n_shared)
+        b, act = _active_chunk(mask_ptr, b0, offs_t, tok_ok, n_shared, n_e, CBLK)
         a = act.to(tl.int32)
         rank = tl.cumsum(a, axis=0) + base - 1
         tl.store(blk_ptr + 1 + rank, b, mask=act & (rank >= lo) & (rank < hi))
@@ -381,11 +387,7 @@ def _compact_kernel(mask_ptr, blk_ptr, T, n_shared, n_e, BT: tl.constexpr, BLOCK
     tok_ok = offs_t < T
     base = tl.full([], 0, tl.int32)
     for b0 in range(0, nb, BLOCK):
-        b = b0 + tl.arange(0, BLOCK)
-        ex = b - n_shared
-        ld = tok_ok[:, None] & ((ex >= 0) & (b < nb))[None, :]
-        sv = tl.load(mask_ptr + offs_t[:, None] * n_e + ex[None, :], mask=ld, other=0)
-        act = (tl.max((sv != 0).to(tl.int32), axis=0) > 0) | (b < n_shared)
+        b, act = _active_chunk(mask_ptr, b0, offs_t, tok_ok, n_shared, n_e, BLOCK)
         a = act.to(tl.int32)
         incl = tl.cumsum(a, axis=0)
         tl.store(blk_ptr + base + incl, b, mask=act)
