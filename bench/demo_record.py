@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from densesparse import __version__
+from densesparse.runtime import COMPACT_BELOW
 
 TARGETS = (0.75, 0.5, 0.35, 0.25)
 
@@ -22,6 +23,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--demo", default="demo")
     ap.add_argument("--out", default="bench/results/demo-fresh-clone.json")
+    ap.add_argument("--note", default=None, help="how the demo was run, kept in the record")
     args = ap.parse_args()
     demo = Path(args.demo)
     spec = json.loads((demo / "sparse" / "config.json").read_text())["densesparse"]
@@ -33,7 +35,9 @@ def main():
                           "router_layers": sum(t < 1.0 for t in b["thresholds"]),
                           "gate_layers": sum(g > 0 for g in b["gate_tau"]),
                           "input_layers": sum(x > 0 for x in b["input_tau"]),
-                          "down_layers": sum(x > 0 for x in b["down_tau"])})
+                          "down_layers": sum(x > 0 for x in b["down_tau"]),
+                          # layers whose one-token calls take the compacted kernels on CUDA
+                          "compact_layers": sum(f <= COMPACT_BELOW for f in b.get("expert_frac", []))})
     record = {
         "command": "make demo [EVAL_TEXT=...] && python bench/demo_record.py",
         "commit": subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip(),
@@ -47,6 +51,8 @@ def main():
                  "rows": [{"target": r["target"], "mlp_flops_kept": r["mlp_flops_kept"], "ppl": r["ppl"]}
                           for r in report["budgets"]]},
     }
+    if args.note:
+        record["note"] = args.note
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
 
