@@ -235,16 +235,13 @@ class SparseMLP(nn.Module):
     def sparse_input(self, x2: torch.Tensor) -> torch.Tensor:
         return x2 * (x2.abs() >= self.input_tau) if self.input_tau > 0 else x2
 
-    def _record(self, x_in, expert_mask, down_keep=None, up_rows=None):
-        """Count what this call did; `down_keep` defaults to every neuron of the chosen experts, `up_rows` to the
-        chosen experts' rows."""
-        if self.stats is not None:
-            if down_keep is None:
-                down_keep = self.neuron_mask(expert_mask)
-            n_sel = expert_mask.sum(1)
-            n_in = (x_in != 0).sum(1) if self.input_tau > 0 else torch.full_like(n_sel, x_in.shape[1])
-            self.stats.update(n_sel, self.n_shared + n_sel * self.expert_size, n_in, down_keep.sum(1),
-                              self.threshold < 1.0, up_rows)
+    def _record(self, x_in, expert_mask, n_down, up_rows=None):
+        """Count what this call did: per token, `n_down` neurons kept for down and `up_rows` up rows computed
+        (default: the chosen experts' rows)."""
+        n_sel = expert_mask.sum(1)
+        n_in = (x_in != 0).sum(1) if self.input_tau > 0 else torch.full_like(n_sel, x_in.shape[1])
+        self.stats.update(n_sel, self.n_shared + n_sel * self.expert_size, n_in, n_down, self.threshold < 1.0,
+                          up_rows)
 
     def _torch_forward(self, x2):
         x_in = self.sparse_input(x2)
@@ -258,7 +255,8 @@ class SparseMLP(nn.Module):
         h = u if g is None else g * u
         if self.down_tau > 0:
             keep = keep & (h.abs() * self.down_norms().to(h.dtype) >= self.down_tau)
-        self._record(x_in, expert_mask, keep, up_rows)
+        if self.stats is not None:
+            self._record(x_in, expert_mask, keep.sum(1), up_rows)
         return self.down(h * keep)
 
     def _cuda_forward(self, x2):
@@ -314,10 +312,7 @@ class SparseMLP(nn.Module):
                          gate_scale=self.gate_scale if dial else None, gate_tau=self.gate_tau if dial else 0.0,
                          counts=counts, **extra)
         if counts is not None:
-            n_sel = mask.sum(1)
-            n_in = (x_in != 0).sum(1) if self.input_tau > 0 else torch.full_like(n_sel, x_in.shape[1])
-            self.stats.update(n_sel, self.n_shared + n_sel * self.expert_size, n_in, counts[1],
-                              self.threshold < 1.0, counts[0] if dial else None)
+            self._record(x_in, mask, counts[1], counts[0] if dial else None)
         return y
 
 
@@ -395,10 +390,9 @@ def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> N
     lo = max(hi - 1, 0)
     w = 1.0 if hi == lo else (target - targets[lo]) / (targets[hi] - targets[lo])
     a, b = grid[lo], grid[hi]
-    for i, m in enumerate(mlps):
-        m.threshold = a["thresholds"][i] + w * (b["thresholds"][i] - a["thresholds"][i])
-        m.down_tau = a["down_tau"][i] + w * (b["down_tau"][i] - a["down_tau"][i])
-        m.input_tau = a["input_tau"][i] + w * (b["input_tau"][i] - a["input_tau"][i])
-        m.gate_tau = a["gate_tau"][i] + w * (b["gate_tau"][i] - a["gate_tau"][i])
-        fa, fb = (g.get("expert_frac", [1.0] * n)[i] for g in (a, b))
-        m.expert_frac = fa + w * (fb - fa)
+    # spec key -> module attribute; the dials are required, expert_frac is 1.0 where a spec predates it
+    for key, attr in (("thresholds", "threshold"), ("down_tau", "down_tau"), ("input_tau", "input_tau"),
+                      ("gate_tau", "gate_tau"), ("expert_frac", "expert_frac")):
+        va, vb = (g.get(key, [1.0] * n) if key == "expert_frac" else g[key] for g in (a, b))
+        for m, fa, fb in zip(mlps, va, vb):
+            setattr(m, attr, fa + w * (fb - fa))
