@@ -185,23 +185,29 @@ def _active_chunk(mask_ptr, b0, offs_t, tok_ok, n_shared, n_e, BLOCK: tl.constex
 
 
 @triton.jit
-def _compact_own(mask_ptr, blk_ptr, pid, T, e, n_shared, n_e, BN: tl.constexpr, MT: tl.constexpr,
-                 CBLK: tl.constexpr):
-    """The active-block count (as _compact_kernel), computed by this program alone; it stores the list entries
-    (ranks) that its compacted rows [pid*BN, (pid+1)*BN) use, program 0 the count; a CTA barrier makes the stores
-    visible to the program's own later (.cg) loads."""
-    nb = n_shared + n_e
-    lo = (pid * BN) // e
-    hi = ((pid + 1) * BN - 1) // e + 1
+def _list_blocks(mask_ptr, blk_ptr, T, n_shared, n_e, lo, hi, MT: tl.constexpr, CBLK: tl.constexpr):
+    """Exclusive prefix sum over the active blocks (_active_chunk), chunk by chunk: stores blk[1 + rank] = block for
+    the ranks in [lo, hi) and returns the count of active blocks."""
     offs_t = tl.arange(0, MT)
     tok_ok = offs_t < T
     base = tl.full([], 0, tl.int32)
-    for b0 in range(0, nb, CBLK):
+    for b0 in range(0, n_shared + n_e, CBLK):
         b, act = _active_chunk(mask_ptr, b0, offs_t, tok_ok, n_shared, n_e, CBLK)
         a = act.to(tl.int32)
         rank = tl.cumsum(a, axis=0) + base - 1
         tl.store(blk_ptr + 1 + rank, b, mask=act & (rank >= lo) & (rank < hi))
         base += tl.sum(a, axis=0)
+    return base
+
+
+@triton.jit
+def _compact_own(mask_ptr, blk_ptr, pid, T, e, n_shared, n_e, BN: tl.constexpr, MT: tl.constexpr,
+                 CBLK: tl.constexpr):
+    """The active-block count (as _compact_kernel), computed by this program alone; it stores the list entries
+    (ranks) that its compacted rows [pid*BN, (pid+1)*BN) use, program 0 the count; a CTA barrier makes the stores
+    visible to the program's own later (.cg) loads."""
+    base = _list_blocks(mask_ptr, blk_ptr, T, n_shared, n_e, (pid * BN) // e, ((pid + 1) * BN - 1) // e + 1,
+                        MT, CBLK)
     if pid == 0:
         tl.store(blk_ptr, base)
     tl.debug_barrier()
@@ -381,18 +387,8 @@ def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr, blk_ptr,
 @triton.jit
 def _compact_kernel(mask_ptr, blk_ptr, T, n_shared, n_e, BT: tl.constexpr, BLOCK: tl.constexpr):
     """One program: blk = [count, the active blocks in ascending order]: the n_shared shared blocks and every
-    expert some token selects (the union over the T tokens). Exclusive prefix sum over the mask, chunk by chunk."""
-    nb = n_shared + n_e
-    offs_t = tl.arange(0, BT)
-    tok_ok = offs_t < T
-    base = tl.full([], 0, tl.int32)
-    for b0 in range(0, nb, BLOCK):
-        b, act = _active_chunk(mask_ptr, b0, offs_t, tok_ok, n_shared, n_e, BLOCK)
-        a = act.to(tl.int32)
-        incl = tl.cumsum(a, axis=0)
-        tl.store(blk_ptr + base + incl, b, mask=act)
-        base += tl.sum(a, axis=0)
-    tl.store(blk_ptr, base)
+    expert some token selects (the union over the T tokens)."""
+    tl.store(blk_ptr, _list_blocks(mask_ptr, blk_ptr, T, n_shared, n_e, 0, n_shared + n_e, BT, BLOCK))
 
 
 @triton.jit
