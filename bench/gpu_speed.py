@@ -1332,6 +1332,128 @@ def bench_compact_crossover(fracs=(0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5), es=(8,
     return rows
 
 
+def _dial_case(L, gss, dn, gen, f, T, e):
+    """One real layer's fractions f (bench/dial_mix.py) replayed at this shape: input channels cut at the
+    (1 - input) quantile of |x|; experts: each weight copy's router threshold bisected to f["experts"] (all on,
+    no router, where the layer keeps them all); gate dial keeping up_rows / gate_rows of the selected neurons,
+    down tau keeping down / up_rows of those (quantiles over copy 0)."""
+    x = torch.randn(T, L.d, device=DEV, dtype=DT, generator=gen)
+    tin = torch.quantile(x.abs().float().flatten(), 1 - f["input"]).item() if f["input"] < 0.999 else 0.0
+    xi = x * (x.abs() >= tin) if tin > 0 else x
+    routed = f["experts"] < 0.999
+    thrs = [1.0] * L.nc
+    if routed:
+        for c in range(L.nc):
+            lo, hi = 0.0, 1.0
+            for _ in range(16):
+                mid = (lo + hi) / 2
+                if K.route(x, *L.router[c], mid).float().mean().item() < f["experts"]:
+                    lo = mid
+                else:
+                    hi = mid
+            thrs[c] = hi
+    masks = [K.route(x, *L.router[c], thrs[c]) if routed else torch.ones(T, L.m // e, dtype=torch.bool, device=DEV)
+             for c in range(L.nc)]
+    wg, wu, _ = L.dense[0]
+    g = xi.float() @ wg.float().t()
+    sel = masks[0].repeat_interleave(e, dim=1)
+    score = torch.nn.functional.silu(g).abs() * gss[0].float()
+    keep_up = min(1.0, f["up_rows"] / max(f["gate_rows"], 1e-9))
+    gate_tau = torch.quantile(score[sel], 1 - keep_up).item() if keep_up < 0.999 else 0.0
+    kept = sel & (score >= gate_tau)
+    hs = (torch.nn.functional.silu(g) * (xi.float() @ wu.float().t())).abs() * dn[0]
+    keep_dn = min(1.0, f["down"] / max(f["up_rows"], 1e-9))
+    down_tau = torch.quantile(hs[kept], 1 - keep_dn).item() if keep_dn < 0.999 and kept.any() else 0.0
+    return x, tin, routed, thrs, masks, gate_tau, down_tau
+
+
+def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b", trials=True):
+    """The real model's budgets (bench/dial_mix.py record: per layer, the fractions each dial keeps) replayed layer
+    by layer on a random-weight layer of `shape`, expert size as converted, batch T: per layer, dense vs what
+    SparseMLP runs: "before" = as it ran before the gate-by-input round (gate by rows, so input skip cut FLOPs
+    only; the input cut, the down tau vector and the all-on mask built by torch ops every call); "rows" = gate by
+    rows, the cut applied by the kernels, the per-call constants cached; "cols" = the same with the gate stored by
+    input channel (SparseMLP's choice for a layer with input skip: _gate_cols_kernel skips the cut channels'
+    bytes). All three: the expert mask (router + selection where the layer routes), the compact rule. Summed over
+    the model's layers per budget. trials: first a few
+    _gate_cols_kernel tiles on the 0.5 budget's median layer (MLP alone), the best kept for the run."""
+    e = mix["expert_size"]
+    L, gen, gss = _gate_layer(shape, e)
+    by_input = [wg.t().contiguous().t() for (wg, _, _) in L.dense]
+    cols = [K.pack(bi, wu, wdt, e, 0) for bi, (_, wu, _), wdt in zip(by_input, L.dense, L.wdt)]
+    dn = [wd.float().norm(dim=0) for (_, _, wd) in L.dense]
+    out = {"shape": shape, "expert_size": e, "source": {k: mix.get(k) for k in ("commit", "model", "text")},
+           "compact_below": COMPACT_BELOW, "budgets": []}
+
+    def layer_fns(x, tin, routed, thrs, masks, gate_tau, down_tau, T, frac):
+        compact = True if (T == 1 and frac <= COMPACT_BELOW) else None
+        ones = torch.ones(T, L.m // e, dtype=torch.bool, device=DEV)
+        taus = [(down_tau / n.to(DT).clamp_min(1e-12)) if down_tau > 0 else None for n in dn]
+
+        def sparse(i, packs, before=False):
+            c = i % L.nc
+            kw = {"gate_scale": gss[c] if gate_tau > 0 else None, "gate_tau": gate_tau, "compact": compact}
+            if before:  # SparseMLP before this round: cut input, tau vector and all-on mask built every call
+                xi = x * (x.abs() >= tin) if tin > 0 else x
+                mask = K.route(x, *L.router[c], thrs[c]) if routed else torch.ones(T, L.m // e, dtype=torch.bool,
+                                                                                       device=DEV)
+                tau = (down_tau / dn[c].to(DT).clamp_min(1e-12)) if down_tau > 0 else None
+                return K.sparse_mlp(xi, packs[c], None, None, None, mask, tau, "silu", **kw)
+            mask = K.route(x, *L.router[c], thrs[c]) if routed else ones
+            return K.sparse_mlp(x, packs[c], None, None, None, mask, taus[c], "silu", input_tau=tin, **kw)
+        return [lambda i: dense_mlp(x, *L.dense[i % L.nc]), lambda i: sparse(i, L.packed, True),
+                lambda i: sparse(i, L.packed), lambda i: sparse(i, cols)]
+
+    if trials:
+        b = next(b for b in mix["budgets"] if b["target"] == 0.5)
+        f = sorted(b["layers"], key=lambda r: r["mlp_flops_kept"])[len(b["layers"]) // 2]
+        case = _dial_case(L, gss, dn, gen, f, 1, e)
+        base = dict(K.CONFIG)
+        log = []
+        best = None
+        for tr in ({}, {"gc_BN": 32}, {"gc_BN": 128}, {"gc_BK": 64}, {"gc_BK": 256}, {"gc_stages": 4},
+                   {"gc_warps": 8}, {"gc_BN": 32, "gc_BK": 256}):
+            K.CONFIG.update(base)
+            K.CONFIG.update(tr)
+            try:
+                us = time_graphs(layer_fns(*case, 1, f["experts"])[3:], 2 * L.nc, reps=30)[0]
+            except Exception as ex:
+                us = None
+                print(f"  gate-cols tiles {tr}: {str(ex)[:80]}", flush=True)
+            log.append({"cfg": tr, "cols_us": us})
+            print(f"  gate-cols tiles {tr}: {us}", flush=True)
+            if us is not None and (best is None or us < best[1]):
+                best = (tr, us)
+        K.CONFIG.update(base)
+        K.CONFIG.update(best[0])
+        out["tile_trials"] = {"layer": f, "rows": log, "chosen": best[0]}
+    out["config"] = {k: v for k, v in K.CONFIG.items() if k.startswith("gc_")}
+    for b in mix["budgets"]:
+        for T in Ts:
+            rows = []
+            for li, f in enumerate(b["layers"]):
+                case = _dial_case(L, gss, dn, gen, f, T, e)
+                fns = layer_fns(*case, T, f["experts"])
+                ys = [fn(0).float() for fn in fns[1:]]
+                rel = max(((y - ys[0]).norm() / ys[0].norm().clamp_min(1e-30)).item() for y in ys[1:])
+                ts = time_graphs(fns, 2 * L.nc, reps=20)
+                rows.append({"layer": li, "fractions": f, "dense_us": round(ts[0], 2), "before_us": round(ts[1], 2),
+                             "rows_us": round(ts[2], 2), "cols_us": round(ts[3], 2), "max_rel_vs_before": rel,
+                             "compact": T == 1 and f["experts"] <= COMPACT_BELOW})
+            keys = ("dense_us", "before_us", "rows_us", "cols_us")
+            tot = dict(zip(keys, (sum(r[k] for r in rows) for k in keys)))
+            out["budgets"].append({"target": b["target"], "batch": T, "mlp_flops_kept": b["mean"]["mlp_flops_kept"],
+                                   **{k: round(v, 1) for k, v in tot.items()},
+                                   **{"speedup_" + k[:-3]: round(tot["dense_us"] / tot[k], 3) for k in keys[1:]},
+                                   "max_rel_vs_before": max(r["max_rel_vs_before"] for r in rows), "layers": rows})
+            print(f"dial mix {b['target']} T={T}: {len(rows)} layers, dense {tot['dense_us']:.0f} us; before "
+                  f"{tot['before_us']:.0f}, gate by rows {tot['rows_us']:.0f}, by input {tot['cols_us']:.0f} "
+                  f"({tot['dense_us'] / tot['cols_us']:.2f}x)", flush=True)
+    del L, cols, by_input
+    torch.cuda.empty_cache()
+    return out
+
+
 def crossover_summary(rows, min_gain=0.02):
     """Per expert size: mean over rounds per fraction, and the largest fraction up to which compact wins by
     >= min_gain at every fraction (with and without the dial)."""
@@ -1476,8 +1598,25 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="--compact-crossover passes")
     ap.add_argument("--e2e-only", action="store_true",
                     help="bench_e2e alone (the defaults, runtime.COMPACT_BELOW active) into a new record at --out")
+    ap.add_argument("--dial-mix", default=None,
+                    help="a bench/dial_mix.py record: bench_dial_mix alone into a new record at --out")
     a = ap.parse_args(argv)
     import triton
+
+    if a.dial_mix:
+        t0 = time.time()
+        with open(a.dial_mix) as f:
+            mix = json.load(f)
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv), "note": a.note,
+               "dial_mix": bench_dial_mix(mix, trials=not a.no_trials)}
+        res["wall_s"] = round(time.time() - t0, 1)
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        for b in res["dial_mix"]["budgets"]:
+            print({k: v for k, v in b.items() if k != "layers"})
+        return
 
     if a.compact_crossover:
         from densesparse import runtime

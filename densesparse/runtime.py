@@ -275,31 +275,42 @@ class SparseMLP(nn.Module):
             # contiguous (nn.Linear down_proj stores [d, m]; GPT-2 Conv1D c_fc stores [d, m]), re-lay the
             # parameter's storage in place as a contiguous [m, d] tensor and keep the parameter as its transposed
             # view (F.linear and Conv1D take it as is); the old storage is freed, nothing is duplicated.
-            mods = [(self._down_module(), False), (self._up_module(), True)]
+            # A separate gate of a layer that skips input channels is stored by input channel instead ([d, m]
+            # contiguous): the kernels then skip the zero channels' bytes too (kernels._gate_cols_kernel). Chosen
+            # once, at this first CUDA call, from the layer's budget then.
+            feats = getattr(k, "FEATURES", frozenset())
+            mods = [(self._down_module(), False, False), (self._up_module(), True, False)]
             if self.layout["gate"]:
-                mods.append((getattr(self, self.layout["gate"]), True))
+                mods.append((getattr(self, self.layout["gate"]), True, self.input_tau > 0 and "gate_cols" in feats))
             with torch.no_grad():
-                for mod, out_rows in mods:
+                for mod, out_rows, by_input in mods:
                     rows = self._rows(mod, out_rows)
-                    if not rows.is_contiguous():
-                        flat = rows.contiguous()
+                    want = rows.t() if by_input else rows
+                    if not want.is_contiguous():
+                        flat = want.contiguous()
+                        flat = flat.t() if by_input else flat
                         mod.weight.data = flat.t() if out_rows == bool(self.layout["conv1d"]) else flat
             w_gate, w_up, _, _, w_down_t, _ = self.canonical()
-            # pack() takes the shared part as a count of blocks of expert_size (self.n_shared counts neurons)
+            # [packed weights, (down_tau, its per-neuron tau vector), {T: all-on expert mask}]: per-call
+            # constants built once (each costs a launch or two per call otherwise). pack() takes the shared part
+            # as a count of blocks of expert_size (self.n_shared counts neurons).
             self._kernel_cache = [k.pack(w_gate, w_up, w_down_t, self.expert_size,
-                                         self.n_shared // self.expert_size), None]
-        packed = self._kernel_cache[0]
-        if self.down_tau > 0 and self._kernel_cache[1] is None:
-            self._kernel_cache[1] = self.down_norms().to(x2.dtype)
-        norms = self._kernel_cache[1]
+                                         self.n_shared // self.expert_size), None, {}]
+        packed, cached_tau, all_on = self._kernel_cache
+        tau = None
+        if self.down_tau > 0:
+            if cached_tau is None or cached_tau[0] != self.down_tau:
+                norms = self.down_norms().to(x2.dtype)
+                self._kernel_cache[1] = cached_tau = (self.down_tau, self.down_tau / norms.clamp_min(1e-12))
+            tau = cached_tau[1]
         r = self.router
         if self.threshold >= 1.0:
-            mask = self.select(x2)
+            if x2.shape[0] not in all_on:
+                all_on[x2.shape[0]] = self.select(x2)
+            mask = all_on[x2.shape[0]]
         else:
             mask = k.route(x2, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, self.threshold)
-        tau = (self.down_tau / norms.clamp_min(1e-12)) if self.down_tau > 0 else None
         _, _, b_gate, b_up, _, b_down = self.canonical()
-        x_in = self.sparse_input(x2)  # the kernels compute on the masked input; they do not yet skip its zeros
         dial = self.gated and self.gate_tau > 0
         # the kernels count, per token, the up rows they compute and the neurons kept for down (the torch path's
         # up_rows and down_keep): only when stats are on, as reading them back syncs
@@ -308,11 +319,19 @@ class SparseMLP(nn.Module):
         # kernels' default (kernels.CONFIG["compact"], off unless a bench or DS_COMPACT=1 forces it). The argument
         # is passed only when set, so this file keeps working with kernels that predate it.
         extra = {"compact": True} if x2.shape[0] == 1 and self.expert_frac <= COMPACT_BELOW else {}
-        y = k.sparse_mlp(x_in, packed, b_gate, b_up, b_down, mask, tau, self.act_name,
+        # input skip: applied by the kernels as they load x (and where the gate is stored by input channel, the cut
+        # channels' gate bytes are not read); kernels older than this file take the cut input instead
+        x_k = x2
+        if self.input_tau > 0:
+            if "input_tau" in getattr(k, "FEATURES", ()):
+                extra["input_tau"] = self.input_tau
+            else:
+                x_k = self.sparse_input(x2)
+        y = k.sparse_mlp(x_k, packed, b_gate, b_up, b_down, mask, tau, self.act_name,
                          gate_scale=self.gate_scale if dial else None, gate_tau=self.gate_tau if dial else 0.0,
                          counts=counts, **extra)
         if counts is not None:
-            self._record(x_in, mask, counts[1], counts[0] if dial else None)
+            self._record(self.sparse_input(x2), mask, counts[1], counts[0] if dial else None)
         return y
 
 
