@@ -1373,8 +1373,8 @@ def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b", trials=True):
     SparseMLP runs: "before" = as it ran before the gate-by-input round (gate by rows, so input skip cut FLOPs
     only; the input cut, the down tau vector and the all-on mask built by torch ops every call); "rows" = gate by
     rows, the cut applied by the kernels, the per-call constants cached; "cols" = the same with the gate stored by
-    input channel (SparseMLP's choice for a layer with input skip: _gate_cols_kernel skips the cut channels'
-    bytes). All three: the expert mask (router + selection where the layer routes), the compact rule. Summed over
+    input channel (_gate_cols_kernel skips the cut channels' bytes) in every layer; "sparse" = per layer what
+    SparseMLP picks (cols where the layer skips input and routes no experts, else rows). All: the expert mask (router + selection where the layer routes), the compact rule. Summed over
     the model's layers per budget. trials: first a few
     _gate_cols_kernel tiles on the 0.5 budget's median layer (MLP alone), the best kept for the run."""
     e = mix["expert_size"]
@@ -1411,17 +1411,17 @@ def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b", trials=True):
         base = dict(K.CONFIG)
         log = []
         best = None
-        for tr in ({}, {"gc_BN": 32}, {"gc_BN": 128}, {"gc_BK": 64}, {"gc_BK": 256}, {"gc_stages": 4},
-                   {"gc_warps": 8}, {"gc_BN": 32, "gc_BK": 256}):
+        for tr in ({}, {"gc_SPLIT": 1}, {"gc_SPLIT": 2}, {"gc_SPLIT": 8}, {"gc_BN": 64}, {"gc_BN": 64, "gc_SPLIT": 2},
+                   {"gc_BK": 128, "gc_SPLIT": 8}, {"gc_stages": 4}):
             K.CONFIG.update(base)
             K.CONFIG.update(tr)
             try:
-                us = time_graphs(layer_fns(*case, 1, f["experts"])[3:], 2 * L.nc, reps=30)[0]
+                rows_us, us = time_graphs(layer_fns(*case, 1, f["experts"])[2:], 2 * L.nc, reps=30)
             except Exception as ex:
-                us = None
+                rows_us = us = None
                 print(f"  gate-cols tiles {tr}: {str(ex)[:80]}", flush=True)
-            log.append({"cfg": tr, "cols_us": us})
-            print(f"  gate-cols tiles {tr}: {us}", flush=True)
+            log.append({"cfg": tr, "cols_us": us, "rows_us": rows_us})
+            print(f"  gate-cols tiles {tr}: {us} (gate by rows {rows_us})", flush=True)
             if us is not None and (best is None or us < best[1]):
                 best = (tr, us)
         K.CONFIG.update(base)
@@ -1437,18 +1437,21 @@ def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b", trials=True):
                 ys = [fn(0).float() for fn in fns[1:]]
                 rel = max(((y - ys[0]).norm() / ys[0].norm().clamp_min(1e-30)).item() for y in ys[1:])
                 ts = time_graphs(fns, 2 * L.nc, reps=20)
+                # SparseMLP's layout rule: by input channel where the layer skips input and routes no experts
+                by_input = f["input"] < 0.999 and f["experts"] >= 0.999
                 rows.append({"layer": li, "fractions": f, "dense_us": round(ts[0], 2), "before_us": round(ts[1], 2),
-                             "rows_us": round(ts[2], 2), "cols_us": round(ts[3], 2), "max_rel_vs_before": rel,
+                             "rows_us": round(ts[2], 2), "cols_us": round(ts[3], 2), "gate_by_input": by_input,
+                             "sparse_us": round(ts[3] if by_input else ts[2], 2), "max_rel_vs_before": rel,
                              "compact": T == 1 and f["experts"] <= COMPACT_BELOW})
-            keys = ("dense_us", "before_us", "rows_us", "cols_us")
+            keys = ("dense_us", "before_us", "rows_us", "cols_us", "sparse_us")
             tot = dict(zip(keys, (sum(r[k] for r in rows) for k in keys)))
             out["budgets"].append({"target": b["target"], "batch": T, "mlp_flops_kept": b["mean"]["mlp_flops_kept"],
                                    **{k: round(v, 1) for k, v in tot.items()},
                                    **{"speedup_" + k[:-3]: round(tot["dense_us"] / tot[k], 3) for k in keys[1:]},
                                    "max_rel_vs_before": max(r["max_rel_vs_before"] for r in rows), "layers": rows})
             print(f"dial mix {b['target']} T={T}: {len(rows)} layers, dense {tot['dense_us']:.0f} us; before "
-                  f"{tot['before_us']:.0f}, gate by rows {tot['rows_us']:.0f}, by input {tot['cols_us']:.0f} "
-                  f"({tot['dense_us'] / tot['cols_us']:.2f}x)", flush=True)
+                  f"{tot['before_us']:.0f}, gate by rows {tot['rows_us']:.0f}, by input {tot['cols_us']:.0f}, "
+                  f"rule {tot['sparse_us']:.0f} ({tot['dense_us'] / tot['sparse_us']:.2f}x)", flush=True)
     del L, cols, by_input
     torch.cuda.empty_cache()
     return out

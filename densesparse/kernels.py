@@ -25,7 +25,7 @@ Paths (chosen by T on the host, no device sync):
     Input skip (sparse_mlp(input_tau=)): the gate/up kernel cuts x as it loads it. Where the gate is stored by
     input channel (pack() given a w_gate whose transpose is contiguous: SparseMLP's layout for a layer that skips
     input channels) a first kernel (_gate_cols_kernel) computes g over the channels some token keeps, reading
-    only those channels' rows of w_gate^T (and in them only the 32-byte sectors of selected neurons), and the
+    only those channels' rows of w_gate^T (tiles of BN neurons none of which is selected are skipped), and the
     gate/up kernel takes g (GATE_PRE) and reads up rows only: the cut channels move no gate bytes.
     CONFIG "compact" (off by default; DS_COMPACT=1): the compacted variant of both kernels: the active expert blocks
     are listed on the device (ascending, with their count: by _compact_kernel, or by every gate/up program itself),
@@ -107,7 +107,7 @@ CONFIG = {
     "compact": os.environ.get("DS_COMPACT", "0") == "1",
     "c_gu_BN": 32, "c_gd_BN": 64, "c_dn_BN": 32, "c_dn_BD": 256, "c_dn_warps": 4, "c_dn_stages": 3,
     # Gate stored by input channel (pack() given w_gate whose transpose is contiguous): _gate_cols_kernel tiles.
-    "gc_BN": 64, "gc_BK": 128, "gc_warps": 4, "gc_stages": 3,
+    "gc_BN": 128, "gc_BK": 256, "gc_SPLIT": 4, "gc_warps": 4, "gc_stages": 3,
     "c_dn_split": 28, "c_dn_skip": False, "c_BLOCK": 2048, "c_fused": os.environ.get("DS_COMPACT_FUSED", "1") == "1",
 }
 _BT = 16
@@ -171,8 +171,9 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
     every program runs the prefix sum over the mask itself (_compact_own: MT >= T token rows, CBLK blocks a chunk),
     writes the list entries its own rows use and reads them back; program 0 writes the count (the down kernel reads
     the list). Else program p takes neurons [p*BN, (p+1)*BN) and h is in neuron order (tiles with no selected row
-    store zeros). GATE_PRE: wg_ptr is the gate pre-activation g [T, m] fp32, bias included (_gate_cols_kernel),
-    not the gate weights: the tile reads its g, then (gate dial) loads only the up rows it keeps."""
+    store zeros). GATE_PRE > 0: wg_ptr is the gate pre-activation as GATE_PRE partial sums [GATE_PRE, T, m] fp32,
+    bias included (_gate_cols_kernel), not the gate weights: the tile adds its partials in order, then (gate
+    dial) loads only the up rows it keeps."""
     pid = tl.program_id(0)
     offs_t = tl.arange(0, BT)
     tok_ok = offs_t < T
@@ -253,10 +254,11 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
         offs_k = tl.arange(0, BK)
         acc_u = tl.zeros([BT, BN], dtype=tl.float32)
         acc_g = tl.zeros([BT, BN], dtype=tl.float32)
-        if GATE_PRE or (GATE_DIAL and TWO_PHASE):
-            if GATE_PRE:
-                acc_g = tl.load(wg_ptr + offs_t[:, None] * m + n[None, :], mask=tok_ok[:, None] & row_any[None, :],
-                                other=0.0)
+        if GATE_PRE > 0 or (GATE_DIAL and TWO_PHASE):
+            if GATE_PRE > 0:
+                for sp in tl.static_range(GATE_PRE):
+                    acc_g += tl.load(wg_ptr + sp * T * m + offs_t[:, None] * m + n[None, :],
+                                     mask=tok_ok[:, None] & row_any[None, :], other=0.0)
             else:
                 for k0 in range(0, d, BK):
                     k = k0 + offs_k
@@ -316,15 +318,18 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
 
 
 @triton.jit
-def _gate_cols_kernel(x_ptr, wgt_ptr, bg_ptr, mask_ptr, g_ptr, T, d, m, e, n_shared, n_e, in_tau,
+def _gate_cols_kernel(x_ptr, wgt_ptr, bg_ptr, mask_ptr, g_ptr, T, d, m, e, n_shared, n_e, in_tau, KLEN,
                       HAS_BG: tl.constexpr, HAS_IN: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr):
     """g [T, m] fp32 = x @ w_gate^T (+ b_gate) from the gate stored by input channel, wgt [d, m] (one contiguous
     row per input channel): a channel row is loaded only where some token's x is non-zero there (input skip moves
-    no bytes) and only over the tile's selected neurons (32-byte sectors with no selected neuron move none).
-    Program p takes neurons [p*BN, (p+1)*BN) over all of d, so every g is one fixed-order sum (no atomics);
-    g is stored only where some token selects the neuron (the gate/up kernel reads no other)."""
+    no bytes); a tile with no selected neuron loads nothing, a tile with one loads its whole row segment (a mask
+    varying along the contiguous axis would turn the vector loads into scalar ones). Program (p, s) takes neurons
+    [p*BN, (p+1)*BN) over the channels [s*KLEN, (s+1)*KLEN) and stores its partial sum at g[s] ([n_split, T, m]);
+    the gate/up kernel adds the partials in a fixed order (no atomics). Partials are stored only for tiles with
+    a selected neuron (the gate/up kernel reads no other)."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     offs_t = tl.arange(0, BT)
     tok_ok = offs_t < T
     n = pid * BN + tl.arange(0, BN)
@@ -334,17 +339,18 @@ def _gate_cols_kernel(x_ptr, wgt_ptr, bg_ptr, mask_ptr, g_ptr, T, d, m, e, n_sha
     if tl.max(col_any.to(tl.int32), axis=0) > 0:
         acc = tl.zeros([BT, BN], dtype=tl.float32)
         offs_k = tl.arange(0, BK)
-        for k0 in range(0, d, BK):
+        for k0 in range(pid_s * KLEN, tl.minimum(pid_s * KLEN + KLEN, d), BK):
             k = k0 + offs_k
             kmask = k < d
             xv = _load_x(x_ptr, offs_t, tok_ok, k, kmask, d, in_tau, HAS_IN)
             k_any = (tl.max((xv != 0.0).to(tl.int32), axis=0) > 0) & kmask
-            w = tl.load(wgt_ptr + k.to(tl.int64)[:, None] * m + n[None, :], mask=k_any[:, None] & col_any[None, :],
+            w = tl.load(wgt_ptr + k.to(tl.int64)[:, None] * m + n[None, :], mask=k_any[:, None] & nmask[None, :],
                         other=0.0)
             acc += tl.dot(xv, w)
-        if HAS_BG:
+        if HAS_BG and pid_s == 0:
             acc += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(g_ptr + offs_t[:, None] * m + n[None, :], acc, mask=tok_ok[:, None] & col_any[None, :])
+        tl.store(g_ptr + pid_s * T * m + offs_t[:, None] * m + n[None, :], acc,
+                 mask=tok_ok[:, None] & col_any[None, :])
 
 
 @triton.jit
@@ -872,12 +878,15 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
     has_in = input_tau > 0
     in_tau = _in_dtype(input_tau, x.dtype) if has_in else 0.0
     wg = w_gate if gated else w_up
+    n_split = 0
     if cols:
-        wg = torch.empty((T, m), device=x.device, dtype=torch.float32)
-        gbn = cfg["gc_BN"]
-        _gate_cols_kernel[(triton.cdiv(m, gbn),)](
-            x, w_gate.t(), b_gate if b_gate is not None else dummy, mk, wg, T, d, m, e, n_shared, n_e, in_tau,
-            HAS_BG=b_gate is not None, HAS_IN=has_in, BT=_BT, BN=gbn, BK=cfg["gc_BK"], num_warps=cfg["gc_warps"],
+        gbn, gbk = cfg["gc_BN"], cfg["gc_BK"]
+        klen = triton.cdiv(triton.cdiv(d, cfg["gc_SPLIT"]), gbk) * gbk
+        n_split = triton.cdiv(d, klen)
+        wg = torch.empty((n_split, T, m), device=x.device, dtype=torch.float32)
+        _gate_cols_kernel[(triton.cdiv(m, gbn), n_split)](
+            x, w_gate.t(), b_gate if b_gate is not None else dummy, mk, wg, T, d, m, e, n_shared, n_e, in_tau, klen,
+            HAS_BG=b_gate is not None, HAS_IN=has_in, BT=_BT, BN=gbn, BK=gbk, num_warps=cfg["gc_warps"],
             num_stages=cfg["gc_stages"])
     _gate_up_kernel[(triton.cdiv(m, bn),)](
         x, wg, w_up, b_gate if b_gate is not None and not cols else dummy,
@@ -886,7 +895,7 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
         h, blk, T, d, m, e, n_shared, n_e, in_tau,
         GATED=gated, HAS_BG=b_gate is not None and not cols, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
         GATE_DIAL=dial, TWO_PHASE=bool(cfg["gu_two_phase"]), COUNT=counts is not None, COMPACT=compact,
-        FUSED=fused, MT=max(2, triton.next_power_of_2(T)), GATE_PRE=cols, HAS_IN=has_in,
+        FUSED=fused, MT=max(2, triton.next_power_of_2(T)), GATE_PRE=n_split, HAS_IN=has_in,
         CBLK=min(cfg["c_BLOCK"], max(16, triton.next_power_of_2(nb))),
         ACT=_ACTS[act], BT=_BT, BN=bn, BK=cfg["gu_BK"], num_warps=cfg["gu_warps"], num_stages=cfg["gu_stages"])
     y = torch.empty((T, d), device=x.device, dtype=x.dtype)

@@ -275,13 +275,16 @@ class SparseMLP(nn.Module):
             # contiguous (nn.Linear down_proj stores [d, m]; GPT-2 Conv1D c_fc stores [d, m]), re-lay the
             # parameter's storage in place as a contiguous [m, d] tensor and keep the parameter as its transposed
             # view (F.linear and Conv1D take it as is); the old storage is freed, nothing is duplicated.
-            # A separate gate of a layer that skips input channels is stored by input channel instead ([d, m]
-            # contiguous): the kernels then skip the zero channels' bytes too (kernels._gate_cols_kernel). Chosen
-            # once, at this first CUDA call, from the layer's budget then.
+            # A separate gate of a layer that skips input channels and routes no experts is stored by input
+            # channel instead ([d, m] contiguous): the kernels then skip the cut channels' gate bytes
+            # (kernels._gate_cols_kernel). A routing layer keeps rows: its unselected experts' gate rows move no
+            # bytes, which by input channel only whole tiles of neurons could. Chosen once, at this first CUDA
+            # call, from the layer's budget then.
             feats = getattr(k, "FEATURES", frozenset())
+            by_input = self.input_tau > 0 and self.threshold >= 1.0 and "gate_cols" in feats
             mods = [(self._down_module(), False, False), (self._up_module(), True, False)]
             if self.layout["gate"]:
-                mods.append((getattr(self, self.layout["gate"]), True, self.input_tau > 0 and "gate_cols" in feats))
+                mods.append((getattr(self, self.layout["gate"]), True, by_input))
             with torch.no_grad():
                 for mod, out_rows, by_input in mods:
                     rows = self._rows(mod, out_rows)

@@ -370,13 +370,15 @@ def test_gate_cols_matches_reference(e, T, compact):
     no_triton_path(compact, T)
     gen = torch.Generator().manual_seed(8800 + 10 * e + T)
     n_e = max(6, 1024 // e)
+    # the dense-with-mask path (T=5) takes g, u and h rounded to the input dtype (cuBLAS outputs): 2^-8 steps
+    tol = 1e-2 if T <= K.DECODE_MAX_T else 2e-2
     for mask_kind, use_tau, biases, dtype in (("random", False, False, torch.bfloat16),
                                                ("random", True, True, torch.float16),
                                                ("all", False, True, torch.bfloat16),
                                                ("none", True, False, torch.bfloat16)):
         err = run_case(gen, d=320, e=e, n_shared=1, n_e=n_e, T=T, dtype=dtype, biases=biases, use_tau=use_tau,
                        mask_kind=mask_kind, gate_cols=True, zero_in=0.4)
-        assert err < 1e-2, (mask_kind, use_tau, biases, dtype, err)
+        assert err < tol, (mask_kind, use_tau, biases, dtype, err)
     if T <= K.DECODE_MAX_T:
         for mask_kind, biases in (("all", False), ("random", True)):
             err, _, _ = gate_case(gen, d=320, e=e, n_shared=1, n_e=n_e, T=T, dtype=torch.bfloat16,
@@ -442,19 +444,18 @@ def test_gate_cols_cuda_graph(compact):
 
 @pytest.mark.parametrize("dial", [False, True])
 def test_module_gate_by_input_when_input_skip(dial, compact, monkeypatch):
-    """A layer whose first CUDA call skips input channels re-lays its gate by input channel in place (one copy:
-    the parameter keeps its shape, pack() does not copy) and takes the gate-cols kernels; output and stats equal
-    the pure-torch path's at T 1 and 2 (and T 9, dense-with-mask, on the re-laid weight); a layer without input
-    skip keeps its gate by rows."""
-    from densesparse import runtime
+    """A layer whose first CUDA call skips input channels and routes no experts re-lays its gate by input channel
+    in place (one copy: the parameter keeps its shape, pack() does not copy) and takes the gate-cols kernels; a
+    layer that routes keeps its gate by rows (input skip or not). Output and stats equal the pure-torch path's at
+    T 1 and 2 (and T 9, dense-with-mask, on the re-laid weight)."""
     _, _, mlps = _tiny_sparse_llama(990 + int(dial))
     gen = torch.Generator().manual_seed(991 + int(dial))
     with torch.no_grad():
         xc = torch.randn(256, 256, generator=gen).to(DEV, torch.bfloat16)
         for i, mm in enumerate(mlps):
-            mm.threshold = 0.6
+            mm.threshold = 1.0 if i == 0 else 0.6
             mm.dense_above_tokens = 1 << 30
-            mm.input_tau = torch.quantile(xc.abs().float().flatten(), 0.4).item() if i == 0 else 0.0
+            mm.input_tau = torch.quantile(xc.abs().float().flatten(), 0.4).item()
             if dial:
                 mm.gate_scale.data = torch.ones(mm.intermediate, device=DEV, dtype=torch.bfloat16)
                 mm.calibrate_gate_scale(xc)
@@ -464,10 +465,11 @@ def test_module_gate_by_input_when_input_skip(dial, compact, monkeypatch):
         shapes = [tuple(w.shape) for w in gates]
         for T in (1, 2, 9):
             x = torch.randn(T, 256, generator=gen).to(DEV, torch.bfloat16)
-            for mm in mlps:
+            for i, mm in enumerate(mlps):
                 y_cuda, st_cuda, y_torch, st_torch = _run_both_module(mm, x, monkeypatch)
                 # with the dial, the bf16 torch path and the fp32 kernels may decide near-threshold neurons apart
-                assert rel_err(y_cuda, y_torch.double()) < (3e-2 if dial else 2e-2), (T, mm.input_tau)
+                err = rel_err(y_cuda, y_torch.double())
+                assert err < (3e-2 if dial else 2e-2), (T, i, err, st_cuda.__dict__, st_torch.__dict__)
                 _same_stats(st_cuda, st_torch, band=0.01 if dial else 0.0)
         w0, w1 = (getattr(mm, mm.layout["gate"]).weight for mm in mlps)
         assert [tuple(w0.shape), tuple(w1.shape)] == shapes
