@@ -1367,20 +1367,16 @@ def _dial_case(L, gss, dn, gen, f, T, e):
     return x, tin, routed, thrs, masks, gate_tau, down_tau
 
 
-def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b", trials=True):
+def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b"):
     """The real model's budgets (bench/dial_mix.py record: per layer, the fractions each dial keeps) replayed layer
     by layer on a random-weight layer of `shape`, expert size as converted, batch T: per layer, dense vs what
-    SparseMLP runs: "before" = as it ran before the gate-by-input round (gate by rows, so input skip cut FLOPs
-    only; the input cut, the down tau vector and the all-on mask built by torch ops every call); "rows" = gate by
-    rows, the cut applied by the kernels, the per-call constants cached; "cols" = the same with the gate stored by
-    input channel (_gate_cols_kernel skips the cut channels' bytes) in every layer; "sparse" = per layer what
-    SparseMLP picks (cols where the layer skips input and routes no experts, else rows). All: the expert mask (router + selection where the layer routes), the compact rule. Summed over
-    the model's layers per budget. trials: first a few
-    _gate_cols_kernel tiles on the 0.5 budget's median layer (MLP alone), the best kept for the run."""
+    SparseMLP runs ("sparse": the kernels cut x as they load it; the down tau vector and the all-on mask of a
+    layer that routes nothing are cached) and vs how it ran before the dial-mix round ("before": the input cut,
+    the tau vector and the all-on mask built by torch ops every call). Both: the expert mask (router + selection
+    where the layer routes), the gate dial, down tau, the compact rule. Summed over the model's layers per
+    budget. Gate and up rows are read whole: input skip saves FLOPs here, not bytes."""
     e = mix["expert_size"]
     L, gen, gss = _gate_layer(shape, e)
-    by_input = [wg.t().contiguous().t() for (wg, _, _) in L.dense]
-    cols = [K.pack(bi, wu, wdt, e, 0) for bi, (_, wu, _), wdt in zip(by_input, L.dense, L.wdt)]
     dn = [wd.float().norm(dim=0) for (_, _, wd) in L.dense]
     out = {"shape": shape, "expert_size": e, "source": {k: mix.get(k) for k in ("commit", "model", "text")},
            "compact_below": COMPACT_BELOW, "budgets": []}
@@ -1390,44 +1386,19 @@ def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b", trials=True):
         ones = torch.ones(T, L.m // e, dtype=torch.bool, device=DEV)
         taus = [(down_tau / n.to(DT).clamp_min(1e-12)) if down_tau > 0 else None for n in dn]
 
-        def sparse(i, packs, before=False):
+        def sparse(i, before):
             c = i % L.nc
             kw = {"gate_scale": gss[c] if gate_tau > 0 else None, "gate_tau": gate_tau, "compact": compact}
-            if before:  # SparseMLP before this round: cut input, tau vector and all-on mask built every call
+            if before:
                 xi = x * (x.abs() >= tin) if tin > 0 else x
                 mask = K.route(x, *L.router[c], thrs[c]) if routed else torch.ones(T, L.m // e, dtype=torch.bool,
                                                                                        device=DEV)
                 tau = (down_tau / dn[c].to(DT).clamp_min(1e-12)) if down_tau > 0 else None
-                return K.sparse_mlp(xi, packs[c], None, None, None, mask, tau, "silu", **kw)
+                return K.sparse_mlp(xi, L.packed[c], None, None, None, mask, tau, "silu", **kw)
             mask = K.route(x, *L.router[c], thrs[c]) if routed else ones
-            return K.sparse_mlp(x, packs[c], None, None, None, mask, taus[c], "silu", input_tau=tin, **kw)
-        return [lambda i: dense_mlp(x, *L.dense[i % L.nc]), lambda i: sparse(i, L.packed, True),
-                lambda i: sparse(i, L.packed), lambda i: sparse(i, cols)]
+            return K.sparse_mlp(x, L.packed[c], None, None, None, mask, taus[c], "silu", input_tau=tin, **kw)
+        return [lambda i: dense_mlp(x, *L.dense[i % L.nc]), lambda i: sparse(i, True), lambda i: sparse(i, False)]
 
-    if trials:
-        b = next(b for b in mix["budgets"] if b["target"] == 0.5)
-        f = sorted(b["layers"], key=lambda r: r["mlp_flops_kept"])[len(b["layers"]) // 2]
-        case = _dial_case(L, gss, dn, gen, f, 1, e)
-        base = dict(K.CONFIG)
-        log = []
-        best = None
-        for tr in ({}, {"gc_SPLIT": 2}, {"gc_SPLIT": 4}, {"gc_BK": 64}, {"gc_BK": 256}, {"gc_BN": 64},
-                   {"gc_BN": 64, "gc_SPLIT": 2}, {"gc_stages": 4}):
-            K.CONFIG.update(base)
-            K.CONFIG.update(tr)
-            try:
-                rows_us, us = time_graphs(layer_fns(*case, 1, f["experts"])[2:], 2 * L.nc, reps=30)
-            except Exception as ex:
-                rows_us = us = None
-                print(f"  gate-cols tiles {tr}: {str(ex)[:80]}", flush=True)
-            log.append({"cfg": tr, "cols_us": us, "rows_us": rows_us})
-            print(f"  gate-cols tiles {tr}: {us} (gate by rows {rows_us})", flush=True)
-            if us is not None and (best is None or us < best[1]):
-                best = (tr, us)
-        K.CONFIG.update(base)
-        K.CONFIG.update(best[0])
-        out["tile_trials"] = {"layer": f, "rows": log, "chosen": best[0]}
-    out["config"] = {k: v for k, v in K.CONFIG.items() if k.startswith("gc_")}
     for b in mix["budgets"]:
         for T in Ts:
             rows = []
@@ -1435,24 +1406,22 @@ def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b", trials=True):
                 case = _dial_case(L, gss, dn, gen, f, T, e)
                 fns = layer_fns(*case, T, f["experts"])
                 ys = [fn(0).float() for fn in fns[1:]]
-                rel = max(((y - ys[0]).norm() / ys[0].norm().clamp_min(1e-30)).item() for y in ys[1:])
+                rel = ((ys[1] - ys[0]).norm() / ys[0].norm().clamp_min(1e-30)).item()
                 ts = time_graphs(fns, 2 * L.nc, reps=20)
-                # SparseMLP's layout rule: by input channel where the layer skips input and routes no experts
-                by_input = f["input"] < 0.999 and f["experts"] >= 0.999
                 rows.append({"layer": li, "fractions": f, "dense_us": round(ts[0], 2), "before_us": round(ts[1], 2),
-                             "rows_us": round(ts[2], 2), "cols_us": round(ts[3], 2), "gate_by_input": by_input,
-                             "sparse_us": round(ts[3] if by_input else ts[2], 2), "max_rel_vs_before": rel,
+                             "sparse_us": round(ts[2], 2), "rel_vs_before": rel,
                              "compact": T == 1 and f["experts"] <= COMPACT_BELOW})
-            keys = ("dense_us", "before_us", "rows_us", "cols_us", "sparse_us")
+            keys = ("dense_us", "before_us", "sparse_us")
             tot = dict(zip(keys, (sum(r[k] for r in rows) for k in keys)))
             out["budgets"].append({"target": b["target"], "batch": T, "mlp_flops_kept": b["mean"]["mlp_flops_kept"],
                                    **{k: round(v, 1) for k, v in tot.items()},
-                                   **{"speedup_" + k[:-3]: round(tot["dense_us"] / tot[k], 3) for k in keys[1:]},
-                                   "max_rel_vs_before": max(r["max_rel_vs_before"] for r in rows), "layers": rows})
-            print(f"dial mix {b['target']} T={T}: {len(rows)} layers, dense {tot['dense_us']:.0f} us; before "
-                  f"{tot['before_us']:.0f}, gate by rows {tot['rows_us']:.0f}, by input {tot['cols_us']:.0f}, "
-                  f"rule {tot['sparse_us']:.0f} ({tot['dense_us'] / tot['sparse_us']:.2f}x)", flush=True)
-    del L, cols, by_input
+                                   "speedup": round(tot["dense_us"] / tot["sparse_us"], 3),
+                                   "speedup_before": round(tot["dense_us"] / tot["before_us"], 3),
+                                   "max_rel_vs_before": max(r["rel_vs_before"] for r in rows), "layers": rows})
+            print(f"dial mix {b['target']} T={T}: {len(rows)} layers, dense {tot['dense_us']:.0f} us, before "
+                  f"{tot['before_us']:.0f} ({tot['dense_us'] / tot['before_us']:.2f}x), sparse "
+                  f"{tot['sparse_us']:.0f} ({tot['dense_us'] / tot['sparse_us']:.2f}x)", flush=True)
+    del L
     torch.cuda.empty_cache()
     return out
 
@@ -1612,7 +1581,7 @@ def main(argv=None):
             mix = json.load(f)
         res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv), "note": a.note,
-               "dial_mix": bench_dial_mix(mix, trials=not a.no_trials)}
+               "dial_mix": bench_dial_mix(mix, Ts=(1, 2))}
         res["wall_s"] = round(time.time() - t0, 1)
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:

@@ -22,11 +22,9 @@ Paths (chosen by T on the host, no device sync):
     fp32 atomics into a per-layer workspace; the last program of each column block (atomic counter) adds b_down,
     writes y in the input dtype and re-zeroes the workspace and counter for the next call (CONFIG
     "dn_deterministic": per-program partials summed in a fixed order by that last program instead).
-    Input skip (sparse_mlp(input_tau=)): the gate/up kernel cuts x as it loads it. Where the gate is stored by
-    input channel (pack() given a w_gate whose transpose is contiguous: SparseMLP's layout for a layer that skips
-    input channels) a first kernel (_gate_cols_kernel) computes g over the channels some token keeps, reading
-    only those channels' rows of w_gate^T (tiles of BN neurons none of which is selected are skipped), and the
-    gate/up kernel takes g (GATE_PRE) and reads up rows only: the cut channels move no gate bytes.
+    Input skip (sparse_mlp(input_tau=)): the gate/up kernel cuts x as it loads it (no extra launch). It saves
+    FLOPs, not bytes: gate and up rows are read whole (the gate stored by input channel, so that cut channels
+    move no bytes, was measured slower on the H100: bench/GPU_NOTES.md, dial-mix round).
     CONFIG "compact" (off by default; DS_COMPACT=1): the compacted variant of both kernels: the active expert blocks
     are listed on the device (ascending, with their count: by _compact_kernel, or by every gate/up program itself),
     each gate/up program takes BN consecutive list rows (full tiles; programs past the count exit), h is stored
@@ -59,8 +57,8 @@ Tensor = torch.Tensor
 _ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 
 # What this version takes beyond the first API, for runtime.py (copied into every saved model directory, so it may
-# meet older kernels): pack() of a gate stored by input channel, sparse_mlp(input_tau=).
-FEATURES = frozenset({"gate_cols", "input_tau"})
+# meet older kernels): sparse_mlp(input_tau=).
+FEATURES = frozenset({"input_tau"})
 
 # Largest token count that takes the Triton decode kernels (they accept up to 16). Above it the union of the
 # tokens' experts is nearly everything and cuBLAS over all rows is faster (see bench/GPU_NOTES.md).
@@ -106,8 +104,6 @@ CONFIG = {
     # calibrated to at most runtime.COMPACT_BELOW (0.375) of the experts, where it was measured to win.
     "compact": os.environ.get("DS_COMPACT", "0") == "1",
     "c_gu_BN": 32, "c_gd_BN": 64, "c_dn_BN": 32, "c_dn_BD": 256, "c_dn_warps": 4, "c_dn_stages": 3,
-    # Gate stored by input channel (pack() given w_gate whose transpose is contiguous): _gate_cols_kernel tiles.
-    "gc_BN": 128, "gc_BK": 128, "gc_SPLIT": 1, "gc_warps": 4, "gc_stages": 3,
     "c_dn_split": 28, "c_dn_skip": False, "c_BLOCK": 2048, "c_fused": os.environ.get("DS_COMPACT_FUSED", "1") == "1",
 }
 _BT = 16
@@ -159,7 +155,7 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
                     blk_ptr, T, d, m, e, n_shared, n_e, in_tau,
                     GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
                     GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr, COMPACT: tl.constexpr,
-                    FUSED: tl.constexpr, MT: tl.constexpr, CBLK: tl.constexpr, GATE_PRE: tl.constexpr,
+                    FUSED: tl.constexpr, MT: tl.constexpr, CBLK: tl.constexpr,
                     HAS_IN: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """GATE_DIAL: a selected neuron is kept only where |act(gate)| * gs >= gate_tau. TWO_PHASE: the gate K-loop
     runs first and the up K-loop loads only rows some token keeps (dropped rows move no bytes); otherwise one fused
@@ -171,9 +167,7 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
     every program runs the prefix sum over the mask itself (_compact_own: MT >= T token rows, CBLK blocks a chunk),
     writes the list entries its own rows use and reads them back; program 0 writes the count (the down kernel reads
     the list). Else program p takes neurons [p*BN, (p+1)*BN) and h is in neuron order (tiles with no selected row
-    store zeros). GATE_PRE > 0: wg_ptr is the gate pre-activation as GATE_PRE partial sums [GATE_PRE, T, m] fp32,
-    bias included (_gate_cols_kernel), not the gate weights: the tile adds its partials in order, then (gate
-    dial) loads only the up rows it keeps."""
+    store zeros). HAS_IN: x is cut as it is loaded (|x| < in_tau -> 0, input skip)."""
     pid = tl.program_id(0)
     offs_t = tl.arange(0, BT)
     tok_ok = offs_t < T
@@ -193,7 +187,7 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
     if pid * BN < R:
         _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
                       n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau,
-                      GATED, HAS_BG, HAS_BU, HAS_TAU, GATE_DIAL, TWO_PHASE, COUNT, GATE_PRE, HAS_IN, ACT, BT, BN, BK)
+                      GATED, HAS_BG, HAS_BU, HAS_TAU, GATE_DIAL, TWO_PHASE, COUNT, HAS_IN, ACT, BT, BN, BK)
 
 
 @triton.jit
@@ -240,7 +234,7 @@ def _compact_own(mask_ptr, blk_ptr, pid, T, e, n_shared, n_e, BN: tl.constexpr, 
 def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
                   n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau,
                   GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
-                  GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr, GATE_PRE: tl.constexpr,
+                  GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr,
                   HAS_IN: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """One tile of BN neurons n (n == m: no row); h goes to columns col of h_ptr [T, m]."""
     sel = _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e)
@@ -254,25 +248,18 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
         offs_k = tl.arange(0, BK)
         acc_u = tl.zeros([BT, BN], dtype=tl.float32)
         acc_g = tl.zeros([BT, BN], dtype=tl.float32)
-        if GATE_PRE > 0 or (GATE_DIAL and TWO_PHASE):
-            if GATE_PRE > 0:
-                for sp in tl.static_range(GATE_PRE):
-                    acc_g += tl.load(wg_ptr + sp * T * m + offs_t[:, None] * m + n[None, :],
-                                     mask=tok_ok[:, None] & row_any[None, :], other=0.0)
-            else:
-                for k0 in range(0, d, BK):
-                    k = k0 + offs_k
-                    kmask = k < d
-                    xv = _load_x(x_ptr, offs_t, tok_ok, k, kmask, d, in_tau, HAS_IN)
-                    wg = tl.load(wg_ptr + row[:, None] + k[None, :], mask=row_any[:, None] & kmask[None, :],
-                                 other=0.0)
-                    acc_g += tl.dot(xv, tl.trans(wg))
-                if HAS_BG:
-                    acc_g += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if GATE_DIAL and TWO_PHASE:
+            for k0 in range(0, d, BK):
+                k = k0 + offs_k
+                kmask = k < d
+                xv = _load_x(x_ptr, offs_t, tok_ok, k, kmask, d, in_tau, HAS_IN)
+                wg = tl.load(wg_ptr + row[:, None] + k[None, :], mask=row_any[:, None] & kmask[None, :], other=0.0)
+                acc_g += tl.dot(xv, tl.trans(wg))
+            if HAS_BG:
+                acc_g += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
             a = _act(acc_g, ACT)
-            if GATE_DIAL:
-                gs = tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-                keep_u = sel & (tl.abs(a) * gs[None, :] >= gate_tau)
+            gs = tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+            keep_u = sel & (tl.abs(a) * gs[None, :] >= gate_tau)
             up_any = tl.max(keep_u.to(tl.int32), axis=0) > 0
             if tl.max(up_any.to(tl.int32), axis=0) > 0:
                 for k0 in range(0, d, BK):
@@ -315,56 +302,6 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
     if COUNT:
         tl.atomic_add(cnt_ptr + offs_t, tl.sum(keep_u.to(tl.int32), axis=1), mask=tok_ok, sem="relaxed")
         tl.atomic_add(cnt_ptr + T + offs_t, tl.sum(keep.to(tl.int32), axis=1), mask=tok_ok, sem="relaxed")
-
-
-@triton.jit
-def _gate_cols_kernel(x_ptr, wgt_ptr, bg_ptr, mask_ptr, g_ptr, chan_ptr, T, d, m, e, n_shared, n_e, in_tau,
-                      HAS_BG: tl.constexpr, HAS_IN: tl.constexpr, NSPLIT: tl.constexpr, MT: tl.constexpr,
-                      CBLK: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """g = x @ w_gate^T (+ b_gate) from the gate stored by input channel, wgt [d, m] (one contiguous row per input
-    channel), reading only the rows of channels some token keeps (input skip moves no bytes). Every program first
-    lists the kept channels itself (ascending, in chan_ptr: all programs write the same values; a CTA barrier makes
-    its own stores visible to its loads), then gathers their rows from the list: the row addresses come from a
-    load, not from x in the same iteration, so the loop's loads can be issued ahead. Program (p, s) takes neurons
-    [p*BN, (p+1)*BN) over the s-th of NSPLIT equal parts of the list and stores its partial at g[s] ([NSPLIT, T,
-    m] fp32; the gate/up kernel adds them in a fixed order). Tiles with no selected neuron do nothing (the gate/up
-    kernel reads no g there)."""
-    pid = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_t = tl.arange(0, BT)
-    tok_ok = offs_t < T
-    n = pid * BN + tl.arange(0, BN)
-    nmask = n < m
-    sel = _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e)
-    col_any = tl.max(sel.to(tl.int32), axis=0) > 0
-    if tl.max(col_any.to(tl.int32), axis=0) > 0:
-        offs_mt = tl.arange(0, MT)
-        mt_ok = offs_mt < T
-        count = tl.full([], 0, tl.int32)
-        for c0 in range(0, d, CBLK):
-            c = c0 + tl.arange(0, CBLK)
-            cm = c < d
-            xc = _load_x(x_ptr, offs_mt, mt_ok, c, cm, d, in_tau, HAS_IN)
-            kept = (tl.max((xc != 0.0).to(tl.int32), axis=0) > 0) & cm
-            a = kept.to(tl.int32)
-            tl.store(chan_ptr + tl.cumsum(a, axis=0) + count - 1, c, mask=kept)
-            count += tl.sum(a, axis=0)
-        tl.debug_barrier()
-        part = tl.cdiv(tl.cdiv(count, NSPLIT), BK) * BK
-        hi = tl.minimum(pid_s * part + part, count)
-        acc = tl.zeros([BT, BN], dtype=tl.float32)
-        for j0 in range(pid_s * part, hi, BK):
-            j = j0 + tl.arange(0, BK)
-            jm = j < hi
-            idx = tl.load(chan_ptr + j, mask=jm, other=0, cache_modifier=".cg")
-            xv = _load_x(x_ptr, offs_t, tok_ok, idx, jm, d, in_tau, HAS_IN)
-            w = tl.load(wgt_ptr + idx.to(tl.int64)[:, None] * m + n[None, :], mask=jm[:, None] & nmask[None, :],
-                        other=0.0)
-            acc += tl.dot(xv, w)
-        if HAS_BG and pid_s == 0:
-            acc += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(g_ptr + pid_s * T * m + offs_t[:, None] * m + n[None, :], acc,
-                 mask=tok_ok[:, None] & col_any[None, :])
 
 
 @triton.jit
@@ -888,29 +825,16 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
     else:
         blk = _active_blocks(mk, n_shared) if compact else dummy
     nb = n_shared + n_e
-    cols = gated and not w_gate.is_contiguous()  # pack(): the gate stored by input channel, w_gate.t() contiguous
     has_in = input_tau > 0
     in_tau = _in_dtype(input_tau, x.dtype) if has_in else 0.0
-    wg = w_gate if gated else w_up
-    n_split = 0
-    if cols:
-        gbn = cfg["gc_BN"]
-        n_split = cfg["gc_SPLIT"]
-        wg = torch.empty((n_split, T, m), device=x.device, dtype=torch.float32)
-        chan = torch.empty((d,), device=x.device, dtype=torch.int32)
-        _gate_cols_kernel[(triton.cdiv(m, gbn), n_split)](
-            x, w_gate.t(), b_gate if b_gate is not None else dummy, mk, wg, chan, T, d, m, e, n_shared, n_e, in_tau,
-            HAS_BG=b_gate is not None, HAS_IN=has_in, NSPLIT=n_split, MT=max(2, triton.next_power_of_2(T)),
-            CBLK=min(1024, triton.next_power_of_2(d)), BT=_BT, BN=gbn, BK=cfg["gc_BK"], num_warps=cfg["gc_warps"],
-            num_stages=cfg["gc_stages"])
     _gate_up_kernel[(triton.cdiv(m, bn),)](
-        x, wg, w_up, b_gate if b_gate is not None and not cols else dummy,
+        x, w_gate if gated else w_up, w_up, b_gate if b_gate is not None else dummy,
         b_up if b_up is not None else dummy, mk, tau if tau is not None else dummy,
         gate_scale if dial else dummy, float(gate_tau) if dial else 0.0, counts if counts is not None else dummy,
         h, blk, T, d, m, e, n_shared, n_e, in_tau,
-        GATED=gated, HAS_BG=b_gate is not None and not cols, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
+        GATED=gated, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
         GATE_DIAL=dial, TWO_PHASE=bool(cfg["gu_two_phase"]), COUNT=counts is not None, COMPACT=compact,
-        FUSED=fused, MT=max(2, triton.next_power_of_2(T)), GATE_PRE=n_split, HAS_IN=has_in,
+        FUSED=fused, MT=max(2, triton.next_power_of_2(T)), HAS_IN=has_in,
         CBLK=min(cfg["c_BLOCK"], max(16, triton.next_power_of_2(nb))),
         ACT=_ACTS[act], BT=_BT, BN=bn, BK=cfg["gu_BK"], num_warps=cfg["gu_warps"], num_stages=cfg["gu_stages"])
     y = torch.empty((T, d), device=x.device, dtype=x.dtype)
@@ -1003,11 +927,8 @@ def route(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r_b2: O
 def pack(w_gate: Optional[Tensor], w_up: Tensor, w_down_t: Tensor, e: int, n_shared: int) -> dict:
     """References to the [m, d] row-major weights (no copy when they are contiguous) + the decode workspace.
 
-    w_gate may instead be the [m, d] view of a gate stored by input channel (w_gate.t() a contiguous [d, m]):
-    kept as is ('gate_cols'); the decode path then computes the gate with _gate_cols_kernel, which skips the
-    input channels that are zero (input skip) in bytes, not only in FLOPs. Any other non-contiguous weight is
-    copied once (reported under 'copied'); callers that want one copy of each weight on the GPU pass contiguous
-    tensors."""
+    A non-contiguous weight is copied once (reported under 'copied'); callers that want one copy of each weight
+    on the GPU pass contiguous tensors."""
     m, d = w_up.shape
     if m % e:
         raise ValueError(f"m={m} is not a multiple of the expert size e={e}")
@@ -1016,14 +937,11 @@ def pack(w_gate: Optional[Tensor], w_up: Tensor, w_down_t: Tensor, e: int, n_sha
         raise ValueError("more shared neurons than neurons")
     if w_down_t.shape != (m, d) or (w_gate is not None and w_gate.shape != (m, d)):
         raise ValueError("w_gate, w_up and w_down_t must all be [m, d]")
-    # the gate may also be stored by input channel (w_gate.t() contiguous): the decode path then skips input zeros
-    gate_cols = w_gate is not None and not w_gate.is_contiguous() and w_gate.t().is_contiguous()
     copied = [name for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t))
-              if w is not None and not w.is_contiguous() and not (name == "w_gate" and gate_cols)]
+              if w is not None and not w.is_contiguous()]
     dev = w_up.device
     return {
-        "w_gate": w_gate if w_gate is None or w_gate.is_contiguous() or gate_cols else w_gate.contiguous(),
-        "gate_cols": gate_cols,
+        "w_gate": w_gate if w_gate is None or w_gate.is_contiguous() else w_gate.contiguous(),
         "w_up": w_up.contiguous(), "w_down_t": w_down_t.contiguous(), "copied": copied,
         "e": int(e), "n_shared": int(n_shared), "m": m, "d": d, "n_e": nb - n_shared,
         # per-layer workspace for the decode down kernel; every call leaves it zeroed
@@ -1045,8 +963,8 @@ def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional
     Gate dial (gated FFNs, gate_tau > 0): a selected neuron is kept only where |act(gate)| * gate_scale [m] >=
     gate_tau; the Triton path then loads no up row that no token keeps. counts: an int32 [2, T] tensor the call
     adds to (up rows computed, neurons kept for down, per token), for the FLOPs stats. input_tau > 0: input skip,
-    gate and up see x * (|x| >= input_tau) (the cut compared in x's dtype, as torch compares; the Triton path
-    applies it as it loads x, and with the gate stored by input channel moves no bytes for the cut channels)."""
+    gate and up see x * (|x| >= input_tau) (compared in x's dtype, as torch compares; the Triton path cuts x as it
+    loads it)."""
     if act not in _ACTS:
         raise ValueError(f"unsupported activation {act!r}")
     x = x.contiguous()

@@ -275,23 +275,14 @@ class SparseMLP(nn.Module):
             # contiguous (nn.Linear down_proj stores [d, m]; GPT-2 Conv1D c_fc stores [d, m]), re-lay the
             # parameter's storage in place as a contiguous [m, d] tensor and keep the parameter as its transposed
             # view (F.linear and Conv1D take it as is); the old storage is freed, nothing is duplicated.
-            # A separate gate of a layer that skips input channels and routes no experts is stored by input
-            # channel instead ([d, m] contiguous): the kernels then skip the cut channels' gate bytes
-            # (kernels._gate_cols_kernel). A routing layer keeps rows: its unselected experts' gate rows move no
-            # bytes, which by input channel only whole tiles of neurons could. Chosen once, at this first CUDA
-            # call, from the layer's budget then.
-            feats = getattr(k, "FEATURES", frozenset())
-            by_input = self.input_tau > 0 and self.threshold >= 1.0 and "gate_cols" in feats
-            mods = [(self._down_module(), False, False), (self._up_module(), True, False)]
+            mods = [(self._down_module(), False), (self._up_module(), True)]
             if self.layout["gate"]:
-                mods.append((getattr(self, self.layout["gate"]), True, by_input))
+                mods.append((getattr(self, self.layout["gate"]), True))
             with torch.no_grad():
-                for mod, out_rows, by_input in mods:
+                for mod, out_rows in mods:
                     rows = self._rows(mod, out_rows)
-                    want = rows.t() if by_input else rows
-                    if not want.is_contiguous():
-                        flat = want.contiguous()
-                        flat = flat.t() if by_input else flat
+                    if not rows.is_contiguous():
+                        flat = rows.contiguous()
                         mod.weight.data = flat.t() if out_rows == bool(self.layout["conv1d"]) else flat
             w_gate, w_up, _, _, w_down_t, _ = self.canonical()
             # [packed weights, (down_tau, its per-neuron tau vector), {T: all-on expert mask}]: per-call
@@ -322,8 +313,8 @@ class SparseMLP(nn.Module):
         # kernels' default (kernels.CONFIG["compact"], off unless a bench or DS_COMPACT=1 forces it). The argument
         # is passed only when set, so this file keeps working with kernels that predate it.
         extra = {"compact": True} if x2.shape[0] == 1 and self.expert_frac <= COMPACT_BELOW else {}
-        # input skip: applied by the kernels as they load x (and where the gate is stored by input channel, the cut
-        # channels' gate bytes are not read); kernels older than this file take the cut input instead
+        # input skip: applied by the kernels as they load x (no extra launch); kernels older than this file take
+        # the cut input instead
         x_k = x2
         if self.input_tau > 0:
             if "input_tau" in getattr(k, "FEATURES", ()):

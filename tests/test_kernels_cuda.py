@@ -135,25 +135,11 @@ def poison_allocator(device=DEV):
     del buf
 
 
-def by_input(w):
-    """The same [m, d] gate, stored by input channel (its transpose contiguous), as SparseMLP lays the gate of a
-    layer that skips input channels."""
-    return w.t().contiguous().t()
-
-
-def sparse_x(gen, T, d, zero_in, device=DEV, dtype=torch.bfloat16):
-    """Random inputs with a fraction zero_in of each token's channels zeroed (what input skip hands the kernels)."""
-    x = torch.randn(T, d, generator=gen)
-    if zero_in > 0:
-        x = x * (torch.rand(T, d, generator=gen) >= zero_in)
-    return x.to(device=device, dtype=dtype)
-
-
 def run_case(gen, *, d, e, n_shared, n_e, T, dtype, act="silu", gated=True, biases=False, use_tau=False,
-             p_sel=0.4, mask_kind="random", path=None, device=DEV, gate_cols=False, zero_in=0.0):
+             p_sel=0.4, mask_kind="random", path=None, device=DEV):
     L = make_layer(gen, d, e, n_shared, n_e, dtype, gated, biases, device)
     m = L["m"]
-    x = sparse_x(gen, T, d, zero_in, device, dtype)
+    x = torch.randn(T, d, generator=gen).to(device=device, dtype=dtype)
     if mask_kind == "random":
         mask = (torch.rand(T, n_e, generator=gen) < p_sel).to(device)
     elif mask_kind == "none":
@@ -165,9 +151,7 @@ def run_case(gen, *, d, e, n_shared, n_e, T, dtype, act="silu", gated=True, bias
         tau = (torch.rand(m, generator=gen) * 0.3).to(device=device, dtype=torch.float32)
     ref = ref_mlp(x, L["w_gate"], L["w_up"], L["w_down_t"], L["b_gate"], L["b_up"], L["b_down"], mask, tau, e,
                   n_shared, act)
-    w_gate = by_input(L["w_gate"]) if gate_cols else L["w_gate"]
-    packed = K.pack(w_gate, L["w_up"], L["w_down_t"], e, n_shared)
-    assert packed["gate_cols"] == gate_cols and packed["copied"] == []
+    packed = K.pack(L["w_gate"], L["w_up"], L["w_down_t"], e, n_shared)
     poison_allocator(device)
     y = K.sparse_mlp(x, packed, L["b_gate"], L["b_up"], L["b_down"], mask, tau, act, path=path)
     assert y.shape == (T, d) and y.dtype == dtype
@@ -294,13 +278,13 @@ def realistic_gate_scale(gen, L, d, dtype):
 
 
 def gate_case(gen, *, d, e, n_shared, n_e, T, dtype, mask_kind="random", use_tau=False, biases=False, drop=0.5,
-              path="triton", act="silu", gate_cols=False, zero_in=0.0):
+              path="triton", act="silu"):
     """One call with the gate dial on (gate_tau midway between the two scores around the `drop` quantile, so no
     neuron sits on it; drop > 1: nothing kept) against the float64 reference: output, and the per-token counts
     within the tie band of the decisions."""
     L = make_layer(gen, d, e, n_shared, n_e, dtype, True, biases)
     m = L["m"]
-    x = sparse_x(gen, T, d, zero_in, DEV, dtype)
+    x = torch.randn(T, d, generator=gen).to(DEV, dtype)
     mask = ((torch.rand(T, n_e, generator=gen) < 0.5) if mask_kind == "random"
             else torch.ones(T, n_e, dtype=torch.bool)).to(DEV)
     gs = realistic_gate_scale(gen, L, d, dtype)
@@ -314,8 +298,7 @@ def gate_case(gen, *, d, e, n_shared, n_e, T, dtype, mask_kind="random", use_tau
     tau = (torch.rand(m, generator=gen) * 0.05).to(DEV, torch.float32) if use_tau else None
     ref, ref_cnt = ref_mlp(x, L["w_gate"], L["w_up"], L["w_down_t"], L["b_gate"], L["b_up"], L["b_down"], mask, tau,
                            e, n_shared, act, gate_scale=gs, gate_tau=gate_tau, counts=True)
-    packed = K.pack(by_input(L["w_gate"]) if gate_cols else L["w_gate"], L["w_up"], L["w_down_t"], e, n_shared)
-    assert packed["gate_cols"] == gate_cols
+    packed = K.pack(L["w_gate"], L["w_up"], L["w_down_t"], e, n_shared)
     counts = torch.zeros(2, T, dtype=torch.int32, device=DEV)
     poison_allocator()
     y = K.sparse_mlp(x, packed, L["b_gate"], L["b_up"], L["b_down"], mask, tau, act, path=path, gate_scale=gs,
@@ -362,42 +345,12 @@ def test_gate_dial_matches_reference(e, T, two_phase, compact, monkeypatch):
 
 
 @pytest.mark.parametrize("T", [1, 2, 5])
-@pytest.mark.parametrize("e", [1, 8, 16, 128])
-def test_gate_cols_matches_reference(e, T, compact):
-    """The gate stored by input channel (_gate_cols_kernel, then the gate/up kernel reading g): inputs with 40% of
-    their channels zero, random / every / no expert, biases, down tau, fp16 and bf16, the gate dial; T=5 is the
-    dense-with-mask path on the same packed weights. pack() keeps the gate's storage (no copy)."""
-    no_triton_path(compact, T)
-    gen = torch.Generator().manual_seed(8800 + 10 * e + T)
-    n_e = max(6, 1024 // e)
-    # the dense-with-mask path (T=5) takes g, u and h rounded to the input dtype (cuBLAS outputs): 2^-8 steps
-    tol = 1e-2 if T <= K.DECODE_MAX_T else 2e-2
-    for mask_kind, use_tau, biases, dtype in (("random", False, False, torch.bfloat16),
-                                               ("random", True, True, torch.float16),
-                                               ("all", False, True, torch.bfloat16),
-                                               ("none", True, False, torch.bfloat16)):
-        err = run_case(gen, d=320, e=e, n_shared=1, n_e=n_e, T=T, dtype=dtype, biases=biases, use_tau=use_tau,
-                       mask_kind=mask_kind, gate_cols=True, zero_in=0.4)
-        assert err < tol, (mask_kind, use_tau, biases, dtype, err)
-    if T <= K.DECODE_MAX_T:
-        for mask_kind, biases in (("all", False), ("random", True)):
-            err, _, _ = gate_case(gen, d=320, e=e, n_shared=1, n_e=n_e, T=T, dtype=torch.bfloat16,
-                                  mask_kind=mask_kind, biases=biases, gate_cols=True, zero_in=0.4)
-            assert err < 1e-2, (mask_kind, biases, err)
-    L = make_layer(gen, 256, e, 0, n_e, torch.bfloat16)
-    wg = by_input(L["w_gate"])
-    p = K.pack(wg, L["w_up"], L["w_down_t"], e, 0)
-    assert p["gate_cols"] and p["w_gate"].data_ptr() == wg.data_ptr() and p["copied"] == []
-
-
-@pytest.mark.parametrize("gate_cols", [False, True])
-@pytest.mark.parametrize("T", [1, 2, 5])
-def test_input_tau_equals_cut_input(T, gate_cols, compact, monkeypatch):
+def test_input_tau_equals_cut_input(T, compact, monkeypatch):
     """sparse_mlp(x, input_tau=t) (the kernels cut x as they load it) is bit-identical to sparse_mlp on x cut by
     torch (x * (|x| >= t), compared in x's dtype), with and without the gate dial and down tau, on both paths."""
     no_triton_path(compact, T)
     monkeypatch.setitem(K.CONFIG, "dn_deterministic", True)
-    gen = torch.Generator().manual_seed(8700 + T + 10 * int(gate_cols))
+    gen = torch.Generator().manual_seed(8700 + T)
     d, e, n_shared, n_e = 320, 8, 1, 60
     L = make_layer(gen, d, e, n_shared, n_e, torch.bfloat16, True, True)
     x = torch.randn(T, d, generator=gen).to(DEV, torch.bfloat16)
@@ -405,78 +358,13 @@ def test_input_tau_equals_cut_input(T, gate_cols, compact, monkeypatch):
     mask = (torch.rand(T, n_e, generator=gen) < 0.5).to(DEV)
     gs = realistic_gate_scale(gen, L, d, torch.bfloat16)
     tau = (torch.rand(L["m"], generator=gen) * 0.05).to(DEV, torch.float32)
-    packed = K.pack(by_input(L["w_gate"]) if gate_cols else L["w_gate"], L["w_up"], L["w_down_t"], e, n_shared)
+    packed = K.pack(L["w_gate"], L["w_up"], L["w_down_t"], e, n_shared)
     for kw in ({}, {"gate_scale": gs, "gate_tau": float(gs.float().median())}):
         for tv in (None, tau):
             y_cut = K.sparse_mlp(x * (x.abs() >= t), packed, L["b_gate"], L["b_up"], L["b_down"], mask, tv, "silu",
                                  **kw)
             y_in = K.sparse_mlp(x, packed, L["b_gate"], L["b_up"], L["b_down"], mask, tv, "silu", input_tau=t, **kw)
             assert torch.equal(y_in, y_cut), (kw.keys(), tv is None)
-
-
-def test_gate_cols_cuda_graph(compact):
-    """Router + sparse MLP with the gate stored by input channel, captured once and replayed on new sparse inputs
-    (new zero channels, new masks): the float64 reference on the graph's mask; replay == eager, bit for bit."""
-    gen = torch.Generator().manual_seed(8900)
-    T, d, e, n_shared, n_e = 1, 512, 8, 1, 80
-    L = make_layer(gen, d, e, n_shared, n_e, torch.bfloat16, biases=True)
-    r_w1 = (torch.randn(64, d, generator=gen) * d ** -0.5).to(DEV, torch.bfloat16)
-    r_w2 = torch.randn(n_e, 64, generator=gen).to(DEV, torch.bfloat16)
-    packed = K.pack(by_input(L["w_gate"]), L["w_up"], L["w_down_t"], e, n_shared)
-    assert packed["gate_cols"]
-    x_static = sparse_x(gen, T, d, 0.5)
-
-    def step():
-        mk = K.route(x_static, r_w1, None, r_w2, None, 0.5)
-        return mk, K.sparse_mlp(x_static, packed, L["b_gate"], L["b_up"], L["b_down"], mk, None, "silu")
-
-    g, (mk_out, y_out) = capture_graph(step)
-    for _ in range(3):
-        x_static.copy_(sparse_x(gen, T, d, 0.5))
-        g.replay()
-        torch.cuda.synchronize()
-        ref = ref_mlp(x_static, L["w_gate"], L["w_up"], L["w_down_t"], L["b_gate"], L["b_up"], L["b_down"],
-                      mk_out, None, e, n_shared, "silu")
-        assert rel_err(y_out, ref) < 1e-2
-        mk_e, y_e = step()
-        assert torch.equal(mk_e, mk_out) and torch.equal(y_e, y_out)
-
-
-@pytest.mark.parametrize("dial", [False, True])
-def test_module_gate_by_input_when_input_skip(dial, compact, monkeypatch):
-    """A layer whose first CUDA call skips input channels and routes no experts re-lays its gate by input channel
-    in place (one copy: the parameter keeps its shape, pack() does not copy) and takes the gate-cols kernels; a
-    layer that routes keeps its gate by rows (input skip or not). Output and stats equal the pure-torch path's at
-    T 1 and 2 (and T 9, dense-with-mask, on the re-laid weight)."""
-    _, _, mlps = _tiny_sparse_llama(990 + int(dial))
-    gen = torch.Generator().manual_seed(991 + int(dial))
-    with torch.no_grad():
-        xc = torch.randn(256, 256, generator=gen).to(DEV, torch.bfloat16)
-        for i, mm in enumerate(mlps):
-            mm.threshold = 1.0 if i == 0 else 0.6
-            mm.dense_above_tokens = 1 << 30
-            mm.input_tau = torch.quantile(xc.abs().float().flatten(), 0.4).item()
-            if dial:
-                mm.gate_scale.data = torch.ones(mm.intermediate, device=DEV, dtype=torch.bfloat16)
-                mm.calibrate_gate_scale(xc)
-                sc = mm.gate_and_up(xc)[0].float().abs() * mm.gate_scale.float()
-                mm.gate_tau = float(sc.median())
-        gates = [getattr(mm, mm.layout["gate"]).weight for mm in mlps]
-        shapes = [tuple(w.shape) for w in gates]
-        for T in (1, 2, 9):
-            x = torch.randn(T, 256, generator=gen).to(DEV, torch.bfloat16)
-            for i, mm in enumerate(mlps):
-                y_cuda, st_cuda, y_torch, st_torch = _run_both_module(mm, x, monkeypatch)
-                # with the dial, the bf16 torch path and the fp32 kernels may decide near-threshold neurons apart
-                err = rel_err(y_cuda, y_torch.double())
-                assert err < (3e-2 if dial else 2e-2), (T, i, err, st_cuda.__dict__, st_torch.__dict__)
-                _same_stats(st_cuda, st_torch, band=0.01 if dial else 0.0)
-        w0, w1 = (getattr(mm, mm.layout["gate"]).weight for mm in mlps)
-        assert [tuple(w0.shape), tuple(w1.shape)] == shapes
-        assert w0.t().is_contiguous() and not w0.is_contiguous() and mlps[0]._kernel_cache[0]["gate_cols"]
-        assert w1.is_contiguous() and not mlps[1]._kernel_cache[0]["gate_cols"]
-        assert mlps[0]._kernel_cache[0]["w_gate"].data_ptr() == w0.data_ptr()
-        assert mlps[0]._kernel_cache[0]["copied"] == []
 
 
 @pytest.mark.parametrize("T", [3, 5, 24])
