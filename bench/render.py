@@ -88,6 +88,25 @@ def gpu_table(g: dict) -> str:
     return "\n".join(lines)
 
 
+def dial_mix_table(g: dict) -> str:
+    mix = g["dial_mix"]
+    src = mix["source"]
+    model = src["model"].split("/")[-1].split(".Q")[0]
+    lines = [f"{g['device']}, torch {g['torch']}, triton {g['triton']}, commit {g['commit']}. The per-layer dial "
+             f"fractions of {model}'s default conversion (`bench/dial_mix.py`, `bench/results/dial-mix-smollm2.json`:"
+             f" {src['text']}) replayed layer by layer on a random-weight {mix['shape']} MLP layer, expert size "
+             f"{mix['expert_size']}, bf16, batch 1 and 2 (decode), summed over the "
+             f"{len(mix['budgets'][0]['layers'])} layers (medians of CUDA-graph replays); 'before' = SparseMLP as of "
+             "commit bf697ab (input cut, down-tau vector and all-on mask built by torch ops on every call).", "",
+             "| MLP FLOPs kept | batch | dense us | before us | sparse us | speedup | before |",
+             "|---|---|---|---|---|---|---|"]
+    for b in mix["budgets"]:
+        lines.append(f"| {b['mlp_flops_kept']:.3f} | {b['batch']} | {b['dense_us']:.0f} | {b['before_us']:.0f} | "
+                     f"{b['sparse_us']:.0f} | {b['speedup']:.2f}x | {b['speedup_before']:.2f}x |")
+    lines.append(f"\nCommand: `{g['command']}`.")
+    return "\n".join(lines)
+
+
 def decode_lines(g: dict) -> list[str]:
     """The end-to-end decode table and the prefill lines of a GPU record."""
     lines = ["| MLP kept | batch | dense tok/s | sparse tok/s | speedup |", "|---|---|---|---|---|"]
@@ -112,6 +131,7 @@ BLOCKS = {
     "quality-docs": ("quality-smollm2-python-docs.json", quality_table),
     "predictors": ("predictors-smollm2.json", predictors_table),
     "gpu": ("gpu-h100.json", gpu_table),
+    "gpu-dial-mix": ("gpu-h100-dial-mix.json", dial_mix_table),
 }
 
 
