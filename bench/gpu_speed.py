@@ -410,17 +410,29 @@ def _gate_layer(shape, e):
     return L, gen, gss
 
 
+def bisect_threshold(frac_at, frac, steps=16):
+    """The least router mass threshold t (to 2^-steps) with frac_at(t) >= frac (frac_at: the fraction of experts
+    a router selects at threshold t, non-decreasing in t)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if frac_at(mid) < frac:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def copy_frac(L, c, x):
+    """frac_at for weight copy c's router on x."""
+    return lambda t: K.route(x, *L.router[c], t).float().mean().item()
+
+
 def _gate_case(L, gen, gss, T, e, expert_target, gate_drop):
     """Input x, router threshold bisected to keep ~expert_target of the experts (copy 0's router), each copy's
     router mask, gate_tau = the gate_drop quantile of |silu(gate)| * gate_scale over copy 0's selected neurons."""
     x = torch.randn(T, L.d, device=DEV, dtype=DT, generator=gen)
-    lo, hi = 0.0, 1.0
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        if K.route(x, *L.router[0], mid).float().mean().item() < expert_target:
-            lo = mid
-        else:
-            hi = mid
+    hi = bisect_threshold(copy_frac(L, 0, x), expert_target, steps=14)
     masks = [K.route(x, *L.router[i], hi) for i in range(L.nc)]
     score = torch.nn.functional.silu(x @ L.dense[0][0].t()).float().abs() * gss[0].float()
     gate_tau = torch.quantile(score[masks[0].repeat_interleave(e, dim=1)], gate_drop).item()
@@ -776,13 +788,7 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
     for kept in kepts:
         ths, ks = [], []
         for mm, xin in zip(mlps, caps):
-            lo, hi = 0.0, 1.0
-            for _ in range(14):
-                mid = (lo + hi) / 2
-                if kept_of(mm, xin, mid) < kept:
-                    lo = mid
-                else:
-                    hi = mid
+            hi = bisect_threshold(lambda t, mm=mm, xin=xin: kept_of(mm, xin, t), kept, steps=14)
             ths.append(hi)
             ks.append(kept_of(mm, xin, hi))
         thresholds[kept] = ths
@@ -1271,16 +1277,7 @@ def _crossover_case(L, gen, gss, T, e, frac, gate_drop):
     selects the same fraction of experts (with copy 0's threshold the copies' random routers select different
     fractions, which blurs a sweep over the fraction)."""
     x = torch.randn(T, L.d, device=DEV, dtype=DT, generator=gen)
-    thrs = []
-    for c in range(L.nc):
-        lo, hi = 0.0, 1.0
-        for _ in range(16):
-            mid = (lo + hi) / 2
-            if K.route(x, *L.router[c], mid).float().mean().item() < frac:
-                lo = mid
-            else:
-                hi = mid
-        thrs.append(hi)
+    thrs = [bisect_threshold(copy_frac(L, c, x), frac) for c in range(L.nc)]
     masks = [K.route(x, *L.router[c], thrs[c]) for c in range(L.nc)]
     score = torch.nn.functional.silu(x @ L.dense[0][0].t()).float().abs() * gss[0].float()
     gate_tau = torch.quantile(score[masks[0].repeat_interleave(e, dim=1)], gate_drop).item()
@@ -1341,17 +1338,7 @@ def _dial_case(L, gss, dn, gen, f, T, e):
     tin = torch.quantile(x.abs().float().flatten(), 1 - f["input"]).item() if f["input"] < 0.999 else 0.0
     xi = x * (x.abs() >= tin) if tin > 0 else x
     routed = f["experts"] < 0.999
-    thrs = [1.0] * L.nc
-    if routed:
-        for c in range(L.nc):
-            lo, hi = 0.0, 1.0
-            for _ in range(16):
-                mid = (lo + hi) / 2
-                if K.route(x, *L.router[c], mid).float().mean().item() < f["experts"]:
-                    lo = mid
-                else:
-                    hi = mid
-            thrs[c] = hi
+    thrs = [bisect_threshold(copy_frac(L, c, x), f["experts"]) if routed else 1.0 for c in range(L.nc)]
     masks = [K.route(x, *L.router[c], thrs[c]) if routed else torch.ones(T, L.m // e, dtype=torch.bool, device=DEV)
              for c in range(L.nc)]
     wg, wu, _ = L.dense[0]

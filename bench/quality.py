@@ -157,7 +157,10 @@ def main():
     torch.set_grad_enabled(False)
     overrides = dict(kv.split("=") for kv in args.convert_args.split(",") if kv)
     for key, value in overrides.items():
-        overrides[key] = type(getattr(ConvertConfig(), key))(value)
+        kind = type(getattr(ConvertConfig(), key))
+        if kind is bool and value.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"--convert-args {key}={value}: use true or false")
+        overrides[key] = value.lower() in ("true", "1") if kind is bool else kind(value)
 
     dense, tok, _ = load_dense(None)
     eval_text = Path(args.eval_text)
