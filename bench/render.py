@@ -88,22 +88,39 @@ def gpu_table(g: dict) -> str:
     return "\n".join(lines)
 
 
+DIAL_MIXES = (("defaults", "gpu-h100-dial-mix.json", "densesparse"),
+              ("--no-input-skip", "gpu-h100-dial-mix-no-input-skip.json", "densesparse-input_skip=false"))
+
+
 def dial_mix_table(g: dict) -> str:
+    """The dial-mix records of both conversions, with their WikiText PPL from the quality record."""
     mix = g["dial_mix"]
     src = mix["source"]
     model = src["model"].split("/")[-1].split(".Q")[0]
-    lines = [f"{g['device']}, torch {g['torch']}, triton {g['triton']}, commit {g['commit']}. The per-layer dial "
-             f"fractions of {model}'s default conversion (`bench/dial_mix.py`, `bench/results/dial-mix-smollm2.json`:"
-             f" {src['text']}) replayed layer by layer on a random-weight {mix['shape']} MLP layer, expert size "
-             f"{mix['expert_size']}, bf16, batch 1 and 2 (decode), summed over the "
-             f"{len(mix['budgets'][0]['layers'])} layers (medians of CUDA-graph replays); 'before' = SparseMLP as of "
-             "commit bf697ab (input cut, down-tau vector and all-on mask built by torch ops on every call).", "",
-             "| MLP FLOPs kept | batch | dense us | before us | sparse us | speedup | before |",
+    quality = json.loads((RESULTS / "quality-smollm2.json").read_text())
+    ppl = {(r["method"], r["target"]): r["ppl"] for r in quality["rows"]}
+    lines = [f"{g['device']}, torch {g['torch']}, triton {g['triton']}, commit {g['commit']}. Each conversion's "
+             f"per-layer dial fractions ({model}; `bench/dial_mix.py`: {src['text']}) replayed layer by layer on a "
+             f"random-weight {mix['shape']} MLP layer, expert size {mix['expert_size']}, bf16, summed over the "
+             f"{len(mix['budgets'][0]['layers'])} layers (medians of CUDA-graph replays; both conversions in one "
+             f"device call). PPL: the quality table's ({quality['protocol']}). 'before': SparseMLP as of commit "
+             "bf697ab (input cut, down-tau vector and all-on mask built by torch ops on every call).", "",
+             "| conversion | MLP FLOPs kept | PPL | batch 1: dense / sparse us | speedup | batch 2 | batch 1 before |",
              "|---|---|---|---|---|---|---|"]
-    for b in mix["budgets"]:
-        lines.append(f"| {b['mlp_flops_kept']:.3f} | {b['batch']} | {b['dense_us']:.0f} | {b['before_us']:.0f} | "
-                     f"{b['sparse_us']:.0f} | {b['speedup']:.2f}x | {b['speedup_before']:.2f}x |")
-    lines.append(f"\nCommand: `{g['command']}`.")
+    for name, record, method in DIAL_MIXES:
+        path = RESULTS / record
+        if not path.exists():
+            continue
+        rec = json.loads(path.read_text())["dial_mix"]
+        by = {(b["target"], b["batch"]): b for b in rec["budgets"]}
+        for t in TARGETS:
+            b1, b2, p = by.get((t, 1)), by.get((t, 2)), ppl.get((method, t))
+            if b1 is None or b2 is None or p is None:
+                continue
+            lines.append(f"| {name} | {b1['mlp_flops_kept']:.3f} | {p:.2f} | {b1['dense_us']:.0f} / "
+                         f"{b1['sparse_us']:.0f} | {b1['speedup']:.2f}x | {b2['speedup']:.2f}x | "
+                         f"{b1['speedup_before']:.2f}x |")
+    lines.append(f"\nCommand: `{g['command']}` (and the same with each conversion's record).")
     return "\n".join(lines)
 
 

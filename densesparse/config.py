@@ -41,7 +41,8 @@ class ConvertConfig:
     down_skip: bool = opt(True, "Also skip down-projection rows whose activation is tiny inside chosen experts "
                                 "(exact, no prediction).")
     input_skip: bool = opt(True, "Also let gate/up skip input channels whose |x| is tiny (TEAL-style, exact given x); "
-                                 "the budget search decides per layer how much.")
+                                 "the budget search decides per layer how much. It saves FLOPs, not GPU time (gate "
+                                 "and up rows are read whole): for GPU inference use --no-input-skip.")
     mlp_flops: float = opt(0.5, "Default MLP FLOPs budget the model loads with (fraction of dense, router included).")
     max_ppl_increase: float | None = opt(None, QUALITY_HELP)
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
