@@ -59,7 +59,7 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
     """The layer's (MACs, loss-weighted output error) trade-off over the four dials' grid."""
     x = x.float()
     n, d = x.shape
-    w_down = mlp.scaled_down().t()  # errors are measured in the loss-weighted output metric (out_scale)
+    w_down = mlp.canonical()[4].float().t()
     norms = mlp.down_norms()
     y_full = F.linear(mlp.hidden_states(x), w_down)
     logits = mlp.router.float()(x)

@@ -249,11 +249,9 @@ def load(directory: str | Path, mlp_flops: float | None = None, device: str | to
     except ValueError as exc:
         raise DenseSparseError(f"{directory}: {exc}: weights and config.json disagree; reconvert the model") from None
     names = {id(p): n for n, p in model.named_parameters()}
-    # the tensors the dense checkpoint lacks: routers and the gate dial's scales (out_scale: optional, models
-    # converted before it have none and keep the isotropic 1)
-    sparse_params = {names[id(p)]: p for m in mlps
-                     for p in [*m.router.parameters(), getattr(m, "gate_scale", None), m.out_scale] if p is not None}
-    optional = {names[id(m.out_scale)] for m in mlps}
+    # the tensors the dense checkpoint lacks: routers and the gate dial's scales
+    sparse_params = {names[id(p)]: p for m in mlps for p in [*m.router.parameters(), getattr(m, "gate_scale", None)]
+                     if p is not None}
     found = set()
     with torch.no_grad():
         for f in files:
@@ -266,7 +264,7 @@ def load(directory: str | Path, mlp_flops: float | None = None, device: str | to
                                                    f"expects {tuple(sparse_params[key].shape)}: reconvert the model")
                         sparse_params[key].copy_(t)
                         found.add(key)
-    missing = sorted(set(sparse_params) - found - optional)
+    missing = sorted(set(sparse_params) - found)
     if missing:
         raise DenseSparseError(f"{directory} lacks router or gate-scale tensors ({missing[0]} and {len(missing) - 1} "
                                "more): the safetensors do not match config.json; reconvert the model")

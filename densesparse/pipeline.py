@@ -73,7 +73,6 @@ def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: b
     points, losses = [], []
     for mlp, sample in zip(mlps, samples):
         train, held = _split(sample.x, generator)
-        mlp.out_scale.copy_(sample.out_scale)
         if regroup:
             permute(mlp, neuron_order(mlp, train, cfg.grouping, generator))
         mlp.calibrate_gate_scale(train)

@@ -14,7 +14,7 @@ CHUNK = 2048
 def norms_from_hidden(mlp: SparseMLP, h: torch.Tensor) -> torch.Tensor:
     """||sum_{i in expert} h_i down_i|| for every expert and token [N, n_experts], via each expert's Gram matrix."""
     s, e, k = mlp.n_shared, mlp.expert_size, mlp.n_experts
-    w = mlp.scaled_down()[s:].reshape(k, e, -1)
+    w = mlp.canonical()[4].float()[s:].reshape(k, e, -1)
     gram = w @ w.transpose(1, 2)
     he = h[:, s:].reshape(-1, k, e)
     return torch.einsum("bke,kef,bkf->bk", he, gram, he).clamp_min(0).sqrt()

@@ -139,9 +139,6 @@ class SparseMLP(nn.Module):
         self.expert_frac = 1.0
         if self.gated:
             self.gate_scale = nn.Parameter(torch.ones(self.intermediate), requires_grad=False)
-        # per output dimension, how much an error there costs in loss (stats.LayerSample.out_scale; 1 = isotropic):
-        # every "output norm" the dials and the router targets use is measured after this scaling
-        self.out_scale = nn.Parameter(torch.ones(hidden), requires_grad=False)
         self.stats: LayerStats | None = None
         self._kernel_cache = None
 
@@ -184,12 +181,9 @@ class SparseMLP(nn.Module):
     def dense(self) -> bool:
         return self.threshold >= 1.0 and self.down_tau <= 0.0 and self.input_tau <= 0.0 and self.gate_tau <= 0.0
 
-    def scaled_down(self) -> torch.Tensor:
-        """w_down_t [m, d] float32 with each output dimension scaled by out_scale."""
-        return self.canonical()[4].float() * self.out_scale.float()
-
     def down_norms(self) -> torch.Tensor:
-        return self.scaled_down().norm(dim=1)
+        w_down_t = self.canonical()[4]
+        return w_down_t.float().norm(dim=1)
 
     def neuron_mask(self, expert_mask: torch.Tensor) -> torch.Tensor:
         shared = expert_mask.new_ones(expert_mask.shape[0], self.n_shared)

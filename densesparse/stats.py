@@ -19,9 +19,6 @@ SENSITIVITY_WINDOWS = 8
 class LayerSample:
     x: torch.Tensor  # [N, d] FFN inputs, bfloat16 to halve the memory
     weight: float  # loss sensitivity: mean squared gradient of the LM loss w.r.t. this FFN's output, per token
-    # per output dimension, sqrt(E g_i^2 / mean_i E g_i^2): an output error d costs about weight * ||out_scale * d||^2
-    # / hidden in loss (the diagonal Fisher per dimension, not only its trace)
-    out_scale: torch.Tensor
 
 
 def ffn_input_module(layer, layout: FFNLayout):
@@ -33,21 +30,16 @@ def ffn_output_module(layer, layout: FFNLayout):
     return get_attr(layer, layout.container) if layout.container else getattr(layer, layout.down)
 
 
-def layer_sensitivity(model, layout: FFNLayout, batches: list[torch.Tensor]) -> list[tuple[float, torch.Tensor]]:
-    """Per FFN, (E_t ||dLoss/dy_t||^2, out_scale): a diagonal-Fisher weight that turns an FFN output error into a
-    loss increase, so layers' errors can be traded against each other, and how that weight spreads over the output
-    dimensions (see LayerSample)."""
+def layer_sensitivity(model, layout: FFNLayout, batches: list[torch.Tensor]) -> list[float]:
+    """Per FFN, E_t ||dLoss/dy_t||^2: a diagonal-Fisher weight that turns an FFN output error into a loss increase
+    (for an error d, about ||g||^2 ||d||^2 / hidden), so layers' errors can be traded against each other."""
     layers = decoder_layers(model, layout)
-    d = model.config.hidden_size
-    acc = [torch.zeros(d, dtype=torch.float64) for _ in layers]
+    acc = [0.0] * len(layers)
     tokens = 0
 
     def hook(i):
-        def grad(g):
-            acc[i].add_(g.double().pow(2).reshape(-1, d).sum(0))
-
         def fwd(_module, _args, out):
-            out.register_hook(grad)
+            out.register_hook(lambda g: acc.__setitem__(i, acc[i] + float(g.float().pow(2).sum())))
         return fwd
 
     hooks = [ffn_output_module(layer, layout).register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
@@ -66,12 +58,7 @@ def layer_sensitivity(model, layout: FFNLayout, batches: list[torch.Tensor]) -> 
             h.remove()
         for p in trainable:
             p.requires_grad_(True)
-    out = []
-    for a in acc:
-        fisher = a / max(tokens, 1)
-        mean = fisher.mean().clamp_min(1e-30)
-        out.append((float(fisher.sum()), (fisher / mean).sqrt().float()))
-    return out
+    return [a / max(tokens, 1) for a in acc]
 
 
 @torch.no_grad()
@@ -103,4 +90,4 @@ def collect(model, layout: FFNLayout, batches: list[torch.Tensor], progress: Pro
         for h in hooks:
             h.remove()
     weights = layer_sensitivity(model, layout, batches[:SENSITIVITY_WINDOWS])
-    return [LayerSample(x=x[:n], weight=w, out_scale=s) for x, (w, s), n in zip(xs, weights, fill)]
+    return [LayerSample(x=x[:n], weight=w) for x, w, n in zip(xs, weights, fill)]
