@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from densesparse.flops import mlp_macs_dense, mlp_macs_sparse
 from densesparse.router import norms_from_hidden
-from densesparse.runtime import SparseMLP, threshold_select
+from densesparse.runtime import SparseMLP, apply_budget, threshold_select
 
 INPUT_GRID = (0.0, 0.15, 0.3, 0.45, 0.6, 0.7, 0.8)  # quantiles of |x| dropped
 MASS_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0)
@@ -194,3 +194,19 @@ def calibrate_budgets(per_layer: list[list[Point]], min_budget: float) -> list[d
             "expert_frac": [round(p.experts, 4) for p in chosen],
         })
     return out
+
+
+@torch.no_grad()
+def set_budget_biases(mlps: list[SparseMLP], held: list[torch.Tensor], budgets: list[dict]) -> None:
+    """Bias correction: per layer, `budget_bias` [len(budgets), hidden] = the mean of (dense - sparse) MLP output
+    over held-out calibration inputs at each budget's dials, which apply_budget interpolates and the sparse forward
+    adds back. The part of each layer's error that is the same for every token costs nothing to remove, and it
+    adds up over layers and tokens."""
+    for m in mlps:
+        m.budget_bias = torch.nn.Parameter(torch.zeros(len(budgets), m.hidden), requires_grad=False)
+    dense = [m._dense_forward(x.float()) for m, x in zip(mlps, held)]
+    for i, b in enumerate(budgets):
+        apply_budget(mlps, budgets, b["target"])
+        for m, x, y in zip(mlps, held, dense):
+            m.out_bias = None  # the error of the uncorrected sparse forward
+            m.budget_bias[i] = (y - m._torch_forward(x.float())).mean(0)

@@ -43,6 +43,8 @@ class ConvertConfig:
     input_skip: bool = opt(True, "Also let gate/up skip input channels whose |x| is tiny (TEAL-style, exact given x); "
                                  "the budget search decides per layer how much. It saves FLOPs, not GPU time (gate "
                                  "and up rows are read whole): for GPU inference use --no-input-skip.")
+    bias_correction: bool = opt(False, "Add back, per layer and calibrated budget, the mean MLP output error measured "
+                                       "on held-out calibration tokens (a bias: free at run time).")
     mlp_flops: float = opt(0.5, "Default MLP FLOPs budget the model loads with (fraction of dense, router included).")
     max_ppl_increase: float | None = opt(None, QUALITY_HELP)
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")

@@ -249,8 +249,9 @@ def load(directory: str | Path, mlp_flops: float | None = None, device: str | to
     except ValueError as exc:
         raise DenseSparseError(f"{directory}: {exc}: weights and config.json disagree; reconvert the model") from None
     names = {id(p): n for n, p in model.named_parameters()}
-    # the tensors the dense checkpoint lacks: routers and the gate dial's scales
-    sparse_params = {names[id(p)]: p for m in mlps for p in [*m.router.parameters(), getattr(m, "gate_scale", None)]
+    # the tensors the dense checkpoint lacks: routers, the gate dial's scales and (bias correction) the budgets' biases
+    sparse_params = {names[id(p)]: p for m in mlps
+                     for p in [*m.router.parameters(), getattr(m, "gate_scale", None), getattr(m, "budget_bias", None)]
                      if p is not None}
     found = set()
     with torch.no_grad():
@@ -266,8 +267,9 @@ def load(directory: str | Path, mlp_flops: float | None = None, device: str | to
                         found.add(key)
     missing = sorted(set(sparse_params) - found)
     if missing:
-        raise DenseSparseError(f"{directory} lacks router or gate-scale tensors ({missing[0]} and {len(missing) - 1} "
-                               "more): the safetensors do not match config.json; reconvert the model")
+        raise DenseSparseError(f"{directory} lacks router, gate-scale or bias tensors ({missing[0]} and "
+                               f"{len(missing) - 1} more): the safetensors do not match config.json; reconvert the "
+                               "model")
     model.to(device=device, dtype=dtype).eval()
     apply_budget(sparse_mlps(model), spec["budgets"], spec["default_mlp_flops"] if mlp_flops is None else mlp_flops)
     return model

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from densesparse import __version__
 from densesparse.arch import activation_name, decoder_layers, resolve_layout
-from densesparse.budget import calibrate_budgets, layer_points
+from densesparse.budget import calibrate_budgets, layer_points, set_budget_biases
 from densesparse.config import CalibrateConfig, ConfigError, ConvertConfig
 from densesparse.data import adds_bos, calibration_windows
 from densesparse.errors import DenseSparseError
@@ -69,10 +69,13 @@ def _default_budget(model, tokenizer, spec: dict, cfg, heldout, fallback: float)
 
 
 def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: bool, spec: dict):
+    """Per layer: group (regroup), gate scale, router (refit) and the dials' trade-off points; returns (points,
+    router losses, held-out calibration inputs)."""
     task = progress.add_task("group + route layers", total=len(mlps)) if progress else None
-    points, losses = [], []
+    points, losses, helds = [], [], []
     for mlp, sample in zip(mlps, samples):
         train, held = _split(sample.x, generator)
+        helds.append(held)
         if regroup:
             permute(mlp, neuron_order(mlp, train, cfg.grouping, generator))
         mlp.calibrate_gate_scale(train)
@@ -81,7 +84,7 @@ def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: b
         points.append(layer_points(mlp, held, sample.weight, spec["down_skip"], spec["input_skip"]))
         if progress:
             progress.advance(task)
-    return points, losses
+    return points, losses, helds
 
 
 def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
@@ -112,8 +115,12 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
     with _progress(show_progress) as progress:
         samples = collect(model, layout, batches, progress)
         mlps = install(model, spec)
-        points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=True, refit=True, spec=spec)
+        points, losses, helds = _fit_layers(mlps, samples, cfg, generator, progress, regroup=True, refit=True,
+                                            spec=spec)
     spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
+    spec["bias_correction"] = cfg.bias_correction
+    if cfg.bias_correction:
+        set_budget_biases(mlps, helds, spec["budgets"])
     spec["router_kl"] = [round(v, 5) for v in losses]
     spec["default_mlp_flops"] = _default_budget(model, tokenizer, spec, cfg, heldout, cfg.mlp_flops)
     apply_budget(mlps, spec["budgets"], spec["default_mlp_flops"])
@@ -137,9 +144,11 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
     mlps = sparse_mlps(model)
     with _progress(show_progress) as progress:
         samples = collect(model, layout, batches, progress)
-        points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=False,
-                                     refit=cfg.refit_routers, spec=spec)
+        points, losses, helds = _fit_layers(mlps, samples, cfg, generator, progress, regroup=False,
+                                            refit=cfg.refit_routers, spec=spec)
     spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
+    if spec.get("bias_correction"):  # the new budgets' biases (the grid may have changed with --min-budget)
+        set_budget_biases(mlps, helds, spec["budgets"])
     if losses:
         spec["router_kl"] = [round(v, 5) for v in losses]
     spec.pop("quality_target", None)

@@ -139,6 +139,10 @@ class SparseMLP(nn.Module):
         self.expert_frac = 1.0
         if self.gated:
             self.gate_scale = nn.Parameter(torch.ones(self.intermediate), requires_grad=False)
+        # bias correction (spec "bias_correction"; install() adds `budget_bias` [n budgets, hidden], the mean output
+        # error per calibrated budget): apply_budget interpolates it into out_bias, which the sparse paths add
+        self.out_bias: torch.Tensor | None = None
+        self._kernel_bias = (None, None)  # (out_bias, b_down + out_bias) for the CUDA kernels
         self.stats: LayerStats | None = None
         self._kernel_cache = None
 
@@ -257,7 +261,8 @@ class SparseMLP(nn.Module):
             keep = keep & (h.abs() * self.down_norms().to(h.dtype) >= self.down_tau)
         if self.stats is not None:
             self._record(x_in, expert_mask, keep.sum(1), up_rows)
-        return self.down(h * keep)
+        y = self.down(h * keep)
+        return y if self.out_bias is None else y + self.out_bias.to(y.dtype)
 
     def _cuda_forward(self, x2):
         if x2.shape[0] > self.dense_above_tokens:
@@ -305,6 +310,11 @@ class SparseMLP(nn.Module):
         else:
             mask = k.route(x2, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, self.threshold)
         _, _, b_gate, b_up, _, b_down = self.canonical()
+        if self.out_bias is not None:  # folded into the down bias the kernels add (built once per budget)
+            if self._kernel_bias[0] is not self.out_bias:
+                bias = self.out_bias.to(x2.dtype)
+                self._kernel_bias = (self.out_bias, bias if b_down is None else b_down + bias)
+            b_down = self._kernel_bias[1]
         dial = self.gated and self.gate_tau > 0
         # the kernels count, per token, the up rows they compute and the neurons kept for down (the torch path's
         # up_rows and down_keep): only when stats are on, as reading them back syncs
@@ -366,6 +376,8 @@ def install(model, spec: dict, cls: type | None = None) -> list[SparseMLP]:
         if rows != mlp.intermediate:
             raise ValueError(f"the FFN has {rows} neurons but the densesparse config describes {mlp.intermediate} "
                              f"({spec['n_shared']} shared + {spec['n_experts']} x {spec['expert_size']})")
+        if spec.get("bias_correction") and "budgets" in spec:
+            mlp.budget_bias = nn.Parameter(torch.zeros(len(spec["budgets"]), hidden), requires_grad=False)
         mlp.router.to(dtype=parts[layout["up"]].weight.dtype, device=parts[layout["up"]].weight.device)
         if mlp.inline:
             setattr(layer, layout["up"], mlp)
@@ -409,3 +421,13 @@ def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> N
         va, vb = (g.get(key, [1.0] * n) if key == "expert_frac" else g[key] for g in (a, b))
         for m, fa, fb in zip(mlps, va, vb):
             setattr(m, attr, fa + w * (fb - fa))
+    # bias correction: budget_bias rows follow `budgets` (the dense end has none); interpolated like the dials
+    order = sorted(range(len(budgets)), key=lambda i: budgets[i]["target"])
+    for m in mlps:
+        rows = getattr(m, "budget_bias", None)
+        if rows is None or rows.shape[0] != len(budgets) or target >= 1.0:
+            m.out_bias = None
+            continue
+        ra = rows[order[lo]]
+        rb = rows[order[hi]] if hi < len(order) else torch.zeros_like(ra)
+        m.out_bias = (ra + w * (rb - ra)).detach()

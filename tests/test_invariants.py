@@ -118,6 +118,47 @@ def test_convert_save_load_round_trip_and_generate(tiny_dir, tmp_path, arch):
     assert torch.equal(gen, nocache)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
+def test_bias_correction(tiny_dir, tmp_path, arch):
+    """--bias-correction: each calibrated budget's bias is the mean (dense - sparse) output on the inputs it was
+    measured on, so with it the mean error there is zero; apply_budget interpolates it (none at 1.0: still the
+    dense model); it changes the logits; densesparse.load and trust_remote_code agree after the round trip."""
+    from transformers import AutoModelForCausalLM
+
+    from densesparse.budget import set_budget_biases
+
+    out = tmp_path / "sparse"
+    spec = _convert(tiny_dir, out, bias_correction=True)
+    assert spec["bias_correction"]
+    ids = _ids(16)
+    ours = load(out, mlp_flops=1.0)
+    mlps = sparse_mlps(ours)
+    assert all(m.budget_bias.shape == (len(spec["budgets"]), m.hidden) for m in mlps)
+    assert all(m.out_bias is None for m in mlps)
+    assert torch.allclose(_logits(ours, ids), _logits(tiny_model(arch), ids), atol=1e-5)
+    # the definition, on fresh inputs
+    held = [torch.randn(64, m.hidden, generator=torch.Generator().manual_seed(i)) for i, m in enumerate(mlps)]
+    set_budget_biases(mlps, held, spec["budgets"])
+    for i, b in enumerate(spec["budgets"]):
+        apply_budget(mlps, spec["budgets"], b["target"])
+        for m, x in zip(mlps, held):
+            assert torch.allclose(m.out_bias, m.budget_bias[i], atol=1e-7)
+            assert (m._dense_forward(x) - m._torch_forward(x)).mean(0).abs().max() < 1e-5
+    lo, hi = spec["budgets"][0]["target"], spec["budgets"][1]["target"]
+    apply_budget(mlps, spec["budgets"], (lo + hi) / 2)
+    assert torch.allclose(mlps[0].out_bias, (mlps[0].budget_bias[0] + mlps[0].budget_bias[1]) / 2, atol=1e-6)
+    # saved biases: both loaders, and they matter
+    ours = load(out, mlp_flops=0.5)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    remote.set_mlp_flops(0.5)
+    assert torch.allclose(_logits(remote, ids), _logits(ours, ids), atol=1e-5)
+    with_bias = _logits(ours, ids)
+    for m in sparse_mlps(ours):
+        m.out_bias = None
+    assert not torch.allclose(_logits(ours, ids), with_bias, atol=1e-5)
+
+
 def test_budget_dial_moves_thresholds_monotonically(tiny_dir, tmp_path):
     out = tmp_path / "sparse"
     spec = _convert(tiny_dir, out)
