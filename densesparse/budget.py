@@ -208,5 +208,5 @@ def set_budget_biases(mlps: list[SparseMLP], held: list[torch.Tensor], budgets: 
     for i, b in enumerate(budgets):
         apply_budget(mlps, budgets, b["target"])
         for m, x, y in zip(mlps, held, dense):
-            m.out_bias = None  # the error of the uncorrected sparse forward
+            m.bias_mix = None  # the error of the uncorrected sparse forward
             m.budget_bias[i] = (y - m._torch_forward(x.float())).mean(0)

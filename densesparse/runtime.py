@@ -140,9 +140,12 @@ class SparseMLP(nn.Module):
         if self.gated:
             self.gate_scale = nn.Parameter(torch.ones(self.intermediate), requires_grad=False)
         # bias correction (spec "bias_correction"; install() adds `budget_bias` [n budgets, hidden], the mean output
-        # error per calibrated budget): apply_budget interpolates it into out_bias, which the sparse paths add
-        self.out_bias: torch.Tensor | None = None
-        self._kernel_bias = (None, None)  # (out_bias, b_down + out_bias) for the CUDA kernels
+        # error per calibrated budget): apply_budget sets which rows to interpolate (row a, row b or None for the
+        # dense end, weight), the sparse paths add the result (bias_now); computed from the parameter at use, so it
+        # follows weights loaded or moved after apply_budget
+        self.bias_mix: tuple | None = None
+        self._bias_cache = (None, None)
+        self._kernel_bias = (None, None)  # (bias, b_down + bias) for the CUDA kernels
         self.stats: LayerStats | None = None
         self._kernel_cache = None
 
@@ -184,6 +187,19 @@ class SparseMLP(nn.Module):
     @property
     def dense(self) -> bool:
         return self.threshold >= 1.0 and self.down_tau <= 0.0 and self.input_tau <= 0.0 and self.gate_tau <= 0.0
+
+    def bias_now(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The current budget's bias correction on like's device and dtype (None: no correction)."""
+        rows = getattr(self, "budget_bias", None)
+        if self.bias_mix is None or rows is None:
+            return None
+        key = (self.bias_mix, rows.data_ptr(), rows._version, like.device, like.dtype)
+        if self._bias_cache[0] != key:
+            a, b, w = self.bias_mix
+            ra = rows[a].detach()
+            rb = rows[b].detach() if b is not None else torch.zeros_like(ra)
+            self._bias_cache = (key, (ra + w * (rb - ra)).to(like.device, like.dtype))
+        return self._bias_cache[1]
 
     def down_norms(self) -> torch.Tensor:
         w_down_t = self.canonical()[4]
@@ -262,7 +278,8 @@ class SparseMLP(nn.Module):
         if self.stats is not None:
             self._record(x_in, expert_mask, keep.sum(1), up_rows)
         y = self.down(h * keep)
-        return y if self.out_bias is None else y + self.out_bias.to(y.dtype)
+        bias = self.bias_now(y)
+        return y if bias is None else y + bias
 
     def _cuda_forward(self, x2):
         if x2.shape[0] > self.dense_above_tokens:
@@ -310,10 +327,10 @@ class SparseMLP(nn.Module):
         else:
             mask = k.route(x2, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, self.threshold)
         _, _, b_gate, b_up, _, b_down = self.canonical()
-        if self.out_bias is not None:  # folded into the down bias the kernels add (built once per budget)
-            if self._kernel_bias[0] is not self.out_bias:
-                bias = self.out_bias.to(x2.dtype)
-                self._kernel_bias = (self.out_bias, bias if b_down is None else b_down + bias)
+        bias = self.bias_now(x2)
+        if bias is not None:  # folded into the down bias the kernels add (built once per budget)
+            if self._kernel_bias[0] is not bias:
+                self._kernel_bias = (bias, bias if b_down is None else b_down + bias)
             b_down = self._kernel_bias[1]
         dial = self.gated and self.gate_tau > 0
         # the kernels count, per token, the up rows they compute and the neurons kept for down (the torch path's
@@ -425,9 +442,5 @@ def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> N
     order = sorted(range(len(budgets)), key=lambda i: budgets[i]["target"])
     for m in mlps:
         rows = getattr(m, "budget_bias", None)
-        if rows is None or rows.shape[0] != len(budgets) or target >= 1.0:
-            m.out_bias = None
-            continue
-        ra = rows[order[lo]]
-        rb = rows[order[hi]] if hi < len(order) else torch.zeros_like(ra)
-        m.out_bias = (ra + w * (rb - ra)).detach()
+        usable = rows is not None and rows.shape[0] == len(budgets) and target < 1.0
+        m.bias_mix = (order[lo], order[hi] if hi < len(order) else None, w) if usable else None

@@ -135,7 +135,7 @@ def test_bias_correction(tiny_dir, tmp_path, arch):
     ours = load(out, mlp_flops=1.0)
     mlps = sparse_mlps(ours)
     assert all(m.budget_bias.shape == (len(spec["budgets"]), m.hidden) for m in mlps)
-    assert all(m.out_bias is None for m in mlps)
+    assert all(m.bias_now(ids.float()) is None for m in mlps)
     assert torch.allclose(_logits(ours, ids), _logits(tiny_model(arch), ids), atol=1e-5)
     # the definition, on fresh inputs
     held = [torch.randn(64, m.hidden, generator=torch.Generator().manual_seed(i)) for i, m in enumerate(mlps)]
@@ -143,19 +143,20 @@ def test_bias_correction(tiny_dir, tmp_path, arch):
     for i, b in enumerate(spec["budgets"]):
         apply_budget(mlps, spec["budgets"], b["target"])
         for m, x in zip(mlps, held):
-            assert torch.allclose(m.out_bias, m.budget_bias[i], atol=1e-7)
+            assert torch.allclose(m.bias_now(x), m.budget_bias[i], atol=1e-7)
             assert (m._dense_forward(x) - m._torch_forward(x)).mean(0).abs().max() < 1e-5
     lo, hi = spec["budgets"][0]["target"], spec["budgets"][1]["target"]
     apply_budget(mlps, spec["budgets"], (lo + hi) / 2)
-    assert torch.allclose(mlps[0].out_bias, (mlps[0].budget_bias[0] + mlps[0].budget_bias[1]) / 2, atol=1e-6)
-    # saved biases: both loaders, and they matter
-    ours = load(out, mlp_flops=0.5)
+    mid = (mlps[0].budget_bias[0] + mlps[0].budget_bias[1]) / 2
+    assert torch.allclose(mlps[0].bias_now(held[0]), mid, atol=1e-6)
+    # saved biases: both loaders at the default budget (remote code: the budget is set before the weights load),
+    # and they matter
+    ours = load(out)
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    remote.set_mlp_flops(0.5)
     assert torch.allclose(_logits(remote, ids), _logits(ours, ids), atol=1e-5)
     with_bias = _logits(ours, ids)
     for m in sparse_mlps(ours):
-        m.out_bias = None
+        m.bias_mix = None
     assert not torch.allclose(_logits(ours, ids), with_bias, atol=1e-5)
 
 

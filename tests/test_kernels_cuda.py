@@ -912,6 +912,35 @@ def _run_both_module(mm, x, monkeypatch):
     return y_cuda, st_cuda[0], y_torch, st_torch[0]
 
 
+@pytest.mark.parametrize("T", [1, 2, 9])
+def test_module_bias_correction_matches_torch(T, compact, monkeypatch):
+    """A layer with a bias correction (budget_bias rows, interpolated by bias_mix) adds the same bias on the CUDA
+    path (folded into the kernels' down bias) as on the torch path, with the router, input and down taus on; the
+    bias follows a move of the parameter to another dtype (bias_now recomputes)."""
+    import torch.nn as nn
+    _, _, mlps = _tiny_sparse_llama(1200 + T)
+    mm = mlps[0]
+    gen = torch.Generator().manual_seed(1201 + T)
+    with torch.no_grad():
+        mm.threshold, mm.dense_above_tokens = 0.6, 1 << 30
+        xc = torch.randn(256, 256, generator=gen).to(DEV, torch.bfloat16)
+        mm.input_tau = torch.quantile(xc.abs().float().flatten(), 0.3).item()
+        mm.down_tau = torch.quantile((mm.hidden_states(xc).float().abs() * mm.down_norms()).flatten(), 0.3).item()
+        mm.budget_bias = nn.Parameter(torch.randn(3, 256, generator=gen).to(DEV, torch.bfloat16),
+                                      requires_grad=False)
+        mm.bias_mix = (0, 2, 0.25)
+        x = torch.randn(T, 256, generator=gen).to(DEV, torch.bfloat16)
+        y_cuda, st_cuda, y_torch, st_torch = _run_both_module(mm, x, monkeypatch)
+        assert rel_err(y_cuda, y_torch.double()) < 2e-2
+        want = mm.budget_bias[0].float() * 0.75 + mm.budget_bias[2].float() * 0.25
+        mm.bias_mix = None
+        y_plain, _, _, _ = _run_both_module(mm, x, monkeypatch)
+        assert rel_err((y_cuda.float() - y_plain.float()).mean(0), want.double()) < 2e-2
+        mm.bias_mix = (0, 2, 0.25)
+        mm.budget_bias.data = mm.budget_bias.data.float()
+        assert mm.bias_now(x).dtype == torch.bfloat16 and torch.allclose(mm.bias_now(x).float(), want, atol=1e-2)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Per-call choice of the compacted path (sparse_mlp(compact=...), SparseMLP by expert_frac and runtime.COMPACT_BELOW)
 # ---------------------------------------------------------------------------------------------------------------
