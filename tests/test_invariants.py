@@ -158,6 +158,15 @@ def test_bias_correction(tiny_dir, tmp_path, arch):
     for m in sparse_mlps(ours):
         m.bias_mix = None
     assert not torch.allclose(_logits(ours, ids), with_bias, atol=1e-5)
+    # `calibrate` for another budget grid refits the biases too (one row per new budget, loadable)
+    from densesparse.config import CalibrateConfig
+    from densesparse.pipeline import calibrate
+    spec2 = calibrate(CalibrateConfig(sparse_dir=str(out), calib_tokens=600, seq_len=64, router_epochs=1,
+                                      min_budget=0.5))
+    assert len(spec2["budgets"]) != len(spec["budgets"])
+    again = load(out, mlp_flops=0.5)
+    assert all(m.budget_bias.shape == (len(spec2["budgets"]), m.hidden) for m in sparse_mlps(again))
+    assert all(m.bias_now(ids.float()) is not None for m in sparse_mlps(again))
 
 
 def test_budget_dial_moves_thresholds_monotonically(tiny_dir, tmp_path):
