@@ -306,14 +306,18 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
 
 @triton.jit
 def _down_rows(h_ptr, wd_ptr, blk_ptr, acc, s, hi, offs_t, tok_ok, offs_d, dmask, d, m, e, BN: tl.constexpr,
-               SKIP: tl.constexpr):
-    """acc += h[:, j] @ w_down_t[row j] for the compacted rows j in [s, min(s + BN, hi)). SKIP: a row whose h is 0
-    for every token is not read (pays where the gate dial or down tau zero rows; without it the weight loads wait on
-    no h load: measured ~1 us faster at T=1/2 with neither)."""
+               SKIP: tl.constexpr, GATHER: tl.constexpr):
+    """acc += h[:, j] @ w_down_t[row n] for the h columns j in [s, min(s + BN, hi)). GATHER: compacted rows, n =
+    blk[j // e] * e + j % e; else h is in neuron order, n = j. SKIP: a row whose h is 0 for every token is not read
+    (pays where the gate dial or down tau zero rows; on the compacted path without either, the weight loads then
+    wait on no h load: measured ~1 us faster at T=1/2)."""
     j = s + tl.arange(0, BN)
     jv = j < hi
-    bl = tl.load(blk_ptr + 1 + j // e, mask=jv, other=0)
-    n = bl * e + j % e
+    if GATHER:
+        bl = tl.load(blk_ptr + 1 + j // e, mask=jv, other=0)
+        n = bl * e + j % e
+    else:
+        n = j
     hv = tl.load(h_ptr + offs_t[:, None] * m + j[None, :], mask=tok_ok[:, None] & jv[None, :], other=0.0)
     if SKIP:
         wm = (tl.max((hv != 0.0).to(tl.int32), axis=0) > 0)[:, None] & dmask[None, :]
@@ -351,19 +355,15 @@ def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr, blk_ptr,
         hi = tl.minimum(lo + C, R)
         n_used = tl.cdiv(R, C)
         for s in range(lo, hi, BN):
-            acc = _down_rows(h_ptr, wd_ptr, blk_ptr, acc, s, hi, offs_t, tok_ok, offs_d, dmask, d, m, e, BN, SKIP)
+            acc = _down_rows(h_ptr, wd_ptr, blk_ptr, acc, s, hi, offs_t, tok_ok, offs_d, dmask, d, m, e, BN, SKIP,
+                             True)
         has = pid_k < n_used
     else:
         n_used = nk
         has = pid_k < nk
-        for s in range(0, KCHUNK, BN):
-            n = pid_k * KCHUNK + s + tl.arange(0, BN)
-            hv = tl.load(h_ptr + offs_t[:, None] * m + n[None, :], mask=tok_ok[:, None] & (n < m)[None, :],
-                         other=0.0)
-            row_any = tl.max((hv != 0.0).to(tl.int32), axis=0) > 0
-            wv = tl.load(wd_ptr + n.to(tl.int64)[:, None] * d + offs_d[None, :],
-                         mask=row_any[:, None] & dmask[None, :], other=0.0)
-            acc += tl.dot(hv.to(wv.dtype), wv)
+        for s in range(0, KCHUNK, BN):  # rows with h 0 for every token are always skipped here
+            acc = _down_rows(h_ptr, wd_ptr, blk_ptr, acc, pid_k * KCHUNK + s, m, offs_t, tok_ok, offs_d, dmask, d,
+                             m, e, BN, True, False)
     omask = tok_ok[:, None] & dmask[None, :] & has
     optr = offs_t[:, None] * d + offs_d[None, :]
     if DET:

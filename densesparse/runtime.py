@@ -421,7 +421,8 @@ def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> N
     if not 0.0 < target <= 1.0:
         raise ValueError(f"mlp_flops={target} is outside (0, 1]: pass a fraction of the dense MLP FLOPs, e.g. 0.5")
     n = len(mlps)
-    grid = sorted(budgets, key=lambda b: b["target"]) + [
+    order = sorted(range(len(budgets)), key=lambda i: budgets[i]["target"])  # budget_bias rows follow `budgets`
+    grid = [budgets[i] for i in order] + [
         {"target": 1.0, "thresholds": [1.0] * n, "down_tau": [0.0] * n, "input_tau": [0.0] * n, "gate_tau": [0.0] * n,
          "expert_frac": [1.0] * n}]
     targets = [b["target"] for b in grid]
@@ -438,8 +439,7 @@ def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> N
         va, vb = (g.get(key, [1.0] * n) if key == "expert_frac" else g[key] for g in (a, b))
         for m, fa, fb in zip(mlps, va, vb):
             setattr(m, attr, fa + w * (fb - fa))
-    # bias correction: budget_bias rows follow `budgets` (the dense end has none); interpolated like the dials
-    order = sorted(range(len(budgets)), key=lambda i: budgets[i]["target"])
+    # bias correction: interpolated like the dials (the dense end has none)
     for m in mlps:
         rows = getattr(m, "budget_bias", None)
         usable = rows is not None and rows.shape[0] == len(budgets) and target < 1.0

@@ -23,10 +23,10 @@ def compact(request, monkeypatch):
     return request.param
 
 
-def no_triton_path(compact, T):
-    """The compact variant of a case that never takes the Triton decode path (T above what it runs) is the old one:
-    skipped."""
-    if compact and T > K.DECODE_MAX_T:
+def no_triton_path(compact, T, most=K.DECODE_MAX_T):
+    """The compact variant of a case that never takes the Triton decode path (T above what it runs: DECODE_MAX_T when
+    the path is chosen by T, 16 where a test also asks for path="triton") is the old one: skipped."""
+    if compact and T > most:
         pytest.skip("no Triton decode path at this T")
 
 
@@ -175,8 +175,7 @@ def run_case(gen, *, d, e, n_shared, n_e, T, dtype, act="silu", gated=True, bias
 @pytest.mark.parametrize("e", [1, 4, 8, 16, 32, 128])
 @pytest.mark.parametrize("T", [1, 5, 16, 64])
 def test_mlp_matches_reference(e, T, dtype, compact):
-    if compact and T > 16:
-        pytest.skip("no Triton decode path at T > 16")
+    no_triton_path(compact, T, most=16)
     gen = torch.Generator().manual_seed(1000 * e + T + (7 if dtype == torch.float16 else 0))
     n_e = max(6, 1024 // e)
     paths = ["triton", "dense", None] if T <= 16 else ["dense", None]
@@ -226,8 +225,7 @@ def test_compact_list_and_skip_variants(T, fused, monkeypatch):
 @pytest.mark.parametrize("n_shared", [0, 2])
 @pytest.mark.parametrize("T", [1, 7, 33])
 def test_mlp_zero_and_all_experts(mask_kind, n_shared, T, compact):
-    if compact and T > 16:
-        pytest.skip("no Triton decode path at T > 16")
+    no_triton_path(compact, T, most=16)
     gen = torch.Generator().manual_seed(17 + T + n_shared)
     paths = ["triton", "dense"] if T <= 16 else ["dense"]
     for path in paths:
@@ -240,8 +238,7 @@ def test_mlp_zero_and_all_experts(mask_kind, n_shared, T, compact):
                                                (200, 12, 1, 30), (136, 48, 1, 5)])
 @pytest.mark.parametrize("T", [1, 3, 16, 20])
 def test_mlp_odd_sizes(d, e, n_shared, n_e, T, compact):
-    if compact and T > 16:
-        pytest.skip("no Triton decode path at T > 16")
+    no_triton_path(compact, T, most=16)
     gen = torch.Generator().manual_seed(d * 31 + e + T)
     paths = ["triton", "dense"] if T <= 16 else ["dense"]
     for path in paths:
@@ -254,8 +251,7 @@ def test_mlp_odd_sizes(d, e, n_shared, n_e, T, compact):
                                        ("gelu_tanh", False)])
 @pytest.mark.parametrize("T", [2, 24])
 def test_mlp_acts_bias_tau(act, gated, T, compact):
-    if compact and T > 16:
-        pytest.skip("no Triton decode path at T > 16")
+    no_triton_path(compact, T, most=16)
     gen = torch.Generator().manual_seed(hash((act, gated, T)) % 10000)
     paths = ["triton", "dense"] if T <= 16 else ["dense"]
     for path in paths:
