@@ -45,6 +45,7 @@ bisection over the float bits of the cutoff probability, 31 CTA-wide sums: O(n_e
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -800,8 +801,10 @@ def active_blocks(mask: Tensor, n_shared: int) -> Tensor:
     return _active_blocks(mask.view(torch.uint8) if mask.dtype == torch.bool else mask, n_shared)
 
 
+@functools.lru_cache(maxsize=256)
 def _in_dtype(v: float, dtype) -> float:
-    """v rounded to dtype: torch compares a bf16/fp16 tensor with a Python float in that dtype, the kernels in fp32."""
+    """v rounded to dtype: torch compares a bf16/fp16 tensor with a Python float in that dtype, the kernels in fp32.
+    Cached: a layer passes the same threshold on every decode call (no tensor built on the host each time)."""
     return float(torch.tensor(v, dtype=dtype))
 
 
