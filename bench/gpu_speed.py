@@ -4,7 +4,7 @@
     python3 bench/gpu_speed.py --out RECORD.json --gate-dial-only   (adds/replaces the key gate_dial of RECORD.json)
     python3 bench/gpu_speed.py --out $OUT/gpu-h100-compact.json --compact-only [--quick] [--no-trials]
     python3 bench/gpu_speed.py --out RECORD.json --compact-crossover   (adds/replaces the key compact_crossover)
-    python3 bench/gpu_speed.py --out $OUT/gpu-h100-e2e-compact.json --e2e-only
+    python3 bench/gpu_speed.py --out $OUT/gpu-h100-e2e-compact.json --e2e-only [--compile 1] [--profile-layer]
 
 Sections (each a function; main() strings them together, so a section can be added):
   check_correctness()  quick float64-reference checks, fails loudly
@@ -27,7 +27,9 @@ Sections (each a function; main() strings them together, so a section can be add
                        and without the gate dial: where runtime.COMPACT_BELOW should sit
   bench_e2e()          Llama-3-8B-shaped model (random bf16 weights), decode tok/s (128-token prompt in a StaticCache,
                        one decode step captured in a CUDA graph)
-                       and 2048-token prefill, dense vs sparse at ~50% / ~25% kept MLP FLOPs
+                       and 2048-token prefill, dense vs sparse at ~50% / ~25% kept MLP FLOPs; --compile B,..:
+                       the same decode step with the model torch.compile'd (decode_compiled)
+  profile_layer()      (--profile-layer) per-kernel device times of a batch-1 layer (router + MLP) vs its graph time
 All times: CUDA-graph replays (each graph runs the op over several weight copies so L2 does not flatter),
 CUDA events, median of repeated replays, per call in microseconds.
 """
@@ -653,6 +655,78 @@ def profile_kernels():
     return out
 
 
+def select_trials(e=8, shape="llama3-8b", kept=0.5,
+                  tiles=((16, 512, 4), (64, 128, 4), (32, 256, 4), (16, 2048, 8), (8, 2048, 8), (8, 2048, 4),
+                         (4, 2048, 4))):
+    """The router at T=1 (three launches) with the select kernel's tiles (sel_BJ, sel_BK, sel_warps) varied (the
+    first row is the default, (64, 128, 4) the one before run P2); each variant's masks checked against the
+    default's on 32 random inputs. Router weights stay L2-resident here (only router graphs run): the times are
+    the kernels' floor, not what a layer pays (profile_layer)."""
+    L = Layer(shape)
+    L.pack_for(e)
+    gen = torch.Generator(device=DEV).manual_seed(19)
+    x = torch.randn(1, L.d, device=DEV, dtype=DT, generator=gen)
+    thr = bisect_threshold(lambda t: K.route(x, *L.router[0], t).float().mean().item(), kept, steps=14)
+    xs = [torch.randn(1, L.d, device=DEV, dtype=DT, generator=gen) for _ in range(32)]
+    cfgs = [{"sel_BJ": bj, "sel_BK": bk, "sel_warps": w} for bj, bk, w in tiles]
+    ref = [K.route(xx, *L.router[0], thr) for xx in xs]
+    rows = []
+    for c in cfgs:
+        masks = [_with_cfg(c, lambda xx=xx: K.route(xx, *L.router[0], thr)) for xx in xs]
+        rows.append({**c, "mask_mismatches": sum(int((a != b).sum()) for a, b in zip(masks, ref))})
+    fns = [lambda i, c=c: _with_cfg(c, lambda: K.route(x, *L.router[i % L.nc], thr)) for c in cfgs]
+    for r, us in zip(rows, time_graphs(fns, 2 * L.nc)):
+        r["router_us"] = round(us, 2)
+        print(f"select_trials {r}", flush=True)
+    del L
+    torch.cuda.empty_cache()
+    return {"shape": shape, "expert_size": e, "batch": 1, "target": kept, "rows": rows}
+
+
+def profile_layer(cases=((0.5, False), (0.25, True)), e=8, shape="llama3-8b", n=20):
+    """Where a batch-1 layer's time goes: per-kernel device time (torch.profiler, us per call) of the router and the
+    MLP kernels SparseMLP runs (random routers bisected to the kept fraction; compacted where the runtime rule
+    would take it), next to the whole call's time in a CUDA graph. graph - sum(kernels) = what the launches and
+    the gaps between them cost."""
+    from torch.profiler import ProfilerActivity, profile
+    L = Layer(shape)
+    L.pack_for(e)
+    gen = torch.Generator(device=DEV).manual_seed(17)
+    x = torch.randn(1, L.d, device=DEV, dtype=DT, generator=gen)
+    out = []
+    for kept, compact in cases:
+        thr = bisect_threshold(lambda t: K.route(x, *L.router[0], t).float().mean().item(), kept, steps=14)
+
+        def call(i, mlp=True):
+            mk = K.route(x, *L.router[i % L.nc], thr)
+            if mlp:
+                K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mk, None, "silu", path="triton",
+                             compact=compact)
+        for i in range(3):
+            call(i)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(n):
+                call(i)
+            torch.cuda.synchronize()
+        ks = {}
+        for ev in prof.key_averages():
+            if getattr(ev, "device_time_total", 0) > 0:
+                ks[ev.key[:40]] = round(ev.device_time_total / n, 2)
+        graph_us, router_us, dense_us = time_graphs(
+            [call, lambda i: call(i, mlp=False), lambda i: dense_mlp(x, *L.dense[i % L.nc])], 2 * L.nc)
+        row = {"shape": shape, "expert_size": e, "batch": 1, "target": kept, "compact": compact,
+               "experts_kept": round(K.route(x, *L.router[0], thr).float().mean().item(), 4),
+               "kernels_us": ks, "kernels_sum_us": round(sum(ks.values()), 2), "graph_us": round(graph_us, 2),
+               "router_graph_us": round(router_us, 2), "dense_us": round(dense_us, 2),
+               "gaps_us": round(graph_us - sum(ks.values()), 2)}
+        out.append(row)
+        print(f"profile_layer kept={kept}: {row}", flush=True)
+    del L
+    torch.cuda.empty_cache()
+    return out
+
+
 def tile_trials():
     """Greedy: down-kernel configs, then gate/up configs, at llama3-8b T=1, kept 0.25/0.5, e=8 and e=32 (MLP only).
     Keeps the fastest in K.CONFIG for the rest of the run (the record says which)."""
@@ -738,7 +812,7 @@ def _graph_step(fn, reps=20, warm=3):
     return time_graph(lambda _i: fn(), 1, reps=reps, warm=warm) / 1000.0
 
 
-def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt_len=128):
+def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt_len=128, compiled_batches=()):
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -865,7 +939,7 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
                 "layer0_repeat": {"calls": 20, "masks_all_equal": all(bool((m == ms[0]).all()) for m in ms),
                                   "outputs_differing": sum(d > 0 for d in diff), "max_rel": max(diff)}}
 
-    def decode_static_graph(B, check=False):
+    def decode_static_graph(B, check=False, fwd=None):
         """Real decode: prefill prompt_len tokens into a StaticCache, then one decode step (input_ids [B, 1],
         position_ids [B, 1] on CUDA) captured in a CUDA graph and replayed. transformers 5.17's StaticLayer writes
         at its own `cumulative_length` (a CUDA long scalar it advances in place, inside the graph), not at a
@@ -892,8 +966,8 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
 
         def step():
             with torch.no_grad():
-                lg = model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True,
-                           logits_to_keep=1).logits
+                lg = (model if fwd is None else fwd)(input_ids=tok, position_ids=pos, past_key_values=cache,
+                                                     use_cache=True, logits_to_keep=1).logits
                 pos.add_(1)
             return lg
 
@@ -1048,6 +1122,8 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
         print(f"e2e decode B=1 kept={kept}: compact rule off {pair['rule_off_ms']} ms, on {pair['rule_on_ms']} ms",
               flush=True)
     kmeas = {c["target"]: c["measured_kept"] for c in out["calibration"]}
+    if compiled_batches:
+        out["decode_compiled"] = decode_compiled(model, set_mode, decode_static_graph, kepts, kmeas, compiled_batches)
     kinds = sorted(set(how.values()))
     out["kv_cache"] = {"cache": "StaticCache" if kinds == ["static+graph"] else "/".join(kinds) or "none",
                        "cuda_graphs": kinds == ["static+graph"], "prompt_tokens": prompt_len,
@@ -1071,6 +1147,38 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
     del model, mlps
     torch.cuda.empty_cache()
     return out
+
+
+def decode_compiled(model, set_mode, decode_static_graph, kepts, kmeas, batches):
+    """The same decode step with the model compiled: torch.compile(fullgraph=True, dynamic=False, default mode)
+    around the whole forward, then captured in the same hand-made CUDA graph. Inductor fuses the HF glue (RMSNorm,
+    rotary, residual adds, the dense MLP's act * up) for dense and sparse alike; the sparse MLP runs the custom
+    ops inside the compiled graph. One compile per (kept, batch): the thresholds and the shapes are guarded."""
+    import torch._dynamo as dynamo
+    limit = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo.config, limit, 64)
+    fwd = torch.compile(model, fullgraph=True, dynamic=False)
+    ms, rows = {}, []
+    for kept in (1.0,) + tuple(kepts):
+        set_mode(kept)
+        for B in batches:
+            t0 = time.time()
+            try:
+                ms[(kept, B)] = decode_static_graph(B, fwd=fwd)[0]
+            except Exception as ex:  # record, go on
+                ms[(kept, B)] = None
+                print(f"compiled decode kept={kept} B={B}: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
+            print(f"compiled decode kept={kept} B={B}: {ms[(kept, B)]} ms/step ({time.time() - t0:.0f} s with the "
+                  "compile)", flush=True)
+            if kept < 1.0:
+                dn, sp = ms[(1.0, B)], ms[(kept, B)]
+                rows.append({"kept": kmeas[kept], "target": kept, "batch": B,
+                             "dense_tok_s": None if dn is None else round(B / dn * 1e3, 1),
+                             "sparse_tok_s": None if sp is None else round(B / sp * 1e3, 1),
+                             "dense_ms": dn and round(dn, 3), "sparse_ms": sp and round(sp, 3),
+                             "speedup": round(dn / sp, 3) if dn and sp else None})
+    dynamo.reset()
+    return rows
 
 
 def _with_cfg(cfg, fn):
@@ -1557,6 +1665,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="--compact-crossover passes")
     ap.add_argument("--e2e-only", action="store_true",
                     help="bench_e2e alone (the defaults, runtime.COMPACT_BELOW active) into a new record at --out")
+    ap.add_argument("--compile", default="",
+                    help="with --e2e-only: also time decode with the model torch.compile'd at these batches "
+                         "(comma-separated, e.g. 1,4), dense and sparse alike")
+    ap.add_argument("--profile-layer", action="store_true",
+                    help="with --e2e-only: profile_layer() first (per-kernel times of a batch-1 layer vs its graph)")
     ap.add_argument("--dial-mix", default=None,
                     help="a bench/dial_mix.py record: bench_dial_mix alone into a new record at --out")
     a = ap.parse_args(argv)
@@ -1607,9 +1720,15 @@ def main(argv=None):
                "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv), "note": a.note,
                "config": dict(K.CONFIG), "compact_below": runtime.COMPACT_BELOW,
                "dense_above_tokens": DENSE_ABOVE, "default_expert_size": ConvertConfig().expert_size}
+        if a.profile_layer:
+            res["select_trials"] = select_trials()
+            res["config"] = dict(K.CONFIG)
+            res["profile_layer"] = profile_layer()
         try:
-            e2e = bench_e2e(E=res["default_expert_size"])
+            e2e = bench_e2e(E=res["default_expert_size"],
+                            compiled_batches=tuple(int(b) for b in a.compile.split(",")) if a.compile else ())
             res["decode"], res["prefill"] = e2e.pop("decode"), e2e.pop("prefill")
+            res["decode_compiled"] = e2e.pop("decode_compiled", [])
             res["e2e"] = e2e
         except Exception as ex:
             import traceback
@@ -1619,7 +1738,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
-        for r in res.get("decode", []):
+        for r in res.get("decode", []) + res.get("decode_compiled", []):
             print(r)
         for r in res.get("prefill", []):
             print(r)

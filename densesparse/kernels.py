@@ -70,6 +70,11 @@ CONFIG = {
     "gu_BN": 32, "gu_BK": 256, "gu_warps": 4, "gu_stages": 3,
     "dn_BN": 32, "dn_BD": 256, "dn_KCHUNK": 512, "dn_warps": 2, "dn_stages": 3,
     "r1_BR": 16, "r1_SPLIT": 16, "r2_BE": 32,
+    # Select kernel at T <= 16 (pairwise XMoE rule): sel_BJ experts decided per program, their masses against
+    # sel_BK logits per loop step (capped at the next power of two of n_e), sel_warps warps. Its loops are
+    # latency-bound (each step waits on an L2 load): fewer, wider steps and more programs win. H100, llama3-8b
+    # e=8 (1792 experts), T=1, profiler (run P2, bench/GPU_NOTES.md): 3.45 us at (16, 512, 4) vs 6.9 at (64, 128, 4).
+    "sel_BJ": 16, "sel_BK": 512, "sel_warps": 4,
     # Router at T <= 16 (DS_ROUTER overrides):
     #   "three": R1, R2, select (pairwise) as three launches.
     #   "r2sel": R1, then R2 + select in one launch (the last R2 program of a token selects it; bisection).
@@ -778,10 +783,11 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
         _select_bisect_kernel[(T,)](logits, out, n_e, float(threshold), ALL=all_on, BLOCK=blk,
                                     num_warps=max(1, min(16, blk // 256)))
     else:
-        bj = min(64, max(16, triton.next_power_of_2(n_e)))
-        bk = min(128, max(16, triton.next_power_of_2(n_e)))
+        small = T <= _BT
+        bj = min(CONFIG["sel_BJ"] if small else 64, max(16, triton.next_power_of_2(n_e)))
+        bk = min(CONFIG["sel_BK"] if small else 128, max(16, triton.next_power_of_2(n_e)))
         _select_kernel[(T, triton.cdiv(n_e, bj))](logits, out, n_e, float(threshold), ALL=all_on,
-                                                  BJ=bj, BK=bk, num_warps=4)
+                                                  BJ=bj, BK=bk, num_warps=CONFIG["sel_warps"] if small else 4)
     return out.view(torch.bool)
 
 
@@ -889,32 +895,59 @@ def _(x, r_w1, r_b1, r_w2, r_b2, threshold):
 
 
 # acc / cnt are a per-layer workspace that every call leaves zeroed as it found it: declared non-mutated.
-# counts (optional, [2, T] int32) is added to: per token, up rows computed and neurons kept for down.
-@torch.library.custom_op("densesparse::sparse_mlp_decode", mutates_args=("counts",))
+# Each op comes twice: without counts (what inference and torch.compile run; inductor fails to lower an op whose
+# mutable argument is an optional None) and "_counted", which adds to counts ([2, T] int32: per token, up rows
+# computed and neurons kept for down; the stats of `densesparse eval`).
+@torch.library.custom_op("densesparse::sparse_mlp_decode", mutates_args=())
 def sparse_mlp_decode_op(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_dt: Tensor, b_gate: Optional[Tensor],
                          b_up: Optional[Tensor], b_down: Optional[Tensor], mask: Tensor, tau: Optional[Tensor],
-                         gate_scale: Optional[Tensor], gate_tau: float, counts: Optional[Tensor],
-                         acc: Tensor, cnt: Tensor, e: int, n_shared: int, act: str, compact: bool,
-                         input_tau: float) -> Tensor:
+                         gate_scale: Optional[Tensor], gate_tau: float, acc: Tensor, cnt: Tensor, e: int,
+                         n_shared: int, act: str, compact: bool, input_tau: float) -> Tensor:
+    return _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, None, acc,
+                        cnt, e, n_shared, act, compact, input_tau)
+
+
+@torch.library.custom_op("densesparse::sparse_mlp_decode_counted", mutates_args=("counts",))
+def sparse_mlp_decode_counted_op(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_dt: Tensor,
+                                 b_gate: Optional[Tensor], b_up: Optional[Tensor], b_down: Optional[Tensor],
+                                 mask: Tensor, tau: Optional[Tensor], gate_scale: Optional[Tensor], gate_tau: float,
+                                 counts: Tensor, acc: Tensor, cnt: Tensor, e: int, n_shared: int, act: str,
+                                 compact: bool, input_tau: float) -> Tensor:
     return _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, counts, acc,
                         cnt, e, n_shared, act, compact, input_tau)
 
 
-@sparse_mlp_decode_op.register_fake
-def _(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, counts, acc, cnt, e, n_shared,
-      act, compact, input_tau):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("densesparse::mask_act", mutates_args=("counts",))
+@torch.library.custom_op("densesparse::mask_act", mutates_args=())
 def mask_act_op(g: Optional[Tensor], u: Tensor, b_gate: Optional[Tensor], b_up: Optional[Tensor], mask: Tensor,
-                tau: Optional[Tensor], gate_scale: Optional[Tensor], gate_tau: float, counts: Optional[Tensor],
-                e: int, n_shared: int, act: str) -> Tensor:
+                tau: Optional[Tensor], gate_scale: Optional[Tensor], gate_tau: float, e: int, n_shared: int,
+                act: str) -> Tensor:
+    return _mask_act_impl(g, u, b_gate, b_up, mask, tau, gate_scale, gate_tau, None, e, n_shared, act)
+
+
+@torch.library.custom_op("densesparse::mask_act_counted", mutates_args=("counts",))
+def mask_act_counted_op(g: Optional[Tensor], u: Tensor, b_gate: Optional[Tensor], b_up: Optional[Tensor],
+                        mask: Tensor, tau: Optional[Tensor], gate_scale: Optional[Tensor], gate_tau: float,
+                        counts: Tensor, e: int, n_shared: int, act: str) -> Tensor:
     return _mask_act_impl(g, u, b_gate, b_up, mask, tau, gate_scale, gate_tau, counts, e, n_shared, act)
 
 
+@sparse_mlp_decode_op.register_fake
+def _(x, *args):
+    return x.new_empty(x.shape)
+
+
+@sparse_mlp_decode_counted_op.register_fake
+def _(x, *args):
+    return x.new_empty(x.shape)
+
+
 @mask_act_op.register_fake
-def _(g, u, b_gate, b_up, mask, tau, gate_scale, gate_tau, counts, e, n_shared, act):
+def _(g, u, *args):
+    return u.new_empty(u.shape)
+
+
+@mask_act_counted_op.register_fake
+def _(g, u, *args):
     return u.new_empty(u.shape)
 
 
@@ -983,15 +1016,19 @@ def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional
             raise ValueError(f"triton decode path takes at most {_BT} tokens")
         if compact is None:
             compact = bool(CONFIG["compact"])
-        return sparse_mlp_decode_op(x, p["w_gate"], p["w_up"], p["w_down_t"], b_gate, b_up, b_down, mask, tau,
-                                    gate_scale, float(gate_tau), counts, p["acc"], p["cnt"], p["e"], p["n_shared"],
-                                    act, bool(compact), float(input_tau))
+        head = (x, p["w_gate"], p["w_up"], p["w_down_t"], b_gate, b_up, b_down, mask, tau, gate_scale, float(gate_tau))
+        tail = (p["acc"], p["cnt"], p["e"], p["n_shared"], act, bool(compact), float(input_tau))
+        if counts is None:
+            return sparse_mlp_decode_op(*head, *tail)
+        return sparse_mlp_decode_counted_op(*head, counts, *tail)
     if input_tau > 0:
         x = x * (x.abs() >= input_tau)
     w_gate, w_up, w_dt = p["w_gate"], p["w_up"], p["w_down_t"]
     g = None if w_gate is None else x @ w_gate.t()
     u = x @ w_up.t()
-    h = mask_act_op(g, u, b_gate, b_up, mask, tau, gate_scale, float(gate_tau), counts, p["e"], p["n_shared"], act)
+    head = (g, u, b_gate, b_up, mask, tau, gate_scale, float(gate_tau))
+    tail = (p["e"], p["n_shared"], act)
+    h = mask_act_op(*head, *tail) if counts is None else mask_act_counted_op(*head, counts, *tail)
     if b_down is not None:
         return torch.addmm(b_down.to(x.dtype), h, w_dt)
     return h @ w_dt

@@ -193,13 +193,18 @@ class SparseMLP(nn.Module):
         rows = getattr(self, "budget_bias", None)
         if self.bias_mix is None or rows is None:
             return None
+        if torch.compiler.is_compiling():  # inside a graph: no memo (see _cuda_forward)
+            return self._mixed_bias(rows, like)
         key = (self.bias_mix, rows.data_ptr(), rows._version, like.device, like.dtype)
         if self._bias_cache[0] != key:
-            a, b, w = self.bias_mix
-            ra = rows[a].detach()
-            rb = rows[b].detach() if b is not None else torch.zeros_like(ra)
-            self._bias_cache = (key, (ra + w * (rb - ra)).to(like.device, like.dtype))
+            self._bias_cache = (key, self._mixed_bias(rows, like))
         return self._bias_cache[1]
+
+    def _mixed_bias(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        a, b, w = self.bias_mix
+        ra = rows[a].detach()
+        rb = rows[b].detach() if b is not None else torch.zeros_like(ra)
+        return (ra + w * (rb - ra)).to(like.device, like.dtype)
 
     def down_norms(self) -> torch.Tensor:
         w_down_t = self.canonical()[4]
@@ -281,6 +286,29 @@ class SparseMLP(nn.Module):
         bias = self.bias_now(y)
         return y if bias is None else y + bias
 
+    @torch.compiler.disable
+    def _build_kernel_cache(self, k) -> None:
+        """One copy of every weight: the kernels read each projection as [m, d] rows. Where that row view is not
+        contiguous (nn.Linear down_proj stores [d, m]; GPT-2 Conv1D c_fc stores [d, m]), re-lay the parameter's
+        storage in place as a contiguous [m, d] tensor and keep the parameter as its transposed view (F.linear
+        and Conv1D take it as is); the old storage is freed, nothing is duplicated. Then the per-call constants:
+        [packed weights, (down_tau, its per-neuron tau vector), {T: all-on expert mask}, down-row norms], each a
+        launch or two per call otherwise. Run eagerly (a compiled model breaks its graph here once, on its first
+        call; run one eager call first to compile without the break)."""
+        mods = [(self._down_module(), False), (self._up_module(), True)]
+        if self.layout["gate"]:
+            mods.append((getattr(self, self.layout["gate"]), True))
+        with torch.no_grad():
+            for mod, out_rows in mods:
+                rows = self._rows(mod, out_rows)
+                if not rows.is_contiguous():
+                    flat = rows.contiguous()
+                    mod.weight.data = flat.t() if out_rows == bool(self.layout["conv1d"]) else flat
+            w_gate, w_up, _, _, w_down_t, _ = self.canonical()
+            # pack() takes the shared part as a count of blocks of expert_size (self.n_shared counts neurons)
+            self._kernel_cache = [k.pack(w_gate, w_up, w_down_t, self.expert_size, self.n_shared // self.expert_size),
+                                  None, {}, self.down_norms()]
+
     def _cuda_forward(self, x2):
         if x2.shape[0] > self.dense_above_tokens:
             if self.stats is not None:  # every neuron and input channel computed, router not run
@@ -293,42 +321,36 @@ class SparseMLP(nn.Module):
         if self.n_shared % self.expert_size:
             return self._torch_forward(x2)
         if self._kernel_cache is None:
-            # One copy of every weight: the kernels read each projection as [m, d] rows. Where that row view is not
-            # contiguous (nn.Linear down_proj stores [d, m]; GPT-2 Conv1D c_fc stores [d, m]), re-lay the
-            # parameter's storage in place as a contiguous [m, d] tensor and keep the parameter as its transposed
-            # view (F.linear and Conv1D take it as is); the old storage is freed, nothing is duplicated.
-            mods = [(self._down_module(), False), (self._up_module(), True)]
-            if self.layout["gate"]:
-                mods.append((getattr(self, self.layout["gate"]), True))
-            with torch.no_grad():
-                for mod, out_rows in mods:
-                    rows = self._rows(mod, out_rows)
-                    if not rows.is_contiguous():
-                        flat = rows.contiguous()
-                        mod.weight.data = flat.t() if out_rows == bool(self.layout["conv1d"]) else flat
-            w_gate, w_up, _, _, w_down_t, _ = self.canonical()
-            # [packed weights, (down_tau, its per-neuron tau vector), {T: all-on expert mask}]: per-call
-            # constants built once (each costs a launch or two per call otherwise). pack() takes the shared part
-            # as a count of blocks of expert_size (self.n_shared counts neurons).
-            self._kernel_cache = [k.pack(w_gate, w_up, w_down_t, self.expert_size,
-                                         self.n_shared // self.expert_size), None, {}]
-        packed, cached_tau, all_on = self._kernel_cache
+            self._build_kernel_cache(k)
+        packed, cached_tau, all_on, norms = self._kernel_cache
+        # Under torch.compile the per-budget constants below are computed inside the graph (a few fused elementwise
+        # ops) instead of memoised: a memo filled by a compiled call would hold that graph's own outputs, which
+        # CUDA-graph trees ("reduce-overhead", HF generate's static-cache compile) overwrite on the next replay.
+        compiling = torch.compiler.is_compiling()
         tau = None
         if self.down_tau > 0:
-            if cached_tau is None or cached_tau[0] != self.down_tau:
-                norms = self.down_norms().to(x2.dtype)
-                self._kernel_cache[1] = cached_tau = (self.down_tau, self.down_tau / norms.clamp_min(1e-12))
-            tau = cached_tau[1]
+            if compiling:
+                tau = self.down_tau / norms.to(x2.dtype).clamp_min(1e-12)
+            else:
+                if cached_tau is None or cached_tau[0] != self.down_tau:
+                    self._kernel_cache[1] = cached_tau = (self.down_tau,
+                                                          self.down_tau / norms.to(x2.dtype).clamp_min(1e-12))
+                tau = cached_tau[1]
         r = self.router
         if self.threshold >= 1.0:
-            if x2.shape[0] not in all_on:
-                all_on[x2.shape[0]] = self.select(x2)
-            mask = all_on[x2.shape[0]]
+            if compiling:
+                mask = self.select(x2)
+            else:
+                if x2.shape[0] not in all_on:
+                    all_on[x2.shape[0]] = self.select(x2)
+                mask = all_on[x2.shape[0]]
         else:
             mask = k.route(x2, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, self.threshold)
         _, _, b_gate, b_up, _, b_down = self.canonical()
         bias = self.bias_now(x2)
-        if bias is not None:  # folded into the down bias the kernels add (built once per budget)
+        if bias is not None and compiling:
+            b_down = bias if b_down is None else b_down + bias
+        elif bias is not None:  # folded into the down bias the kernels add (built once per budget)
             if self._kernel_bias[0] is not bias:
                 self._kernel_bias = (bias, bias if b_down is None else b_down + bias)
             b_down = self._kernel_bias[1]
