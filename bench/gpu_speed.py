@@ -1638,6 +1638,12 @@ def print_table(res):
     for r in res.get("decode", []):
         print(f"e2e decode kept {r['kept']} B={r['batch']}: dense {r['dense_tok_s']} tok/s sparse {r['sparse_tok_s']} "
               f"tok/s ratio {r['sparse_tok_s'] / r['dense_tok_s'] if r['dense_tok_s'] and r['sparse_tok_s'] else 'n/a'}")
+    for r in res.get("decode_compiled", []):
+        print(f"e2e decode, torch.compile, kept {r['kept']} B={r['batch']}: dense {r['dense_tok_s']} tok/s sparse "
+              f"{r['sparse_tok_s']} tok/s ratio {r['speedup']}")
+    for r in res.get("profile_layer", []):
+        print(f"layer profile kept {r['target']} (compact {r['compact']}): graph {r['graph_us']} us = kernels "
+              f"{r['kernels_sum_us']} {r['kernels_us']} + gaps {r['gaps_us']}; dense {r['dense_us']}")
     for r in res.get("prefill", []):
         print(f"e2e prefill kept {r['kept']} T={r['tokens']}: dense {r['dense_ms']} ms sparse {r['sparse_ms']} ms "
               f"ratio {r['dense_ms'] / r['sparse_ms']:.3f}")
@@ -1666,14 +1672,15 @@ def main(argv=None):
     ap.add_argument("--e2e-only", action="store_true",
                     help="bench_e2e alone (the defaults, runtime.COMPACT_BELOW active) into a new record at --out")
     ap.add_argument("--compile", default="",
-                    help="with --e2e-only: also time decode with the model torch.compile'd at these batches "
-                         "(comma-separated, e.g. 1,4), dense and sparse alike")
+                    help="also time end-to-end decode with the model torch.compile'd at these batches "
+                         "(comma-separated, e.g. 1,4), dense and sparse alike (decode_compiled)")
     ap.add_argument("--profile-layer", action="store_true",
-                    help="with --e2e-only: profile_layer() first (per-kernel times of a batch-1 layer vs its graph)")
+                    help="select_trials() and profile_layer() (per-kernel times of a batch-1 layer vs its graph)")
     ap.add_argument("--dial-mix", default=None,
                     help="a bench/dial_mix.py record: bench_dial_mix alone into a new record at --out")
     a = ap.parse_args(argv)
     import triton
+    compiled = tuple(int(b) for b in a.compile.split(",")) if a.compile else ()
 
     if a.dial_mix:
         t0 = time.time()
@@ -1725,8 +1732,7 @@ def main(argv=None):
             res["config"] = dict(K.CONFIG)
             res["profile_layer"] = profile_layer()
         try:
-            e2e = bench_e2e(E=res["default_expert_size"],
-                            compiled_batches=tuple(int(b) for b in a.compile.split(",")) if a.compile else ())
+            e2e = bench_e2e(E=res["default_expert_size"], compiled_batches=compiled)
             res["decode"], res["prefill"] = e2e.pop("decode"), e2e.pop("prefill")
             res["decode_compiled"] = e2e.pop("decode_compiled", [])
             res["e2e"] = e2e
@@ -1802,8 +1808,9 @@ def main(argv=None):
         if a.no_e2e:
             return
         try:
-            e2e = bench_e2e(E=res["default_expert_size"])
+            e2e = bench_e2e(E=res["default_expert_size"], compiled_batches=compiled)
             res["decode"], res["prefill"] = e2e.pop("decode"), e2e.pop("prefill")
+            res["decode_compiled"] = e2e.pop("decode_compiled", [])
             res["e2e"] = e2e
             res["kv_cache"] = e2e["kv_cache"]
         except Exception as ex:
@@ -1823,6 +1830,10 @@ def main(argv=None):
     res["dense_above_tokens"] = DENSE_ABOVE
     res["router"] = bench_router(es=(8,) if a.final else (8, 32))
     save()
+    if a.profile_layer:
+        res["select_trials"] = select_trials()
+        res["profile_layer"] = profile_layer()
+        save()
     res["crossover"] = bench_crossover()
     save()
     res["down_det"] = bench_down_det()
