@@ -812,6 +812,9 @@ def _graph_step(fn, reps=20, warm=3):
     return time_graph(lambda _i: fn(), 1, reps=reps, warm=warm) / 1000.0
 
 
+DECODE_WARM, DECODE_REPS = 3, 20  # replays of each captured decode step (all inside the StaticCache)
+
+
 def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt_len=128, compiled_batches=()):
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -939,16 +942,16 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
                 "layer0_repeat": {"calls": 20, "masks_all_equal": all(bool((m == ms[0]).all()) for m in ms),
                                   "outputs_differing": sum(d > 0 for d in diff), "max_rel": max(diff)}}
 
-    def decode_static_graph(B, check=False, fwd=None):
+    def capture_decode(B, check=False, fwd=None):
         """Real decode: prefill prompt_len tokens into a StaticCache, then one decode step (input_ids [B, 1],
-        position_ids [B, 1] on CUDA) captured in a CUDA graph and replayed. transformers 5.17's StaticLayer writes
-        at its own `cumulative_length` (a CUDA long scalar it advances in place, inside the graph), not at a
-        caller's cache_position; the mask's query offset is that counter too. So every replay advances the cache
-        by one token: position_ids advances in the graph too (pos.add_(1)), and before the timed replays the
-        counters and pos are reset in place to prompt_len (the warm-up calls would otherwise spend slots; run 4's
-        index_copy_ assert was the cache running past max_cache_len). 3 + reps replays stay inside the cache."""
+        position_ids [B, 1] on CUDA) captured in a CUDA graph (the model's current budget baked in), for
+        time_decode to replay. transformers 5.17's StaticLayer writes at its own `cumulative_length` (a CUDA long
+        scalar it advances in place, inside the graph), not at a caller's cache_position; the mask's query offset
+        is that counter too. So every replay advances the cache by one token: position_ids advances in the graph
+        too (pos.add_(1)), and before the timed replays the counters and pos are reset in place to prompt_len (the
+        warm-up calls would otherwise spend slots; run 4's index_copy_ assert was the cache running past
+        max_cache_len). DECODE_WARM + DECODE_REPS replays stay inside the cache. Returns (handle, checks)."""
         from transformers import StaticCache
-        reps, warm = 20, 3
         cache = StaticCache(config=cfg, max_cache_len=prompt_len + 64)
         prompt = torch.randint(0, V, (B, prompt_len), device=DEV, generator=g)
         with torch.no_grad():
@@ -984,19 +987,6 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
             lg_out = step()
         reset()
         torch.cuda.synchronize()
-        for _ in range(warm):
-            gr.replay()
-        ts = []
-        for _ in range(reps):
-            a = torch.cuda.Event(enable_timing=True)
-            b = torch.cuda.Event(enable_timing=True)
-            a.record()
-            gr.replay()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        adv = int(counters[0]) - prompt_len
-        assert adv == warm + reps and int(pos[0, 0]) == prompt_len + warm + reps, ("cache did not advance", adv)
         chk = None
         if check:
             # (a) the replayed step at position prompt_len vs the same step run eagerly on the same cache state
@@ -1024,9 +1014,34 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
                     except Exception as ex:  # a diagnostic: record, keep the timed sections on the static path
                         chk[key] = f"{type(ex).__name__}: {str(ex)[:300]}"
                 K.CONFIG["dn_deterministic"] = old
-        del gr, cache
-        torch.cuda.empty_cache()
-        return statistics.median(ts), chk
+        handle = {"graph": gr, "reset": reset, "counters": counters, "pos": pos, "keep": (cache, prompt, tok, lg_out)}
+        return handle, chk
+
+    def time_decode(handles):
+        """Median ms per step of each captured step, the graphs replayed in turn (the order reversed every other
+        round), so clock drift under the sustained load hits dense and sparse alike."""
+        for h in handles:
+            h["reset"]()
+        torch.cuda.synchronize()
+        for _ in range(DECODE_WARM):
+            for h in handles:
+                h["graph"].replay()
+        ts = [[] for _ in handles]
+        for rep in range(DECODE_REPS):
+            order = list(enumerate(handles))
+            for j, h in (order if rep % 2 == 0 else order[::-1]):
+                a = torch.cuda.Event(enable_timing=True)
+                b = torch.cuda.Event(enable_timing=True)
+                a.record()
+                h["graph"].replay()
+                b.record()
+                b.synchronize()
+                ts[j].append(a.elapsed_time(b))
+        for h in handles:
+            adv = int(h["counters"][0]) - prompt_len
+            assert adv == DECODE_WARM + DECODE_REPS and int(h["pos"][0, 0]) == prompt_len + adv, \
+                ("cache did not advance", adv)
+        return [statistics.median(t) for t in ts]
 
     def decode_dynamic_eager(B, steps=12):
         """Fallback: DynamicCache, eager (no graph); prefill then `steps` decode steps, median step time."""
@@ -1049,18 +1064,34 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
         del cache
         return statistics.median(ts), None
 
-    def decode_ms(B, check=False):
-        if not out.get("static_failed"):
+    def decode_side_by_side(B, setups, check=False, fwd=None):
+        """{key: (ms per step, checks, how)} for each (key, setup) of setups: setup() sets the model's budget, the
+        step is captured under it; then all captured steps are timed together (time_decode). Where the static
+        cache + graph path fails, DynamicCache eager steps, timed one by one."""
+        handles, done = {}, {}
+        for key, setup in setups:
+            restore = setup()
             try:
-                ms, chk = decode_static_graph(B, check)
-                return ms, chk, "static+graph"
-            except Exception as ex:
-                import traceback
-                traceback.print_exc()
-                out["static_failed"] = f"{type(ex).__name__}: {str(ex)[:300]}"
-                torch.cuda.synchronize()
-        ms, chk = decode_dynamic_eager(B)
-        return ms, chk, "dynamic+eager"
+                if not out.get("static_failed"):
+                    try:
+                        handles[key], chk = capture_decode(B, check, fwd)
+                        done[key] = (None, chk, "static+graph")
+                        continue
+                    except Exception as ex:
+                        import traceback
+                        traceback.print_exc()
+                        out["static_failed"] = f"{type(ex).__name__}: {str(ex)[:300]}"
+                        torch.cuda.synchronize()
+                done[key] = (*decode_dynamic_eager(B), "dynamic+eager")
+            finally:
+                if restore:
+                    restore()
+        if handles:
+            for key, ms in zip(handles, time_decode(list(handles.values()))):
+                done[key] = (ms, *done[key][1:])
+        del handles
+        torch.cuda.empty_cache()
+        return done
 
     def prefill_ms():
         ids = torch.randint(0, V, (1, prefill_T), device=DEV, generator=g)
@@ -1079,51 +1110,59 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
                 ts.append(a.elapsed_time(b))
         return statistics.median(ts)
 
+    def budget(kept):
+        return lambda: set_mode(kept)
+
+    modes = (1.0,) + tuple(kepts)
     res, how, checks = {}, {}, []
-    for kept in (1.0,) + tuple(kepts):
+    for B in batches:
+        try:
+            got = decode_side_by_side(B, [(kept, budget(kept)) for kept in modes], check=(B == 1))
+        except Exception as ex:  # record, go on
+            got = {}
+            out.setdefault("errors", []).append(f"decode B={B}: {type(ex).__name__}: {str(ex)[:300]}")
+            print("e2e decode error:", out["errors"][-1], flush=True)
+        for kept in modes:
+            ms, chk, kind = got.get(kept, (None, None, None))
+            res[(kept, B)], how[(kept, B)] = ms, kind
+            if chk:
+                checks.append({"kept": kept, "batch": B, **chk})
+            print(f"e2e decode (KV cache, {kind}) kept={kept} B={B}: {ms} ms/step", chk or "", flush=True)
+    for kept in modes:
         set_mode(kept)
-        for B in batches:
-            try:
-                ms, chk, how[(kept, B)] = decode_ms(B, check=(B == 1))
-                res[(kept, B)] = ms
-                if chk:
-                    checks.append({"kept": kept, "batch": B, **chk})
-            except Exception as ex:  # record, go on
-                res[(kept, B)] = None
-                out.setdefault("errors", []).append(f"decode kept={kept} B={B}: {type(ex).__name__}: {str(ex)[:300]}")
-                print("e2e decode error:", out["errors"][-1], flush=True)
-            print(f"e2e decode (KV cache, {how.get((kept, B))}) kept={kept} B={B}: {res[(kept, B)]} ms/step",
-                  checks[-1] if checks and B == 1 else "", flush=True)
-            if B == 1:
-                try:  # the old no-KV-cache step at B=1, for comparison with runs 1-5
-                    res[(kept, "nocache1")] = decode_nocache_ms(1)
-                except Exception as ex:
-                    res[(kept, "nocache1")] = None
-                    print("e2e no-cache decode error:", ex, flush=True)
+        try:  # the old no-KV-cache step at B=1, for comparison with runs 1-5
+            res[(kept, "nocache1")] = decode_nocache_ms(1)
+        except Exception as ex:
+            res[(kept, "nocache1")] = None
+            print("e2e no-cache decode error:", ex, flush=True)
         res[(kept, "prefill")] = prefill_ms()
         print(f"e2e prefill kept={kept} T={prefill_T}: {res[(kept, 'prefill')]:.2f} ms", flush=True)
-    # B=1 again with the compact rule off (every layer on the old tiles) and then on: what runtime.COMPACT_BELOW
-    # buys end to end, the two measured back to back (fresh graphs each)
+    # B=1 with the compact rule off (every layer on the old tiles) and on: what runtime.COMPACT_BELOW buys end to
+    # end, both timed side by side
     saved = runtime.COMPACT_BELOW
-    for kept in kepts:
-        set_mode(kept)
-        pair = {}
-        for name, below in (("rule_off_ms", -1.0), ("rule_on_ms", saved)):
+
+    def rule(kept, below):
+        def setup():
+            set_mode(kept)
             runtime.COMPACT_BELOW = below
-            try:
-                pair[name] = round(decode_ms(1)[0], 3)
-            except Exception as ex:
-                pair[name] = None
-                print("e2e rule on/off error:", ex, flush=True)
-            finally:
-                runtime.COMPACT_BELOW = saved
+            return lambda: setattr(runtime, "COMPACT_BELOW", saved)
+        return setup
+
+    for kept in kepts:
+        try:
+            got = decode_side_by_side(1, [("rule_off_ms", rule(kept, -1.0)), ("rule_on_ms", rule(kept, saved))])
+            pair = {k: round(v[0], 3) if v[0] else None for k, v in got.items()}
+        except Exception as ex:
+            pair = {"rule_off_ms": None, "rule_on_ms": None}
+            print("e2e rule on/off error:", ex, flush=True)
+        set_mode(kept)
         out.setdefault("decode_b1_compact_rule", []).append(
             {"target": kept, "compact_layers": sum(mm.expert_frac <= saved for mm in mlps), **pair})
         print(f"e2e decode B=1 kept={kept}: compact rule off {pair['rule_off_ms']} ms, on {pair['rule_on_ms']} ms",
               flush=True)
     kmeas = {c["target"]: c["measured_kept"] for c in out["calibration"]}
     if compiled_batches:
-        out["decode_compiled"] = decode_compiled(model, set_mode, decode_static_graph, kepts, kmeas, compiled_batches)
+        out["decode_compiled"] = decode_compiled(model, budget, decode_side_by_side, kepts, kmeas, compiled_batches)
     kinds = sorted(set(how.values()))
     out["kv_cache"] = {"cache": "StaticCache" if kinds == ["static+graph"] else "/".join(kinds) or "none",
                        "cuda_graphs": kinds == ["static+graph"], "prompt_tokens": prompt_len,
@@ -1149,7 +1188,7 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
     return out
 
 
-def decode_compiled(model, set_mode, decode_static_graph, kepts, kmeas, batches):
+def decode_compiled(model, budget, decode_side_by_side, kepts, kmeas, batches):
     """The same decode step with the model compiled: torch.compile(fullgraph=True, dynamic=False, default mode)
     around the whole forward, then captured in the same hand-made CUDA graph. Inductor fuses the HF glue (RMSNorm,
     rotary, residual adds, the dense MLP's act * up) for dense and sparse alike; the sparse MLP runs the custom
@@ -1158,25 +1197,20 @@ def decode_compiled(model, set_mode, decode_static_graph, kepts, kmeas, batches)
     limit = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(dynamo.config, limit, 64)
     fwd = torch.compile(model, fullgraph=True, dynamic=False)
-    ms, rows = {}, []
-    for kept in (1.0,) + tuple(kepts):
-        set_mode(kept)
-        for B in batches:
-            t0 = time.time()
-            try:
-                ms[(kept, B)] = decode_static_graph(B, fwd=fwd)[0]
-            except Exception as ex:  # record, go on
-                ms[(kept, B)] = None
-                print(f"compiled decode kept={kept} B={B}: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
-            print(f"compiled decode kept={kept} B={B}: {ms[(kept, B)]} ms/step ({time.time() - t0:.0f} s with the "
-                  "compile)", flush=True)
-            if kept < 1.0:
-                dn, sp = ms[(1.0, B)], ms[(kept, B)]
-                rows.append({"kept": kmeas[kept], "target": kept, "batch": B,
-                             "dense_tok_s": None if dn is None else round(B / dn * 1e3, 1),
-                             "sparse_tok_s": None if sp is None else round(B / sp * 1e3, 1),
-                             "dense_ms": dn and round(dn, 3), "sparse_ms": sp and round(sp, 3),
-                             "speedup": round(dn / sp, 3) if dn and sp else None})
+    rows = []
+    for B in batches:
+        t0 = time.time()
+        got = decode_side_by_side(B, [(kept, budget(kept)) for kept in (1.0,) + tuple(kepts)], fwd=fwd)
+        print(f"compiled decode B={B}: { {k: v[0] for k, v in got.items()} } ms/step ({time.time() - t0:.0f} s with "
+              "the compiles)", flush=True)
+        dn = got[1.0][0]
+        for kept in kepts:
+            sp = got[kept][0]
+            rows.append({"kept": kmeas[kept], "target": kept, "batch": B, "cache": got[kept][2],
+                         "dense_tok_s": None if dn is None else round(B / dn * 1e3, 1),
+                         "sparse_tok_s": None if sp is None else round(B / sp * 1e3, 1),
+                         "dense_ms": dn and round(dn, 3), "sparse_ms": sp and round(sp, 3),
+                         "speedup": round(dn / sp, 3) if dn and sp else None})
     dynamo.reset()
     return rows
 
