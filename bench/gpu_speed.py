@@ -713,12 +713,16 @@ def profile_layer(cases=((0.5, False), (0.25, True)), e=8, shape="llama3-8b", n=
         for ev in prof.key_averages():
             if getattr(ev, "device_time_total", 0) > 0:
                 ks[ev.key[:40]] = round(ev.device_time_total / n, 2)
-        graph_us, router_us, dense_us = time_graphs(
-            [call, lambda i: call(i, mlp=False), lambda i: dense_mlp(x, *L.dense[i % L.nc])], 2 * L.nc)
+        graph_us, router_us, dense_us, relaid_us = time_graphs(
+            [call, lambda i: call(i, mlp=False), lambda i: dense_mlp(x, *L.dense[i % L.nc]),
+             lambda i: dense_mlp(x, *L.dense[i % L.nc][:2], L.wdt[i % L.nc].t())], 2 * L.nc)
         row = {"shape": shape, "expert_size": e, "batch": 1, "target": kept, "compact": compact,
                "experts_kept": round(K.route(x, *L.router[0], thr).float().mean().item(), 4),
                "kernels_us": ks, "kernels_sum_us": round(sum(ks.values()), 2), "graph_us": round(graph_us, 2),
                "router_graph_us": round(router_us, 2), "dense_us": round(dense_us, 2),
+               # the dense MLP on the layout SparseMLP re-lays down_proj to on its first CUDA call (a transposed
+               # view of a [m, d] tensor): what the end-to-end dense rows run
+               "dense_relaid_us": round(relaid_us, 2),
                "gaps_us": round(graph_us - sum(ks.values()), 2)}
         out.append(row)
         print(f"profile_layer kept={kept}: {row}", flush=True)

@@ -240,6 +240,11 @@ class SparseMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if (self._kernel_cache is None and x2.is_cuda and not self.n_shared % self.expert_size
+                and _kernels() is not None):
+            # the first CUDA call, dense or sparse, lays the weights out for the kernels: a CUDA graph captured on
+            # the old layout (a dense-budget step, say) would read freed memory after a later relayout
+            self._build_kernel_cache(_kernels())
         if self.dense and self.stats is None:
             y = self._dense_forward(x2)
         elif x2.is_cuda and _kernels() is not None:
@@ -293,8 +298,8 @@ class SparseMLP(nn.Module):
         storage in place as a contiguous [m, d] tensor and keep the parameter as its transposed view (F.linear
         and Conv1D take it as is); the old storage is freed, nothing is duplicated. Then the per-call constants:
         [packed weights, (down_tau, its per-neuron tau vector), {T: all-on expert mask}, down-row norms], each a
-        launch or two per call otherwise. Run eagerly (a compiled model breaks its graph here once, on its first
-        call; run one eager call first to compile without the break)."""
+        launch or two per call otherwise. Runs eagerly on the module's first CUDA call (a compiled model breaks
+        its graph here once, on its first call; run one eager call first to compile without the break)."""
         mods = [(self._down_module(), False), (self._up_module(), True)]
         if self.layout["gate"]:
             mods.append((getattr(self, self.layout["gate"]), True))
@@ -320,8 +325,6 @@ class SparseMLP(nn.Module):
         # the kernels count shared neurons in whole blocks of expert_size
         if self.n_shared % self.expert_size:
             return self._torch_forward(x2)
-        if self._kernel_cache is None:
-            self._build_kernel_cache(k)
         packed, cached_tau, all_on, norms = self._kernel_cache
         # Under torch.compile the per-budget constants below are computed inside the graph (a few fused elementwise
         # ops) instead of memoised: a memo filled by a compiled call would hold that graph's own outputs, which
