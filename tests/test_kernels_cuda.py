@@ -1132,3 +1132,23 @@ def test_generate_static_cache_compiled(monkeypatch):
             break
         assert rel_err(out_c.scores[i], out_e.scores[i].double()) < 3e-2, i
     torch._dynamo.reset()
+
+
+def test_dense_budget_graph_survives_first_sparse_call():
+    """A CUDA graph captured at the dense budget (before any sparse call) still replays correctly after the first
+    sparse call: the weights are laid out for the kernels on the first CUDA call, dense or not, so no later
+    relayout frees storage a graph still reads."""
+    model, dense, mlps = _tiny_sparse_llama(1500)
+    ids = torch.randint(0, 512, (1, 1), generator=torch.Generator().manual_seed(1501)).to(DEV)
+    with torch.no_grad():
+        ref = dense(input_ids=ids).logits
+        g, out = capture_graph(lambda: model(input_ids=ids).logits)
+        for mm in mlps:
+            mm.threshold = 0.7
+        assert rel_err(model(input_ids=ids).logits, ref.double()) > 1e-2  # the sparse call ran
+        for mm in mlps:
+            mm.threshold = 1.0
+        torch.cuda.empty_cache()
+        g.replay()
+        torch.cuda.synchronize()
+    assert rel_err(out, ref.double()) < 1e-3
