@@ -325,6 +325,8 @@ class SparseMLP(nn.Module):
         # the kernels count shared neurons in whole blocks of expert_size
         if self.n_shared % self.expert_size:
             return self._torch_forward(x2)
+        if self._kernel_cache is None:  # a direct call (forward() builds it on the first CUDA call)
+            self._build_kernel_cache(k)
         packed, cached_tau, all_on, norms = self._kernel_cache
         # Under torch.compile the per-budget constants below are computed inside the graph (a few fused elementwise
         # ops) instead of memoised: a memo filled by a compiled call would hold that graph's own outputs, which
