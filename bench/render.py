@@ -72,7 +72,7 @@ def gpu_table(g: dict) -> str:
                      f"{r['dense_us'] / r['sparse_us']:.2f}x | {r.get('path', 'triton')}{' (compacted)' if r.get('compact') else ''} |")
     run = g.get("gate_dial_run", {})
     for r in g.get("gate_dial", []):
-        lines.append(f"\nGate dial (commit {run.get('commit')}; {r['shape']}, expert size {r['expert_size']}, "
+        lines.append(f"\nGate dial (commit {run.get('commit', g.get('commit'))}; {r['shape']}, expert size {r['expert_size']}, "
                      f"batch {r['batch']}; "
                      f"{r['experts_kept']:.0%} of experts, the gate keeping {r['up_rows_kept_of_selected']:.0%} of "
                      f"their up rows; MLP FLOPs kept {r['kept_flops_frac']:.3f}): dense {r['dense_us']:.1f} us, "
@@ -130,9 +130,27 @@ def decode_lines(g: dict) -> list[str]:
     for r in g["decode"]:
         lines.append(f"| {r['kept']} | {r['batch']} | {r['dense_tok_s']:.1f} | {r['sparse_tok_s']:.1f} | "
                      f"{r['sparse_tok_s'] / r['dense_tok_s']:.2f}x |")
+    if g.get("decode_compiled"):
+        lines += ["", "The same steps with the whole model `torch.compile`d (fullgraph, dense and sparse alike, the "
+                      "custom ops inside the compiled graph; key `decode_compiled`):", "",
+                  "| MLP kept | batch | dense tok/s | sparse tok/s | speedup |", "|---|---|---|---|---|"]
+        for r in g["decode_compiled"]:
+            lines.append(f"| {r['kept']} | {r['batch']} | {r['dense_tok_s']:.1f} | {r['sparse_tok_s']:.1f} | "
+                         f"{r['speedup']:.2f}x |")
     for r in g.get("prefill", []):
         lines.append(f"\nPrefill {r['tokens']} tokens at {r['kept']} kept: dense {r['dense_ms']:.2f} ms, sparse "
                      f"{r['sparse_ms']:.2f} ms ({r['dense_ms'] / r['sparse_ms']:.3f}x).")
+    if g.get("profile_layer"):
+        lines += ["", "Where a batch-1 layer's time goes (key `profile_layer`; random routers, expert size 8; kernel "
+                      "times from torch.profiler, the call's time from a CUDA graph; gaps = graph - kernels):", "",
+                  "| kept | path | dense us | sparse us (graph) | router kernels | gate/up | down | gaps |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in g["profile_layer"]:
+            k = r["kernels_us"]
+            router = sum(v for name, v in k.items() if name.startswith(("_r1", "_r2", "_select")))
+            lines.append(f"| {r['target']} | {'compacted' if r['compact'] else 'neuron order'} | {r['dense_us']:.1f} "
+                         f"| {r['graph_us']:.1f} | {router:.1f} | {k.get('_gate_up_kernel', 0):.1f} | "
+                         f"{k.get('_down_kernel', 0):.1f} | {r['gaps_us']:.1f} |")
     return lines
 
 
