@@ -85,6 +85,13 @@ def time_graphs(fns, n_inner, reps=25, warm=3):
             for i in range(n_inner):
                 fn(i)
         graphs.append(g)
+    ts = [[t * 1000.0 / n_inner for t in run] for run in replay_in_turn(graphs, reps, warm)]
+    del graphs
+    return [statistics.median(t) for t in ts]
+
+
+def replay_in_turn(graphs, reps, warm):
+    """ms of every timed replay of each graph: the graphs replayed in turn, the order reversed every other round."""
     for _ in range(warm):
         for g in graphs:
             g.replay()
@@ -99,9 +106,8 @@ def time_graphs(fns, n_inner, reps=25, warm=3):
             g.replay()
             b.record()
             b.synchronize()
-            ts[j].append(a.elapsed_time(b) * 1000.0 / n_inner)
-    del graphs
-    return [statistics.median(t) for t in ts]
+            ts[j].append(a.elapsed_time(b))
+    return ts
 
 
 def n_copies(bytes_one):
@@ -688,7 +694,6 @@ def profile_layer(cases=((0.5, False), (0.25, True)), e=8, shape="llama3-8b", n=
     MLP kernels SparseMLP runs (random routers bisected to the kept fraction; compacted where the runtime rule
     would take it), next to the whole call's time in a CUDA graph. graph - sum(kernels) = what the launches and
     the gaps between them cost."""
-    from torch.profiler import ProfilerActivity, profile
     L = Layer(shape)
     L.pack_for(e)
     gen = torch.Generator(device=DEV).manual_seed(17)
@@ -702,17 +707,7 @@ def profile_layer(cases=((0.5, False), (0.25, True)), e=8, shape="llama3-8b", n=
             if mlp:
                 K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mk, None, "silu", path="triton",
                              compact=compact)
-        for i in range(3):
-            call(i)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for i in range(n):
-                call(i)
-            torch.cuda.synchronize()
-        ks = {}
-        for ev in prof.key_averages():
-            if getattr(ev, "device_time_total", 0) > 0:
-                ks[ev.key[:40]] = round(ev.device_time_total / n, 2)
+        ks = kernel_times(call, n)
         graph_us, router_us, dense_us, relaid_us = time_graphs(
             [call, lambda i: call(i, mlp=False), lambda i: dense_mlp(x, *L.dense[i % L.nc]),
              lambda i: dense_mlp(x, *L.dense[i % L.nc][:2], L.wdt[i % L.nc].t())], 2 * L.nc)
@@ -1026,21 +1021,7 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
         round), so clock drift under the sustained load hits dense and sparse alike."""
         for h in handles:
             h["reset"]()
-        torch.cuda.synchronize()
-        for _ in range(DECODE_WARM):
-            for h in handles:
-                h["graph"].replay()
-        ts = [[] for _ in handles]
-        for rep in range(DECODE_REPS):
-            order = list(enumerate(handles))
-            for j, h in (order if rep % 2 == 0 else order[::-1]):
-                a = torch.cuda.Event(enable_timing=True)
-                b = torch.cuda.Event(enable_timing=True)
-                a.record()
-                h["graph"].replay()
-                b.record()
-                b.synchronize()
-                ts[j].append(a.elapsed_time(b))
+        ts = replay_in_turn([h["graph"] for h in handles], DECODE_REPS, DECODE_WARM)
         for h in handles:
             adv = int(h["counters"][0]) - prompt_len
             assert adv == DECODE_WARM + DECODE_REPS and int(h["pos"][0, 0]) == prompt_len + adv, \
@@ -1351,11 +1332,24 @@ def bench_compact(copy_gbps, es=(8, 16, 32), kepts=(0.5, 0.25), Ts=(1, 2), shape
     return rows
 
 
+def kernel_times(call, n=20):
+    """{kernel name: device us per call} of call(i) (torch.profiler over n calls, after 3 warm-up calls)."""
+    from torch.profiler import ProfilerActivity, profile
+    for i in range(3):
+        call(i)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            call(i)
+        torch.cuda.synchronize()
+    return {ev.key[:40]: round(ev.device_time_total / n, 2) for ev in prof.key_averages()
+            if getattr(ev, "device_time_total", 0) > 0}
+
+
 def profile_compact(cases=((1, 0.25), (1, 0.5), (2, 0.5), (4, 0.5)), e=8, shape="llama3-8b"):
     """Per-kernel device time (torch.profiler, us per call) of the old and the compacted MLP (the CONFIG of the run,
     then variants: the list by a separate kernel, the down kernel skipping zero h rows), llama3-8b e=8: which kernel
     gains or loses."""
-    from torch.profiler import ProfilerActivity, profile
     L = Layer(shape)
     L.pack_for(e)
     gen = torch.Generator(device=DEV).manual_seed(13)
@@ -1369,18 +1363,7 @@ def profile_compact(cases=((1, 0.25), (1, 0.5), (2, 0.5), (4, 0.5)), e=8, shape=
             def call(i):
                 return _with_cfg(cfg, lambda: K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mask, None,
                                                             "silu", path="triton"))
-            for i in range(3):
-                call(i)
-            torch.cuda.synchronize()
-            n = 20
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for i in range(n):
-                    call(i)
-                torch.cuda.synchronize()
-            ks = {}
-            for ev in prof.key_averages():
-                if getattr(ev, "device_time_total", 0) > 0:
-                    ks[ev.key[:40]] = round(ev.device_time_total / n, 2)
+            ks = kernel_times(call)
             out.append({"batch": T, "kept": kept, "variant": name, "kernels_us": ks})
             print(f"profile T={T} kept={kept} {name}: {ks}", flush=True)
     del L
