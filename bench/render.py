@@ -85,6 +85,8 @@ def gpu_table(g: dict) -> str:
         lines += ["", f"End to end, {g.get('e2e', {}).get('model', 'Llama-3-8B shape')}; weights: "
                       f"{g.get('e2e', {}).get('weights', 'random')}; KV cache: {kv_text}:", "",
                   *decode_lines(g)]
+    lines.append(f"\nCommand: `{g['command'].split(' --note')[0]}` (one device call); tests: "
+                 f"{g.get('tests', {}).get('result', 'not recorded')}.")
     return "\n".join(lines)
 
 
