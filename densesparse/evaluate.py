@@ -58,9 +58,20 @@ def _mlp_macs(mlps: list[SparseMLP], stats: list[LayerStats] | None) -> float:
 
 def evaluate_windows(model, wins: list[torch.Tensor], bos: bool, budgets: list[float], budget_table: list[dict],
                      progress=None) -> dict:
+    """Perplexity and FLOPs at each budget (the model is left at the dense budget). Perplexity of the sparse
+    function: no dense dispatch for many-token calls on CUDA while it runs (the layers' setting restored after)."""
     mlps = sparse_mlps(model)
-    for m in mlps:  # perplexity of the sparse function: no dense dispatch for many-token calls on CUDA
+    saved = [m.dense_above_tokens for m in mlps]
+    for m in mlps:
         m.dense_above_tokens = 1 << 30
+    try:
+        return _evaluate(model, mlps, wins, bos, budgets, budget_table, progress)
+    finally:
+        for m, value in zip(mlps, saved):
+            m.dense_above_tokens = value
+
+
+def _evaluate(model, mlps, wins, bos, budgets, budget_table, progress) -> dict:
     context = sum((w.numel() + 1) / 2 for w in wins) / max(len(wins), 1)
     other = non_mlp_macs(model, mlps) + attention_macs(model.config, context)
     dense_mlp = _mlp_macs(mlps, None)

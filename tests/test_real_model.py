@@ -11,6 +11,7 @@ from densesparse.data import CALIBRATION_DIR, read_text, tokenize, windows
 from densesparse.evaluate import evaluate_windows, nll_sum
 from densesparse.io import load, load_dense
 from densesparse.pipeline import convert
+from densesparse.runtime import sparse_mlps
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +57,9 @@ def test_conversion_runs_and_full_budget_equals_dense(smol2, tmp_path):
     text, _ = read_text(None)
     wins = windows(tokenize(tok, text), 256, 1024)
     dense_nll, n = nll_sum(model, wins, bos=False)
+    before = [m.dense_above_tokens for m in sparse_mlps(sparse)]
     res = evaluate_windows(sparse, wins, False, [1.0, 0.5], spec["budgets"])
+    assert [m.dense_above_tokens for m in sparse_mlps(sparse)] == before  # the CUDA dispatch setting is restored
     full, half = res["rows"]
     assert full["ppl"] == pytest.approx(math.exp(dense_nll / n), rel=1e-5)
     assert full["mlp_flops_kept"] == 1.0
