@@ -708,10 +708,9 @@ def profile_layer(cases=((0.5, False), (0.25, True)), e=8, shape="llama3-8b", n=
                 K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mk, None, "silu", path="triton",
                              compact=compact)
         ks = kernel_times(call, n)
-        graph_us, router_us, dense_us, relaid_us, pdl_us = time_graphs(
+        graph_us, router_us, dense_us, relaid_us = time_graphs(
             [call, lambda i: call(i, mlp=False), lambda i: dense_mlp(x, *L.dense[i % L.nc]),
-             lambda i: dense_mlp(x, *L.dense[i % L.nc][:2], L.wdt[i % L.nc].t()),
-             lambda i: _with_cfg({"pdl": True}, lambda: call(i))], 2 * L.nc)
+             lambda i: dense_mlp(x, *L.dense[i % L.nc][:2], L.wdt[i % L.nc].t())], 2 * L.nc)
         row = {"shape": shape, "expert_size": e, "batch": 1, "target": kept, "compact": compact,
                "experts_kept": round(K.route(x, *L.router[0], thr).float().mean().item(), 4),
                "kernels_us": ks, "kernels_sum_us": round(sum(ks.values()), 2), "graph_us": round(graph_us, 2),
@@ -719,7 +718,6 @@ def profile_layer(cases=((0.5, False), (0.25, True)), e=8, shape="llama3-8b", n=
                # the dense MLP on the layout SparseMLP re-lays down_proj to on its first CUDA call (a transposed
                # view of a [m, d] tensor): what the end-to-end dense rows run
                "dense_relaid_us": round(relaid_us, 2),
-               "graph_pdl_us": round(pdl_us, 2),  # the same call with programmatic dependent launch (CONFIG "pdl")
                "gaps_us": round(graph_us - sum(ks.values()), 2)}
         out.append(row)
         print(f"profile_layer kept={kept}: {row}", flush=True)
@@ -1147,20 +1145,6 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
             {"target": kept, "compact_layers": sum(mm.expert_frac <= saved for mm in mlps), **pair})
         print(f"e2e decode B=1 kept={kept}: compact rule off {pair['rule_off_ms']} ms, on {pair['rule_on_ms']} ms",
               flush=True)
-    # B=1 with programmatic dependent launch off / on (CONFIG "pdl", read at capture), side by side
-    def pdl(kept, on):
-        def setup():
-            set_mode(kept)
-            before = K.CONFIG["pdl"]
-            K.CONFIG["pdl"] = on
-            return lambda: K.CONFIG.__setitem__("pdl", before)
-        return setup
-
-    for kept in kepts:
-        got = decode_side_by_side(1, [("pdl_off_ms", pdl(kept, False)), ("pdl_on_ms", pdl(kept, True))])
-        out.setdefault("decode_b1_pdl", []).append({"target": kept, **{k: v[0] and round(v[0], 3)
-                                                                        for k, v in got.items()}})
-        print(f"e2e decode B=1 kept={kept}: pdl {out['decode_b1_pdl'][-1]}", flush=True)
     kmeas = {c["target"]: c["measured_kept"] for c in out["calibration"]}
     if compiled_batches:
         out["decode_compiled"] = decode_compiled(model, budget, decode_side_by_side, kepts, kmeas, compiled_batches)

@@ -111,9 +111,6 @@ CONFIG = {
     "compact": os.environ.get("DS_COMPACT", "0") == "1",
     "c_gu_BN": 32, "c_gd_BN": 64, "c_dn_BN": 32, "c_dn_BD": 256, "c_dn_warps": 4, "c_dn_stages": 3,
     "c_dn_split": 28, "c_dn_skip": False, "c_BLOCK": 2048, "c_fused": os.environ.get("DS_COMPACT_FUSED", "1") == "1",
-    # Programmatic dependent launch of the decode path's kernels (router, select, list, gate/up, down; sm90+): each
-    # may launch while its predecessor finishes and waits on it in-kernel (gdc_wait), hiding launch gaps.
-    "pdl": os.environ.get("DS_PDL", "0") == "1",
 }
 _BT = 16
 _CNT_MIN_BD = 32
@@ -123,15 +120,6 @@ _BISECT_MAX = 16384  # largest n_e the one-program-per-token select kernel holds
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _pdl_enter(PDL: tl.constexpr):
-    """Programmatic dependent launch (CONFIG "pdl"): this grid may be launched while its predecessor runs; wait
-    here until the predecessor has finished and its writes are visible, then let the next grid launch."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-
-
 @triton.jit
 def _act(v, ACT: tl.constexpr):
     if ACT == 0:  # silu
@@ -174,8 +162,7 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
                     GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
                     GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr, COMPACT: tl.constexpr,
                     FUSED: tl.constexpr, MT: tl.constexpr, CBLK: tl.constexpr,
-                    HAS_IN: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    PDL: tl.constexpr):
+                    HAS_IN: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """GATE_DIAL: a selected neuron is kept only where |act(gate)| * gs >= gate_tau. TWO_PHASE: the gate K-loop
     runs first and the up K-loop loads only rows some token keeps (dropped rows move no bytes); otherwise one fused
     loop reads every selected gate and up row and the gate cut is applied in the epilogue. COUNT: cnt [2, T] int32
@@ -187,7 +174,6 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
     writes the list entries its own rows use and reads them back; program 0 writes the count (the down kernel reads
     the list). Else program p takes neurons [p*BN, (p+1)*BN) and h is in neuron order (tiles with no selected row
     store zeros). HAS_IN: x is cut as it is loaded (|x| < in_tau -> 0, input skip)."""
-    _pdl_enter(PDL)
     pid = tl.program_id(0)
     offs_t = tl.arange(0, BT)
     tok_ok = offs_t < T
@@ -352,7 +338,7 @@ def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr, blk_ptr,
                  T, d, m, e,
                  HAS_BD: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                  KCHUNK: tl.constexpr, DET: tl.constexpr, NKP: tl.constexpr, CH: tl.constexpr,
-                 COMPACT: tl.constexpr, SKIP: tl.constexpr, PDL: tl.constexpr):
+                 COMPACT: tl.constexpr, SKIP: tl.constexpr):
     """DET: acc_ptr is a [n_programs(0), T, d] fp32 buffer; each program stores its partial there and the last one
     of a column block sums them in a fixed order (the same bits on every call). Else acc_ptr is the zeroed [BT, d]
     workspace: fp32 atomics (the summation order, so the last bit, varies between calls).
@@ -360,7 +346,6 @@ def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr, blk_ptr,
     compacted gate/up kernel stores it); the R rows are split into n_programs(0) equal chunks (a multiple of BN,
     fixed by R: the same split, so the same bits, on every call with the same mask); programs past R store nothing
     and the last program sums only the used partials. Else program k takes neurons [k*KCHUNK, (k+1)*KCHUNK)."""
-    _pdl_enter(PDL)
     pid_k = tl.program_id(0)
     pid_d = tl.program_id(1)
     nk = tl.num_programs(0)
@@ -419,10 +404,9 @@ def _down_kernel(h_ptr, wd_ptr, bd_ptr, acc_ptr, cnt_ptr, y_ptr, blk_ptr,
 
 
 @triton.jit
-def _compact_kernel(mask_ptr, blk_ptr, T, n_shared, n_e, BT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _compact_kernel(mask_ptr, blk_ptr, T, n_shared, n_e, BT: tl.constexpr, BLOCK: tl.constexpr):
     """One program: blk = [count, the active blocks in ascending order]: the n_shared shared blocks and every
     expert some token selects (the union over the T tokens)."""
-    _pdl_enter(PDL)
     tl.store(blk_ptr, _list_blocks(mask_ptr, blk_ptr, T, n_shared, n_e, 0, n_shared + n_e, BT, BLOCK))
 
 
@@ -485,9 +469,8 @@ def _r1_tile(x_ptr, w1_ptr, part_ptr, pid_r, pid_s, T, d, r, KLEN,
 
 @triton.jit
 def _r1_kernel(x_ptr, w1_ptr, part_ptr, T, d, r, KLEN,
-               BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+               BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     """_r1_tile of program (row tile, d slice)."""
-    _pdl_enter(PDL)
     _r1_tile(x_ptr, w1_ptr, part_ptr, tl.program_id(0), tl.program_id(1), T, d, r, KLEN, BT, BR, BK)
 
 
@@ -520,12 +503,11 @@ def _r2_logits(part_ptr, b1_ptr, w2_ptr, b2_ptr, t, ex, emask, T, r, SPLIT,
 @triton.jit
 def _r2_kernel(part_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e, SPLIT,
                HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-               BE: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
+               BE: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr):
     """logits[t, j] = relu(sum_s part[s, t, :] + b1) . w2[j, :] + b2[j], fp32 FMA (exact products).
 
     Program (expert tile, token): loads the [BE, r] tile of w2 (L2-resident after the first token), reduces the
     token's [SPLIT, r] partials (one 2-D load), relu, one row-reduction gives BE logits. Tokens run in parallel."""
-    _pdl_enter(PDL)
     t = tl.program_id(1)
     ex = tl.program_id(0) * BE + tl.arange(0, BE)
     emask = ex < n_e
@@ -592,10 +574,8 @@ def _select_block(s_ptr, out_ptr, t, jb, n_e, thr, ALL: tl.constexpr, BJ: tl.con
 
 
 @triton.jit
-def _select_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
-                   PDL: tl.constexpr):
+def _select_kernel(s_ptr, out_ptr, n_e, thr, ALL: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
     """_select_block of program (token, expert block)."""
-    _pdl_enter(PDL)
     _select_block(s_ptr, out_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), n_e, thr, ALL, BJ, BK, "")
 
 
@@ -774,9 +754,8 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
                 BT=_BT, BR=cfg["r1_BR"], BK1=bk, BE=be, RP=rp, SP=triton.next_power_of_2(split), BJ=bj, BK=bks,
                 MAX_SPIN=1 << 18, num_warps=4)
             return out.view(torch.bool)
-        pdl = _pdl(dev)
-        _r1_kernel[(triton.cdiv(r, cfg["r1_BR"]), split)](x, w1, part, T, d, r, klen, BT=_BT, BR=cfg["r1_BR"], BK=bk,
-                                                           PDL=pdl, num_warps=4, launch_pdl=pdl)
+        _r1_kernel[(triton.cdiv(r, cfg["r1_BR"]), split)](x, w1, part, T, d, r, klen,
+                                                           BT=_BT, BR=cfg["r1_BR"], BK=bk, num_warps=4)
         if bar is not None:  # r2sel
             out = torch.empty((T, n_e), device=dev, dtype=torch.uint8)
             blk = max(16, triton.next_power_of_2(n_e))
@@ -790,8 +769,7 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
         _r2_kernel[(triton.cdiv(n_e, be), T)](
             part, r_b1 if r_b1 is not None else dummy, w2, r_b2 if r_b2 is not None else dummy,
             logits, T, r, n_e, split, HAS_B1=r_b1 is not None, HAS_B2=r_b2 is not None,
-            BE=be, RP=rp, SP=triton.next_power_of_2(split), PDL=pdl, num_warps=4 if be * rp >= 4096 else 2,
-            launch_pdl=pdl)
+            BE=be, RP=rp, SP=triton.next_power_of_2(split), num_warps=4 if be * rp >= 4096 else 2)
     else:
         h1 = torch.nn.functional.linear(x, r_w1.to(x.dtype), None if r_b1 is None else r_b1.to(x.dtype))
         bt, be = 64, 128
@@ -808,21 +786,9 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
         small = T <= _BT
         bj = min(CONFIG["sel_BJ"] if small else 64, max(16, triton.next_power_of_2(n_e)))
         bk = min(CONFIG["sel_BK"] if small else 128, max(16, triton.next_power_of_2(n_e)))
-        pdl = small and _pdl(dev)
-        _select_kernel[(T, triton.cdiv(n_e, bj))](logits, out, n_e, float(threshold), ALL=all_on, BJ=bj, BK=bk,
-                                                  PDL=pdl, num_warps=CONFIG["sel_warps"] if small else 4,
-                                                  launch_pdl=pdl)
+        _select_kernel[(T, triton.cdiv(n_e, bj))](logits, out, n_e, float(threshold), ALL=all_on,
+                                                  BJ=bj, BK=bk, num_warps=CONFIG["sel_warps"] if small else 4)
     return out.view(torch.bool)
-
-
-@functools.cache
-def _sm90(dev) -> bool:
-    return torch.cuda.get_device_capability(dev)[0] >= 9
-
-
-def _pdl(dev) -> bool:
-    """Launch the decode kernels with programmatic dependent launch (CONFIG "pdl"; Hopper and newer)."""
-    return bool(CONFIG["pdl"]) and _sm90(dev)
 
 
 def _active_blocks(mk, n_shared):
@@ -830,9 +796,8 @@ def _active_blocks(mk, n_shared):
     (no sync, graph-capturable): the shared blocks and the experts some token of mk [T, n_e] (uint8) selects."""
     T, n_e = mk.shape
     blk = torch.empty((n_shared + n_e + 1,), device=mk.device, dtype=torch.int32)
-    pdl = _pdl(mk.device)
     _compact_kernel[(1,)](mk, blk, T, n_shared, n_e, BT=max(2, triton.next_power_of_2(T)), BLOCK=CONFIG["c_BLOCK"],
-                          PDL=pdl, num_warps=4, launch_pdl=pdl)
+                          num_warps=4)
     return blk
 
 
@@ -869,7 +834,6 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
     else:
         blk = _active_blocks(mk, n_shared) if compact else dummy
     nb = n_shared + n_e
-    pdl = _pdl(x.device)
     has_in = input_tau > 0
     in_tau = _in_dtype(input_tau, x.dtype) if has_in else 0.0
     _gate_up_kernel[(triton.cdiv(m, bn),)](
@@ -881,8 +845,7 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
         GATE_DIAL=dial, TWO_PHASE=bool(cfg["gu_two_phase"]), COUNT=counts is not None, COMPACT=compact,
         FUSED=fused, MT=max(2, triton.next_power_of_2(T)), HAS_IN=has_in,
         CBLK=min(cfg["c_BLOCK"], max(16, triton.next_power_of_2(nb))),
-        ACT=_ACTS[act], BT=_BT, BN=bn, BK=cfg["gu_BK"], PDL=pdl, num_warps=cfg["gu_warps"],
-        num_stages=cfg["gu_stages"], launch_pdl=pdl)
+        ACT=_ACTS[act], BT=_BT, BN=bn, BK=cfg["gu_BK"], num_warps=cfg["gu_warps"], num_stages=cfg["gu_stages"])
     y = torch.empty((T, d), device=x.device, dtype=x.dtype)
     bd = cfg[pre + "dn_BD"]
     dbn = cfg[pre + "dn_BN"]
@@ -895,8 +858,8 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
         h, w_dt, b_down if b_down is not None else dummy, ws, cnt, y, blk, T, d, m, e,
         HAS_BD=b_down is not None, BT=_BT, BN=dbn, BD=bd, KCHUNK=kch,
         DET=det, NKP=triton.next_power_of_2(nk), CH=min(64, bd), COMPACT=compact,
-        SKIP=bool(cfg["c_dn_skip"] or dial or tau is not None), PDL=pdl, num_warps=cfg[pre + "dn_warps"],
-        num_stages=cfg[pre + "dn_stages"], launch_pdl=pdl)
+        SKIP=bool(cfg["c_dn_skip"] or dial or tau is not None), num_warps=cfg[pre + "dn_warps"],
+        num_stages=cfg[pre + "dn_stages"])
     return y
 
 
