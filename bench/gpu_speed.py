@@ -672,7 +672,7 @@ def select_trials(e=8, shape="llama3-8b", kept=0.5,
     L.pack_for(e)
     gen = torch.Generator(device=DEV).manual_seed(19)
     x = torch.randn(1, L.d, device=DEV, dtype=DT, generator=gen)
-    thr = bisect_threshold(lambda t: K.route(x, *L.router[0], t).float().mean().item(), kept, steps=14)
+    thr = bisect_threshold(copy_frac(L, 0, x), kept, steps=14)
     xs = [torch.randn(1, L.d, device=DEV, dtype=DT, generator=gen) for _ in range(32)]
     cfgs = [{"sel_BJ": bj, "sel_BK": bk, "sel_warps": w} for bj, bk, w in tiles]
     ref = [K.route(xx, *L.router[0], thr) for xx in xs]
@@ -700,7 +700,7 @@ def profile_layer(cases=((0.5, False), (0.25, True)), e=8, shape="llama3-8b", n=
     x = torch.randn(1, L.d, device=DEV, dtype=DT, generator=gen)
     out = []
     for kept, compact in cases:
-        thr = bisect_threshold(lambda t: K.route(x, *L.router[0], t).float().mean().item(), kept, steps=14)
+        thr = bisect_threshold(copy_frac(L, 0, x), kept, steps=14)
 
         def call(i, mlp=True):
             mk = K.route(x, *L.router[i % L.nc], thr)
@@ -712,7 +712,7 @@ def profile_layer(cases=((0.5, False), (0.25, True)), e=8, shape="llama3-8b", n=
             [call, lambda i: call(i, mlp=False), lambda i: dense_mlp(x, *L.dense[i % L.nc]),
              lambda i: dense_mlp(x, *L.dense[i % L.nc][:2], L.wdt[i % L.nc].t())], 2 * L.nc)
         row = {"shape": shape, "expert_size": e, "batch": 1, "target": kept, "compact": compact,
-               "experts_kept": round(K.route(x, *L.router[0], thr).float().mean().item(), 4),
+               "experts_kept": round(copy_frac(L, 0, x)(thr), 4),
                "kernels_us": ks, "kernels_sum_us": round(sum(ks.values()), 2), "graph_us": round(graph_us, 2),
                "router_graph_us": round(router_us, 2), "dense_us": round(dense_us, 2),
                # the dense MLP on the layout SparseMLP re-lays down_proj to on its first CUDA call (a transposed
@@ -1157,12 +1157,7 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
     out["kv_check"] = checks
     for kept in kepts:
         for B in batches:
-            dn, sp = res[(1.0, B)], res[(kept, B)]
-            out["decode"].append({"kept": kmeas[kept], "target": kept, "batch": B,
-                                  "dense_tok_s": None if dn is None else round(B / dn * 1e3, 1),
-                                  "sparse_tok_s": None if sp is None else round(B / sp * 1e3, 1),
-                                  "dense_ms": dn and round(dn, 3), "sparse_ms": sp and round(sp, 3),
-                                  "cache": how.get((kept, B))})
+            out["decode"].append(decode_row(kmeas[kept], kept, B, res[(1.0, B)], res[(kept, B)], how.get((kept, B))))
         dn1, sp1 = res.get((1.0, "nocache1")), res.get((kept, "nocache1"))
         out.setdefault("decode_nocache_b1", []).append(
             {"kept": kmeas[kept], "dense_ms": dn1 and round(dn1, 3), "sparse_ms": sp1 and round(sp1, 3)})
@@ -1171,6 +1166,15 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
     del model, mlps
     torch.cuda.empty_cache()
     return out
+
+
+def decode_row(kept, target, B, dn, sp, cache):
+    """One decode record row from the dense and sparse ms per step (None where that step failed)."""
+    return {"kept": kept, "target": target, "batch": B, "cache": cache,
+            "dense_tok_s": None if dn is None else round(B / dn * 1e3, 1),
+            "sparse_tok_s": None if sp is None else round(B / sp * 1e3, 1),
+            "dense_ms": dn and round(dn, 3), "sparse_ms": sp and round(sp, 3),
+            "speedup": round(dn / sp, 3) if dn and sp else None}
 
 
 def decode_compiled(model, budget, decode_side_by_side, kepts, kmeas, batches):
@@ -1188,14 +1192,7 @@ def decode_compiled(model, budget, decode_side_by_side, kepts, kmeas, batches):
         got = decode_side_by_side(B, [(kept, budget(kept)) for kept in (1.0,) + tuple(kepts)], fwd=fwd)
         print(f"compiled decode B={B}: { {k: v[0] for k, v in got.items()} } ms/step ({time.time() - t0:.0f} s with "
               "the compiles)", flush=True)
-        dn = got[1.0][0]
-        for kept in kepts:
-            sp = got[kept][0]
-            rows.append({"kept": kmeas[kept], "target": kept, "batch": B, "cache": got[kept][2],
-                         "dense_tok_s": None if dn is None else round(B / dn * 1e3, 1),
-                         "sparse_tok_s": None if sp is None else round(B / sp * 1e3, 1),
-                         "dense_ms": dn and round(dn, 3), "sparse_ms": sp and round(sp, 3),
-                         "speedup": round(dn / sp, 3) if dn and sp else None})
+        rows += [decode_row(kmeas[kept], kept, B, got[1.0][0], got[kept][0], got[kept][2]) for kept in kepts]
     dynamo.reset()
     return rows
 

@@ -240,14 +240,14 @@ class SparseMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if (self._kernel_cache is None and x2.is_cuda and not self.n_shared % self.expert_size
-                and _kernels() is not None):
+        cuda = x2.is_cuda and _kernels() is not None
+        if cuda and self._kernel_cache is None and not self.n_shared % self.expert_size:
             # the first CUDA call, dense or sparse, lays the weights out for the kernels: a CUDA graph captured on
             # the old layout (a dense-budget step, say) would read freed memory after a later relayout
             self._build_kernel_cache(_kernels())
         if self.dense and self.stats is None:
             y = self._dense_forward(x2)
-        elif x2.is_cuda and _kernels() is not None:
+        elif cuda:
             y = self._cuda_forward(x2)
         else:
             y = self._torch_forward(x2)
