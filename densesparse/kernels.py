@@ -73,7 +73,8 @@ CONFIG = {
     # Select kernel at T <= 16 (pairwise XMoE rule): sel_BJ experts decided per program, their masses against
     # sel_BK logits per loop step (capped at the next power of two of n_e), sel_warps warps. Its loops are
     # latency-bound (each step waits on an L2 load): fewer, wider steps and more programs win. H100, llama3-8b
-    # e=8 (1792 experts), T=1, profiler (run P2, bench/GPU_NOTES.md): 3.45 us at (16, 512, 4) vs 6.9 at (64, 128, 4).
+    # e=8 (1792 experts), T=1, profiler: 3.4 us at (16, 512, 4) (bench/results/gpu-h100.json, profile_layer) vs 6.9
+    # at (64, 128, 4) (gpu-h100-compile-p1.json); the router alone, both in one run: select_trials in gpu-h100.json.
     "sel_BJ": 16, "sel_BK": 512, "sel_warps": 4,
     # Router at T <= 16 (DS_ROUTER overrides):
     #   "three": R1, R2, select (pairwise) as three launches.
