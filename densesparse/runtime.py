@@ -144,10 +144,11 @@ class SparseMLP(nn.Module):
         # dense end, weight), the sparse paths add the result (bias_now); computed from the parameter at use, so it
         # follows weights loaded or moved after apply_budget
         self.bias_mix: tuple | None = None
-        self._bias_cache = (None, None)
-        self._kernel_bias = (None, None)  # (bias, b_down + bias) for the CUDA kernels
         self.stats: LayerStats | None = None
-        self._kernel_cache = None
+        # the CUDA kernels' weights ((packed weights, down-row norms); built on the first CUDA call) and the memos
+        # of per-budget constants (_memo)
+        self._kernel_cache: tuple | None = None
+        self._memos: dict = {}
 
     # -- canonical views: every projection as [m, d], one row per neuron ------------------------------------------
     def _up_module(self):
@@ -193,12 +194,25 @@ class SparseMLP(nn.Module):
         rows = getattr(self, "budget_bias", None)
         if self.bias_mix is None or rows is None:
             return None
-        if torch.compiler.is_compiling():  # inside a graph: no memo (see _cuda_forward)
-            return self._mixed_bias(rows, like)
-        key = (self.bias_mix, rows.data_ptr(), rows._version, like.device, like.dtype)
-        if self._bias_cache[0] != key:
-            self._bias_cache = (key, self._mixed_bias(rows, like))
-        return self._bias_cache[1]
+        return self._memo("bias", lambda: self._bias_key(like), lambda: self._mixed_bias(rows, like))
+
+    def _bias_key(self, like: torch.Tensor) -> tuple:
+        rows = self.budget_bias
+        return (self.bias_mix, rows.data_ptr(), rows._version, like.device, like.dtype)
+
+    def _memo(self, name, key, build):
+        """build(), computed once per key() and kept under name: the per-budget constants of a call (bias, down-tau
+        vector, all-on mask), each a launch or two per call otherwise. Under torch.compile they are computed inside
+        the graph instead (a few fused elementwise ops): a memo filled by a compiled call would hold that graph's
+        own outputs, which CUDA-graph trees ("reduce-overhead", HF generate's static-cache compile) overwrite on the
+        next replay."""
+        if torch.compiler.is_compiling():
+            return build()
+        hit = self._memos.get(name)
+        k = key()
+        if hit is None or hit[0] != k:
+            hit = self._memos[name] = (k, build())
+        return hit[1]
 
     def _mixed_bias(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         a, b, w = self.bias_mix
@@ -296,10 +310,9 @@ class SparseMLP(nn.Module):
         """One copy of every weight: the kernels read each projection as [m, d] rows. Where that row view is not
         contiguous (nn.Linear down_proj stores [d, m]; GPT-2 Conv1D c_fc stores [d, m]), re-lay the parameter's
         storage in place as a contiguous [m, d] tensor and keep the parameter as its transposed view (F.linear
-        and Conv1D take it as is); the old storage is freed, nothing is duplicated. Then the per-call constants:
-        [packed weights, (down_tau, its per-neuron tau vector), {T: all-on expert mask}, down-row norms], each a
-        launch or two per call otherwise. Runs eagerly on the module's first CUDA call (a compiled model breaks
-        its graph here once, on its first call; run one eager call first to compile without the break)."""
+        and Conv1D take it as is); the old storage is freed, nothing is duplicated. Keeps (packed weights, down-row
+        norms). Runs eagerly on the module's first CUDA call (a compiled model breaks its graph here once, on its
+        first call; run one eager call first to compile without the break)."""
         mods = [(self._down_module(), False), (self._up_module(), True)]
         if self.layout["gate"]:
             mods.append((getattr(self, self.layout["gate"]), True))
@@ -311,8 +324,8 @@ class SparseMLP(nn.Module):
                     mod.weight.data = flat.t() if out_rows == bool(self.layout["conv1d"]) else flat
             w_gate, w_up, _, _, w_down_t, _ = self.canonical()
             # pack() takes the shared part as a count of blocks of expert_size (self.n_shared counts neurons)
-            self._kernel_cache = [k.pack(w_gate, w_up, w_down_t, self.expert_size, self.n_shared // self.expert_size),
-                                  None, {}, self.down_norms()]
+            self._kernel_cache = (k.pack(w_gate, w_up, w_down_t, self.expert_size, self.n_shared // self.expert_size),
+                                  self.down_norms())
 
     def _cuda_forward(self, x2):
         if x2.shape[0] > self.dense_above_tokens:
@@ -327,38 +340,23 @@ class SparseMLP(nn.Module):
             return self._torch_forward(x2)
         if self._kernel_cache is None:  # a direct call (forward() builds it on the first CUDA call)
             self._build_kernel_cache(k)
-        packed, cached_tau, all_on, norms = self._kernel_cache
-        # Under torch.compile the per-budget constants below are computed inside the graph (a few fused elementwise
-        # ops) instead of memoised: a memo filled by a compiled call would hold that graph's own outputs, which
-        # CUDA-graph trees ("reduce-overhead", HF generate's static-cache compile) overwrite on the next replay.
-        compiling = torch.compiler.is_compiling()
+        packed, norms = self._kernel_cache
         tau = None
         if self.down_tau > 0:
-            if compiling:
-                tau = self.down_tau / norms.to(x2.dtype).clamp_min(1e-12)
-            else:
-                if cached_tau is None or cached_tau[0] != self.down_tau:
-                    self._kernel_cache[1] = cached_tau = (self.down_tau,
-                                                          self.down_tau / norms.to(x2.dtype).clamp_min(1e-12))
-                tau = cached_tau[1]
+            tau = self._memo("tau", lambda: (self.down_tau, x2.dtype),
+                             lambda: self.down_tau / norms.to(x2.dtype).clamp_min(1e-12))
         r = self.router
         if self.threshold >= 1.0:
-            if compiling:
-                mask = self.select(x2)
-            else:
-                if x2.shape[0] not in all_on:
-                    all_on[x2.shape[0]] = self.select(x2)
-                mask = all_on[x2.shape[0]]
+            T = x2.shape[0]
+            mask = self._memo(("all_on", T), lambda: (T, x2.device), lambda: self.select(x2))
         else:
             mask = k.route(x2, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, self.threshold)
-        _, _, b_gate, b_up, _, b_down = self.canonical()
+        _, _, b_gate, b_up, _, b_model = self.canonical()
         bias = self.bias_now(x2)
-        if bias is not None and compiling:
-            b_down = bias if b_down is None else b_down + bias
-        elif bias is not None:  # folded into the down bias the kernels add (built once per budget)
-            if self._kernel_bias[0] is not bias:
-                self._kernel_bias = (bias, bias if b_down is None else b_down + bias)
-            b_down = self._kernel_bias[1]
+        b_down = b_model
+        if bias is not None:  # folded into the down bias the kernels add (built once per budget)
+            b_down = self._memo("kernel_bias", lambda: self._bias_key(x2),
+                                lambda: bias if b_model is None else b_model + bias)
         dial = self.gated and self.gate_tau > 0
         # the kernels count, per token, the up rows they compute and the neurons kept for down (the torch path's
         # up_rows and down_keep): only when stats are on, as reading them back syncs
