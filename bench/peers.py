@@ -8,7 +8,9 @@ per token from the real masks:
 - CATS (Lee et al. 2024): threshold on |act(gate)|; gate dense, up and down skip.
 - CMoE (2025): shared experts from most active neurons, co-activation clusters, router from representative neurons.
 - oracle-neuron: per token the largest |h| neurons (a bound). oracle-expert: per token the experts with the largest
-  true output norm for our grouping (a bound).
+  true output norm for our grouping (a bound). oracle-router: our conversion, every dial and threshold as
+  calibrated, but the router's scores replaced by the log of the true expert output norms, the distribution the
+  router is trained to match (a bound: what a perfect router would give, so the rest of the loss is not routing).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from densesparse.budget import Point, allocate
 from densesparse.router import expert_output_norms
-from densesparse.runtime import SparseMLP
+from densesparse.runtime import SparseMLP, threshold_select
 
 EPS = 1e-12
 
@@ -111,6 +113,17 @@ def run_cmoe(mlp, x, k, reps):
     hr = mlp.act(F.linear(x, w_gate[reps], None if b_gate is None else b_gate[reps])) * u if mlp.gated else mlp.act(u)
     sel = _expert_topk(mlp, hr.abs() * mlp.down_norms()[reps], k)
     return _run_experts(mlp, x, sel, len(reps) * mlp.hidden * mlp.gu())
+
+
+def oracle_router(mlp: SparseMLP) -> None:
+    """Make mlp (a SparseMLP of ours, CPU path) select experts by true output norms through its own XMoE
+    threshold; everything else (dials, thresholds, FLOPs count) is unchanged, router multiply-adds still counted."""
+    def select(x2):
+        if mlp.threshold >= 1.0:
+            return SparseMLP.select(mlp, x2)
+        norms = expert_output_norms(mlp, x2)
+        return threshold_select(torch.log(norms + EPS), mlp.threshold)
+    mlp.select = select
 
 
 METHODS = {"dense": run_dense, "teal": run_teal, "wina": run_teal, "cats": run_cats,
