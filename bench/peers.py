@@ -11,6 +11,9 @@ per token from the real masks:
   true output norm for our grouping (a bound). oracle-router: our conversion, every dial and threshold as
   calibrated, but the router's scores replaced by the log of the true expert output norms, the distribution the
   router is trained to match (a bound: what a perfect router would give, so the rest of the loss is not routing).
+  oracle-up: our conversion with the gate dial scored by the true |act(gate) * up| * ||down row|| instead of
+  |act(gate)| * E|up| * ||down row|| (the same scale, so the calibrated thresholds apply): a bound on predicting up.
+  oracle-router-up: both.
 """
 from __future__ import annotations
 
@@ -124,6 +127,18 @@ def oracle_router(mlp: SparseMLP) -> None:
         norms = expert_output_norms(mlp, x2)
         return threshold_select(torch.log(norms + EPS), mlp.threshold)
     mlp.select = select
+
+
+def oracle_up(mlp: SparseMLP) -> None:
+    """Make mlp's gate dial (CPU path) keep neurons by their true |h| * ||down row||; FLOPs counted as before."""
+    norms = mlp.down_norms()
+    mlp.gate_score = lambda g, u: (g * u).abs() * norms.to(g.dtype)
+
+
+# bounds on our own conversion: the patches each applies to every layer, and its row's setting
+OURS_BOUNDS = {"oracle-router": ((oracle_router,), "router = true norms"),
+               "oracle-up": ((oracle_up,), "gate dial on true |h|"),
+               "oracle-router-up": ((oracle_router, oracle_up), "both")}
 
 
 METHODS = {"dense": run_dense, "teal": run_teal, "wina": run_teal, "cats": run_cats,

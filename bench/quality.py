@@ -146,7 +146,8 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality-smollm2.json"))
     ap.add_argument("--sparse", default=None, help="reuse this converted directory instead of converting")
     ap.add_argument("--methods",
-                    default="densesparse,teal,teal-greedy,wina,cats,cmoe,oracle-neuron,oracle-expert,oracle-router")
+                    default="densesparse,teal,teal-greedy,wina,cats,cmoe,oracle-neuron,oracle-expert,oracle-router,"
+                            "oracle-up,oracle-router-up")
     ap.add_argument("--eval-text", default=str(WT2), help="evaluation text (default: WikiText-2 test, wt2-64k)")
     ap.add_argument("--convert-args", default="", help="ConvertConfig overrides for ours, e.g. 'expert_size=16'")
     ap.add_argument("--append", action="store_true",
@@ -235,17 +236,19 @@ def main():
             log("densesparse", f"e{spec['expert_size']}-{spec['grouping']}", r["target"], r["mlp_flops_kept"],
                 r["ppl"])
 
-    if "oracle-router" in methods:  # a bound: ours with a perfect router (peers.oracle_router)
+    for name, (patches, setting) in peers.OURS_BOUNDS.items():  # ours with a part made perfect (bounds)
+        if name not in methods:
+            continue
         model = copy.deepcopy(sparse)
         for mm in sparse_mlps(model):
-            peers.oracle_router(mm)
+            for patch in patches:
+                patch(mm)
         res = evaluate_windows(model, wins, bos, list(TARGETS), spec["budgets"])
         for r in res["rows"]:
-            log("oracle-router", f"e{spec['expert_size']} ours, router = true norms", r["target"],
-                r["mlp_flops_kept"], r["ppl"])
+            log(name, f"e{spec['expert_size']} ours, {setting}", r["target"], r["mlp_flops_kept"], r["ppl"])
 
     # peers: thresholds from the same calibration sample (same text, seed, token count as the conversion)
-    if set(methods) - {"densesparse", "oracle-router"}:
+    if set(methods) - {"densesparse", *peers.OURS_BOUNDS}:
         run_peers(args, methods, dense, tok, overrides, state, wins, bos, sparse, spec, work, log)
 
     result = save(final=True)

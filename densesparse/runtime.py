@@ -279,6 +279,12 @@ class SparseMLP(nn.Module):
     def sparse_input(self, x2: torch.Tensor) -> torch.Tensor:
         return x2 * (x2.abs() >= self.input_tau) if self.input_tau > 0 else x2
 
+    def gate_score(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The gate dial's per-neuron score, known once the gate is computed: |act(gate)| * gate_scale (E|up| *
+        ||down row||). u is not used: this path computes up for every neuron, the kernels only for kept ones; the
+        bench's oracle-up bound scores with it."""
+        return g.abs() * self.gate_scale.to(g.dtype)
+
     def _record(self, x_in, expert_mask, n_down, up_rows=None):
         """Count what this call did: per token, `n_down` neurons kept for down and `up_rows` up rows computed
         (default: the chosen experts' rows)."""
@@ -294,7 +300,7 @@ class SparseMLP(nn.Module):
         keep = self.neuron_mask(expert_mask)
         up_rows = None
         if self.gate_tau > 0:
-            keep = keep & (g.abs() * self.gate_scale.to(g.dtype) >= self.gate_tau)
+            keep = keep & (self.gate_score(g, u) >= self.gate_tau)
             up_rows = keep.sum(1)
         h = u if g is None else g * u
         if self.down_tau > 0:
