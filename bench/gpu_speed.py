@@ -726,6 +726,38 @@ def profile_layer(cases=((0.5, False), (0.25, True)), e=8, shape="llama3-8b", n=
     return out
 
 
+def down_trials(e=8, shape="llama3-8b",
+                cases=((0.5, False, ({}, {"dn_KCHUNK": 448}, {"dn_KCHUNK": 384}, {"dn_KCHUNK": 448, "dn_warps": 4})),
+                       (0.25, True, ({}, {"c_dn_split": 33}, {"c_dn_split": 33, "c_dn_warps": 2})))):
+    """A batch-1 layer (router + MLP, as profile_layer calls it) with the down kernel's grid varied, every config
+    timed in turn in one time_graphs call. Wave balance on 132 SMs: dn_KCHUNK 512 gives 28 x 16 = 448 programs (3.4
+    per SM), 448 gives 32 x 16 = 512 (3.9); the compacted path's c_dn_split 28 gives 448, 33 gives 528 (4.0).
+    Outputs checked against the default config's (max relative difference)."""
+    L = Layer(shape)
+    L.pack_for(e)
+    gen = torch.Generator(device=DEV).manual_seed(23)
+    x = torch.randn(1, L.d, device=DEV, dtype=DT, generator=gen)
+    out = []
+    for kept, compact, cfgs in cases:
+        thr = bisect_threshold(copy_frac(L, 0, x), kept, steps=14)
+
+        def call(i, cfg):
+            mk = K.route(x, *L.router[i % L.nc], thr)
+            return _with_cfg(cfg, lambda: K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mk, None, "silu",
+                                                       path="triton", compact=compact))
+        ref = call(0, {}).float()
+        diffs = [float(((call(0, c).float() - ref).norm() / ref.norm().clamp_min(1e-12))) for c in cfgs]
+        times = time_graphs([lambda i, c=c: call(i, c) for c in cfgs], 2 * L.nc)
+        for c, us, dv in zip(cfgs, times, diffs):
+            row = {"shape": shape, "expert_size": e, "batch": 1, "target": kept, "compact": compact, "cfg": c,
+                   "layer_us": round(us, 2), "rel_diff_vs_default": dv}
+            out.append(row)
+            print(f"down_trials {row}", flush=True)
+    del L
+    torch.cuda.empty_cache()
+    return out
+
+
 def tile_trials():
     """Greedy: down-kernel configs, then gate/up configs, at llama3-8b T=1, kept 0.25/0.5, e=8 and e=32 (MLP only).
     Keeps the fastest in K.CONFIG for the rest of the run (the record says which)."""
@@ -1694,6 +1726,8 @@ def main(argv=None):
                          "(comma-separated, e.g. 1,4), dense and sparse alike (decode_compiled)")
     ap.add_argument("--profile-layer", action="store_true",
                     help="select_trials() and profile_layer() (per-kernel times of a batch-1 layer vs its graph)")
+    ap.add_argument("--down-trials", action="store_true",
+                    help="down_trials() alone (the down kernel's grid varied, a batch-1 layer) into a new record")
     ap.add_argument("--dial-mix", default=None,
                     help="a bench/dial_mix.py record: bench_dial_mix alone into a new record at --out")
     a = ap.parse_args(argv)
@@ -1737,6 +1771,13 @@ def main(argv=None):
         print(json.dumps(res["compact_crossover"]["summary"], indent=1))
         return
 
+    if a.down_trials:
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv), "note": a.note,
+               "config": dict(K.CONFIG), "down_trials": down_trials()}
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        return
     if a.e2e_only:
         from densesparse import runtime
         from densesparse.config import ConvertConfig
