@@ -689,6 +689,15 @@ def select_trials(e=8, shape="llama3-8b", kept=0.5,
     return {"shape": shape, "expert_size": e, "batch": 1, "target": kept, "rows": rows}
 
 
+def layer_step(L, x, thr, compact, i, mlp=True):
+    """What SparseMLP runs for a batch-1 call on weight copy i: the router, then (mlp) the Triton MLP."""
+    mk = K.route(x, *L.router[i % L.nc], thr)
+    if mlp:
+        return K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mk, None, "silu", path="triton",
+                            compact=compact)
+    return mk
+
+
 def profile_layer(cases=((0.5, False), (0.25, True)), e=8, shape="llama3-8b", n=20):
     """Where a batch-1 layer's time goes: per-kernel device time (torch.profiler, us per call) of the router and the
     MLP kernels SparseMLP runs (random routers bisected to the kept fraction; compacted where the runtime rule
@@ -703,10 +712,7 @@ def profile_layer(cases=((0.5, False), (0.25, True)), e=8, shape="llama3-8b", n=
         thr = bisect_threshold(copy_frac(L, 0, x), kept, steps=14)
 
         def call(i, mlp=True):
-            mk = K.route(x, *L.router[i % L.nc], thr)
-            if mlp:
-                K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mk, None, "silu", path="triton",
-                             compact=compact)
+            return layer_step(L, x, thr, compact, i, mlp=mlp)
         ks = kernel_times(call, n)
         graph_us, router_us, dense_us, relaid_us = time_graphs(
             [call, lambda i: call(i, mlp=False), lambda i: dense_mlp(x, *L.dense[i % L.nc]),
@@ -742,9 +748,7 @@ def down_trials(e=8, shape="llama3-8b",
         thr = bisect_threshold(copy_frac(L, 0, x), kept, steps=14)
 
         def call(i, cfg):
-            mk = K.route(x, *L.router[i % L.nc], thr)
-            return _with_cfg(cfg, lambda: K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mk, None, "silu",
-                                                       path="triton", compact=compact))
+            return _with_cfg(cfg, lambda: layer_step(L, x, thr, compact, i))
         ref = call(0, {}).float()
         diffs = [float(((call(0, c).float() - ref).norm() / ref.norm().clamp_min(1e-12))) for c in cfgs]
         times = time_graphs([lambda i, c=c: call(i, c) for c in cfgs], 2 * L.nc)
@@ -1227,6 +1231,14 @@ def decode_compiled(model, budget, decode_side_by_side, kepts, kmeas, batches):
         rows += [decode_row(kmeas[kept], kept, B, got[1.0][0], got[kept][0], got[kept][2]) for kept in kepts]
     dynamo.reset()
     return rows
+
+
+def run_info(note):
+    """The head of every record: device, versions, commit (DS_COMMIT: the device copy's git metadata is stale),
+    command line and note."""
+    import triton
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv), "note": note}
 
 
 def _with_cfg(cfg, fn):
@@ -1731,16 +1743,13 @@ def main(argv=None):
     ap.add_argument("--dial-mix", default=None,
                     help="a bench/dial_mix.py record: bench_dial_mix alone into a new record at --out")
     a = ap.parse_args(argv)
-    import triton
     compiled = tuple(int(b) for b in a.compile.split(",")) if a.compile else ()
 
     if a.dial_mix:
         t0 = time.time()
         with open(a.dial_mix) as f:
             mix = json.load(f)
-        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv), "note": a.note,
-               "dial_mix": bench_dial_mix(mix, Ts=(1, 2))}
+        res = {**run_info(a.note), "dial_mix": bench_dial_mix(mix, Ts=(1, 2))}
         res["wall_s"] = round(time.time() - t0, 1)
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
@@ -1759,8 +1768,7 @@ def main(argv=None):
         rows = bench_compact_crossover(fracs=tuple(float(f) for f in a.fracs.split(",")), rounds=a.rounds)
         prev = res.get("compact_crossover")
         res["compact_crossover"] = {
-            "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv), "note": a.note,
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            **run_info(a.note),
             "config": {k: v for k, v in K.CONFIG.items()}, "compact_below_at_run": runtime.COMPACT_BELOW,
             "summary": crossover_summary(rows), "rows": rows, "wall_s": round(time.time() - t0, 1)}
         if prev:  # earlier sweeps stay, newest last
@@ -1772,9 +1780,7 @@ def main(argv=None):
         return
 
     if a.down_trials:
-        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv), "note": a.note,
-               "config": dict(K.CONFIG), "down_trials": down_trials()}
+        res = {**run_info(a.note), "config": dict(K.CONFIG), "down_trials": down_trials()}
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
         return
@@ -1782,9 +1788,7 @@ def main(argv=None):
         from densesparse import runtime
         from densesparse.config import ConvertConfig
         t0 = time.time()
-        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv), "note": a.note,
-               "config": dict(K.CONFIG), "compact_below": runtime.COMPACT_BELOW,
+        res = {**run_info(a.note), "config": dict(K.CONFIG), "compact_below": runtime.COMPACT_BELOW,
                "dense_above_tokens": DENSE_ABOVE, "default_expert_size": ConvertConfig().expert_size}
         if a.profile_layer:
             res["select_trials"] = select_trials()
@@ -1811,8 +1815,7 @@ def main(argv=None):
 
     if a.compact_only:
         t0 = time.time()
-        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv), "note": a.note}
+        res = run_info(a.note)
 
         def save_c():
             res["wall_s"] = round(time.time() - t0, 1)
@@ -1842,9 +1845,7 @@ def main(argv=None):
         if a.gate_dial_tiles:
             res["gate_dial_tiles"] = gate_dial_tiles()
         res["gate_dial"] = bench_gate_dial(res.get("copy_gbps"))
-        res["gate_dial_run"] = {"commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv),
-                                "note": a.note, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                "triton": triton.__version__, "wall_s": round(time.time() - t0, 1)}
+        res["gate_dial_run"] = {**run_info(a.note), "wall_s": round(time.time() - t0, 1)}
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
         print_gate_dial(res["gate_dial"])
@@ -1852,9 +1853,7 @@ def main(argv=None):
 
     from densesparse.config import ConvertConfig
     t0 = time.time()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": os.environ.get("DS_COMMIT", "unknown"), "command": " ".join(sys.argv),
-           "note": a.note, "default_expert_size": ConvertConfig().expert_size, "mlp": [], "prefill_layer": [],
+    res = {**run_info(a.note), "default_expert_size": ConvertConfig().expert_size, "mlp": [], "prefill_layer": [],
            "decode": [], "prefill": []}
 
     def save():

@@ -126,19 +126,21 @@ def dial_mix_table(g: dict) -> str:
     return "\n".join(lines)
 
 
-def decode_lines(g: dict) -> list[str]:
-    """The end-to-end decode table and the prefill lines of a GPU record."""
+def decode_table(rows: list[dict]) -> list[str]:
     lines = ["| MLP kept | batch | dense tok/s | sparse tok/s | speedup |", "|---|---|---|---|---|"]
-    for r in g["decode"]:
+    for r in rows:
         lines.append(f"| {r['kept']} | {r['batch']} | {r['dense_tok_s']:.1f} | {r['sparse_tok_s']:.1f} | "
                      f"{r['sparse_tok_s'] / r['dense_tok_s']:.2f}x |")
+    return lines
+
+
+def decode_lines(g: dict) -> list[str]:
+    """The end-to-end decode table and the prefill lines of a GPU record."""
+    lines = decode_table(g["decode"])
     if g.get("decode_compiled"):
         lines += ["", "The same steps with the whole model `torch.compile`d (fullgraph, dense and sparse alike, the "
                       "custom ops inside the compiled graph; key `decode_compiled`):", "",
-                  "| MLP kept | batch | dense tok/s | sparse tok/s | speedup |", "|---|---|---|---|---|"]
-        for r in g["decode_compiled"]:
-            lines.append(f"| {r['kept']} | {r['batch']} | {r['dense_tok_s']:.1f} | {r['sparse_tok_s']:.1f} | "
-                         f"{r['speedup']:.2f}x |")
+                  *decode_table(g["decode_compiled"])]
     for r in g.get("prefill", []):
         lines.append(f"\nPrefill {r['tokens']} tokens at {r['kept']} kept: dense {r['dense_ms']:.2f} ms, sparse "
                      f"{r['sparse_ms']:.2f} ms ({r['dense_ms'] / r['sparse_ms']:.3f}x).")
