@@ -354,7 +354,7 @@ class SparseMLP(nn.Module):
         r = self.router
         if self.threshold >= 1.0:
             T = x2.shape[0]
-            mask = self._memo(("all_on", T), lambda: (T, x2.device), lambda: self.select(x2))
+            mask = self._memo(("all_on", T), lambda: x2.device, lambda: self.select(x2))
         else:
             mask = k.route(x2, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, self.threshold)
         _, _, b_gate, b_up, _, b_model = self.canonical()
