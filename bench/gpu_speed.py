@@ -762,6 +762,62 @@ def down_trials(e=8, shape="llama3-8b",
     return out
 
 
+def decide_trials(e=8, shape="llama3-8b", Ts=(1, 2), input_q=0.3, decide_qs=(0.5, 0.7), up_kept=0.65,
+                  down_kept=0.4):
+    """What early decisions cost on the GPU: a layer with every expert on, input skip (input_q of |x| cut), the
+    gate dial keeping up_kept of the up rows and down tau down_kept of the neurons (about the default conversion's
+    50% budget, bench/results/dial-mix-smollm2.json), plain vs deciding on the channels above each decide_qs
+    quantile of |x|; each variant's taus set so it keeps the same fractions (so the same bytes move), all timed in
+    turn. The kernels add the partial-sum accumulators to the loads they already do: the prediction is no change."""
+    L = Layer(shape)
+    L.pack_for(e)
+    gen = torch.Generator(device=DEV).manual_seed(29)
+    wg, wu, wd = L.dense[0]
+    xc = torch.randn(512, L.d, device=DEV, dtype=DT, generator=gen)
+    gs = ((xc @ wu.t()).float().abs().mean(0) * wd.float().norm(dim=0)).to(DT)  # E|up| x down-row norm
+    norms = wd.float().norm(dim=0)
+    out = []
+    for T in Ts:
+        x = torch.randn(T, L.d, device=DEV, dtype=DT, generator=gen)
+        mask = torch.ones(T, L.m // e, dtype=torch.bool, device=DEV)
+        ax = x.abs().float().flatten()
+        in_tau = float(torch.quantile(ax, input_q))
+        xf = (x * (x.abs() >= in_tau)).float()
+        g = torch.nn.functional.silu(xf @ wg.float().t())
+        variants = []
+        for q in (None,) + tuple(decide_qs):
+            dec = 0.0 if q is None else float(torch.quantile(ax, q))
+            xd = xf * (x.abs() >= dec).float() if dec else xf
+            g_dec = torch.nn.functional.silu(xd @ wg.float().t()) if dec else g
+            score = g_dec.abs() * gs.float()
+            gate_tau = float(torch.quantile(score.flatten(), 1 - up_kept))
+            keep = score >= gate_tau
+            crit = (g * (xd @ wu.float().t())).abs() * norms
+            down_tau = float(torch.quantile(crit[keep], 1 - down_kept / up_kept))
+            variants.append((q, dec, gate_tau, (down_tau / norms.clamp_min(1e-12)).float()))
+
+        def call(i, v, x=x, mask=mask, in_tau=in_tau):
+            _, dec, gate_tau, tau = v
+            return K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mask, tau, "silu", path="triton",
+                                gate_scale=gs, gate_tau=gate_tau, input_tau=in_tau, decide_tau=dec)
+        counts = []
+        for v in variants:
+            c = torch.zeros(2, T, dtype=torch.int32, device=DEV)
+            y = K.sparse_mlp(x, L.packed[0], None, None, None, mask, v[3], "silu", path="triton", gate_scale=gs,
+                             gate_tau=v[2], input_tau=in_tau, decide_tau=v[1], counts=c)
+            assert torch.isfinite(y).all()
+            counts.append((c.float().mean(1) / L.m).tolist())
+        times = time_graphs([lambda i, v=v: call(i, v) for v in variants], 2 * L.nc)
+        for (q, *_), us, (up, down) in zip(variants, times, counts):
+            row = {"shape": shape, "expert_size": e, "batch": T, "decide_q": q, "mlp_us": round(us, 2),
+                   "up_kept": round(up, 4), "down_kept": round(down, 4)}
+            out.append(row)
+            print(f"decide_trials {row}", flush=True)
+    del L
+    torch.cuda.empty_cache()
+    return out
+
+
 def tile_trials():
     """Greedy: down-kernel configs, then gate/up configs, at llama3-8b T=1, kept 0.25/0.5, e=8 and e=32 (MLP only).
     Keeps the fastest in K.CONFIG for the rest of the run (the record says which)."""
@@ -1740,6 +1796,8 @@ def main(argv=None):
                     help="select_trials() and profile_layer() (per-kernel times of a batch-1 layer vs its graph)")
     ap.add_argument("--down-trials", action="store_true",
                     help="down_trials() alone (the down kernel's grid varied, a batch-1 layer) into a new record")
+    ap.add_argument("--decide-trials", action="store_true",
+                    help="decide_trials() alone (early decisions on vs off, a layer at batch 1 and 2) into a new record")
     ap.add_argument("--dial-mix", default=None,
                     help="a bench/dial_mix.py record: bench_dial_mix alone into a new record at --out")
     a = ap.parse_args(argv)
@@ -1779,6 +1837,11 @@ def main(argv=None):
         print(json.dumps(res["compact_crossover"]["summary"], indent=1))
         return
 
+    if a.decide_trials:
+        res = {**run_info(a.note), "config": dict(K.CONFIG), "decide_trials": decide_trials()}
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        return
     if a.down_trials:
         res = {**run_info(a.note), "config": dict(K.CONFIG), "down_trials": down_trials()}
         with open(a.out, "w") as f:

@@ -152,7 +152,12 @@ def main():
     ap.add_argument("--convert-args", default="", help="ConvertConfig overrides for ours, e.g. 'expert_size=16'")
     ap.add_argument("--append", action="store_true",
                     help="add this run's rows, ours labelled densesparse-<convert-args>, to the existing --out JSON")
+    ap.add_argument("--replace", action="store_true",
+                    help="put this run's rows in place of the same methods' rows of the existing --out JSON (when "
+                         "only they changed, e.g. new defaults); the run is recorded under replaced_runs")
     args = ap.parse_args()
+    if args.append and args.replace:
+        raise SystemExit("--append and --replace exclude each other")
     methods = args.methods.split(",")
     started = time.time()
     commit = git_commit()  # the code that runs, even if the tree changes meanwhile
@@ -169,10 +174,10 @@ def main():
     wins, bos = wt2_windows(tok, args.windows, eval_text)
     tokens = sum(w.numel() - 1 for w in wins)
     rows = []
-    prior = json.loads(Path(args.out).read_text()) if args.append else None
+    prior = json.loads(Path(args.out).read_text()) if args.append or args.replace else None
 
     def log(method, setting, target, kept, ppl):
-        if prior is not None and method == "densesparse":
+        if args.append and method == "densesparse":
             method = f"densesparse-{args.convert_args}"
         rows.append({"method": method, "setting": setting, "target": target, "mlp_flops_kept": round(kept, 4),
                      "ppl": round(ppl, 4)})
@@ -205,8 +210,15 @@ def main():
         if prior is not None:
             variant = {k: result[k] for k in ("command", "commit", "seconds", "convert_seconds",
                                                "densesparse_settings", "complete")}
-            result = dict(prior, rows=prior["rows"] + rows,
-                          variant_runs=prior.get("variant_runs", []) + [variant])
+            if args.append:
+                result = dict(prior, rows=prior["rows"] + rows,
+                              variant_runs=prior.get("variant_runs", []) + [variant])
+            else:  # the replaced methods' rows where the first of them was
+                kept = [r for r in prior["rows"] if r["method"] not in methods]
+                at = next((i for i, r in enumerate(prior["rows"]) if r["method"] in methods), len(prior["rows"]))
+                at -= sum(r["method"] in methods for r in prior["rows"][:at])
+                result = dict(prior, rows=kept[:at] + rows + kept[at:],
+                              replaced_runs=prior.get("replaced_runs", []) + [dict(variant, methods=methods)])
         write_json(result, args.out)
         return result
 
@@ -227,8 +239,8 @@ def main():
         convert_seconds = round(time.time() - t, 1)
     spec = read_spec(sparse_dir)
     state["convert_seconds"] = convert_seconds
-    state["settings"] = {k: spec[k] for k in ("expert_size", "n_shared", "grouping", "router_width", "down_skip",
-                                              "input_skip", "calibration")}
+    state["settings"] = {k: spec.get(k) for k in ("expert_size", "n_shared", "grouping", "router_width", "down_skip",
+                                                  "input_skip", "early_decisions", "calibration")}
     sparse = load(sparse_dir, mlp_flops=1.0)
     if "densesparse" in methods:
         res = evaluate_windows(sparse, wins, bos, list(TARGETS), spec["budgets"])

@@ -37,6 +37,11 @@ def quality_table(q: dict) -> str:
     lines.append(f"Command: `{q['command']}`; commit {q['commit'][:10]}; {q['machine']}; "
                  f"torch {q['versions']['torch']}, transformers {q['versions']['transformers']}; "
                  f"{q['seconds']:.0f} s in all; {conversion}.")
+    for run in q.get("replaced_runs", []):
+        how = (f"conversion {run['convert_seconds']} s" if run.get("convert_seconds")
+               else "a default conversion reused (--sparse)")
+        lines.append(f"Rows {', '.join(run['methods'])} replaced by `{run['command']}`; commit {run['commit'][:10]}; "
+                     f"{run['seconds']:.0f} s; {how}.")
     return "\n".join(lines)
 
 

@@ -1,10 +1,13 @@
 """Choose per-layer thresholds that meet a global MLP-FLOPs budget at the least estimated loss.
 
-Four dials per layer: the input threshold (gate/up skip input channels with tiny |x|, TEAL-style, exact given x),
+Dials per layer: the input threshold (gate/up skip input channels with tiny |x|, TEAL-style, exact given x),
 the router mass threshold t (experts, XMoE rule; t = 1 runs no router), the gate threshold (gated FFNs: up and
 down skip neurons whose |act(gate)| * E|up| * ||down row|| is tiny, CATS-style but scaled to the neuron's expected
 output, exact given the gate) and the down threshold (skip down rows whose |h| * ||down row|| is tiny inside the
-chosen experts, exact given h). Every combination on a grid is screened on held-out calibration tokens with its
+chosen experts, exact given h). A fifth, early decisions: the gate and down thresholds judge each neuron on partial
+sums over only the larger input channels (|x| >= decide_tau), so a neuron they drop costs only those channels and
+the kept ones are completed over every channel input skip keeps (on by default with input skip: it saves FLOPs,
+not bytes). Every combination on a grid is screened on held-out calibration tokens with its
 MLP multiply-adds and a cheap error estimate (the exact error of the input sparsity plus the squared output norms
 of the experts and neurons left out); the screened Pareto front is then re-scored with the exact output error of
 its combined masks. Each layer's error is weighted by its loss sensitivity (mean squared gradient of the LM loss
@@ -27,6 +30,7 @@ INPUT_GRID = (0.0, 0.15, 0.3, 0.45, 0.6, 0.7, 0.8)  # quantiles of |x| dropped
 MASS_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0)
 GATE_GRID = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9)  # quantiles of |act(gate)| * gate_scale dropped
 RHO_GRID = (0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)  # quantiles of neuron contributions dropped in down
+DECIDE_GRID = (0.5, 0.7, 0.85)  # quantiles of |x| the early decisions leave out (above the input skip's)
 QUANTILE_SAMPLE = 1 << 18  # thresholds need quantiles to ~0.2%, not exact sorts of millions
 EXACT_POINTS = 96
 
@@ -43,6 +47,8 @@ class Point:
     # mean fraction of the routed experts the router selects per token on the calibration tokens (1 = router off);
     # the CUDA runtime picks its decode kernels by it (runtime.COMPACT_BELOW)
     experts: float = 1.0
+    # the gate dial and down skip decide on the input channels with |x| >= decide_tau (= input_tau: all of them)
+    decide_tau: float = 0.0
 
 
 def _quantiles(values: torch.Tensor, qs) -> list[float]:
@@ -54,9 +60,9 @@ def _quantiles(values: torch.Tensor, qs) -> list[float]:
 
 
 @torch.no_grad()
-def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool, input_skip: bool = True
-                 ) -> list[Point]:
-    """The layer's (MACs, loss-weighted output error) trade-off over the four dials' grid."""
+def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool, input_skip: bool = True,
+                 early: bool = True) -> list[Point]:
+    """The layer's (MACs, loss-weighted output error) trade-off over the dials' grid."""
     x = x.float()
     n, d = x.shape
     w_down = mlp.canonical()[4].float().t()
@@ -64,68 +70,102 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
     y_full = F.linear(mlp.hidden_states(x), w_down)
     logits = mlp.router.float()(x)
     selections = {t: threshold_select(logits, t) for t in MASS_GRID}
-    expert_frac = {t: float(sel.float().mean()) for t, sel in selections.items()}
+    masses = list(selections)
     # the shared neurons form group 0, always on; expert j is group j + 1
     group = torch.cat([torch.zeros(mlp.n_shared, dtype=torch.long),
                        1 + torch.arange(mlp.n_experts).repeat_interleave(mlp.expert_size)])
     groups = 1 + mlp.n_experts
-    on = {t: torch.cat([torch.ones(n, 1, dtype=torch.bool), sel], 1) for t, sel in selections.items()}
-    x_taus = _quantiles(x.abs(), INPUT_GRID if input_skip else (0.0,))
+    # each token's groups in router order (threshold_select keeps a prefix of it), the shared group first
+    experts_order = torch.softmax(logits.float(), dim=-1).sort(dim=-1, descending=True).indices
+    order = torch.cat([torch.zeros(n, 1, dtype=torch.long), 1 + experts_order], 1)
+    kept_groups = torch.stack([1 + sel.sum(1) for sel in selections.values()])  # [mass, token]
+    rows = torch.stack([mlp.n_shared + sel.sum(1) * mlp.expert_size for sel in selections.values()]).double()
+    router = torch.tensor([float(mlp.router.macs()) if t < 1.0 else 0.0 for t in masses], dtype=torch.float64)
+    input_qs = INPUT_GRID if input_skip else (0.0,)
+    x_taus = dict(zip(input_qs, _quantiles(x.abs(), input_qs)))
+    # early decisions save FLOPs, not bytes: with input skip off (the GPU setting) they are off too
+    decide_qs = DECIDE_GRID if early and input_skip and (mlp.gated or down_skip) else ()
+    decide_taus = dict(zip(decide_qs, _quantiles(x.abs(), decide_qs)))
+    partial = {q: mlp.gate_and_up(x * (x.abs() >= tau)) + ((x.abs() >= tau).sum(1).double(),)
+               for q, tau in decide_taus.items()}
     cache, screened = {}, []
-    for x_tau in x_taus:
+    for x_q, x_tau in x_taus.items():
         keep_x = x.abs() >= x_tau
-        n_in = keep_x.sum(1).float()
-        g, u = mlp.gate_and_up((x * keep_x).float())
+        n_in = keep_x.sum(1).double()
+        g, u = mlp.gate_and_up(x * keep_x)
         h = u if g is None else g * u
         input_err = float((F.linear(h, w_down) - y_full).pow(2).sum()) / n if x_tau > 0 else 0.0
         contrib = h.abs() * norms
-        taus = _quantiles(contrib, RHO_GRID if down_skip else (0.0,))
         true = norms_from_hidden(mlp, h)
         total_mass = true.sum(1).clamp_min(1e-12)
-        per_t = {t: (float((true.pow(2) * ~sel).sum()) / n, float(((true * sel).sum(1) / total_mass).mean()),
-                     float(((mlp.n_shared + sel.sum(1) * mlp.expert_size) * n_in).mean()) if mlp.gated else 0.0,
-                     mlp.router.macs() if t < 1.0 else 0)
-                 for t, sel in selections.items()}
-        gate_score = None if g is None else g.abs() * mlp.gate_scale.float()
-        gate_taus = _quantiles(gate_score, GATE_GRID) if gate_score is not None else [0.0]
-        cache[x_tau] = (h, gate_score)
-        buckets = len(taus) + 2
-        base = (torch.arange(n)[:, None] * groups + group) * buckets
-        down_bucket = 1 + torch.bucketize(contrib, torch.tensor(taus), right=True)
-        for g_tau in gate_taus:
-            # per token, group and bucket: 0 = skipped by the gate, 1 + i = contribution in [taus[i-1], taus[i])
-            bucket = torch.where(gate_score >= g_tau, down_bucket, 0) if g_tau > 0 else down_bucket
-            flat = (base + bucket).flatten()
-            count = torch.bincount(flat, minlength=n * groups * buckets).view(n * groups, buckets).double()
-            sq = torch.bincount(flat, weights=contrib.flatten().double() ** 2,
-                                minlength=n * groups * buckets).view(n * groups, buckets)
-            kept_per_group = count[:, 1:].sum(1).view(n, groups)
-            for t, (dropped_expert_err, recall, gate_cells, router) in per_t.items():
-                mask = on[t].double()
-                up_cells = float(((kept_per_group * mask).sum(1) * n_in).mean())
-                by_bucket = mask.view(1, -1) @ count
-                sq_bucket = (mask.view(1, -1) @ sq)[0].cumsum(0)
-                kept = float(by_bucket[0, 1:].sum())
-                by_bucket = by_bucket[0].cumsum(0)
-                for i, tau in enumerate(taus):
-                    # buckets < i + 2 are dropped. The dropped parts' squared norms are summed without their cross
-                    # terms, hence a screen only
-                    down = (kept - float(by_bucket[i + 1] - by_bucket[0])) / n
-                    err = input_err + dropped_expert_err + float(sq_bucket[i + 1]) / n
-                    macs = mlp_macs_sparse(d, gate_cells, up_cells, down, router)
-                    screened.append(Point(macs, err, t, tau, x_tau, recall, g_tau, expert_frac[t]))
+        dropped_err = torch.tensor([float((true.pow(2) * ~sel).sum()) / n for sel in selections.values()],
+                                   dtype=torch.float64)
+        recall = [float(((true * sel).sum(1) / total_mass).mean()) for sel in selections.values()]
+        # deciding on x_tau's own channels is the plain dials; each larger decide threshold is an option
+        options = [(x_tau, g, u, n_in)] + [(decide_taus[q], *partial[q]) for q in decide_qs if q > x_q + 0.05]
+        for dec_tau, g_dec, u_dec, n_dec in options:
+            gate_score = None if g is None else g_dec.abs() * mlp.gate_scale.float()
+            down_score = (u_dec if g is None else g * u_dec).abs() * norms
+            cache[(x_tau, dec_tau)] = (h, gate_score, down_score)
+            screened += _screen(mlp, n, d, n_in, n_dec, contrib, gate_score, down_score, order, kept_groups, rows,
+                                router, input_err + dropped_err, recall, masses, x_tau, dec_tau, group, groups,
+                                down_skip)
     points = [Point(mlp_macs_dense(d, mlp.intermediate, mlp.gated), 0.0, 1.0, 0.0, 0.0, 1.0)]
     for p in _pareto(screened):
-        h, gate_score = cache[p.input_tau]
+        h, gate_score, down_score = cache[(p.input_tau, p.decide_tau)]
         keep = mlp.neuron_mask(selections[p.threshold])
         if p.gate_tau > 0:
             keep = keep & (gate_score >= p.gate_tau)
         if p.down_tau > 0:
-            keep = keep & (h.abs() * norms >= p.down_tau)
+            keep = keep & (down_score >= p.down_tau)
         err = float((F.linear(h * keep, w_down) - y_full).pow(2).sum()) / n
         points.append(Point(p.macs, err * weight, p.threshold, p.down_tau, p.input_tau, p.recall, p.gate_tau,
-                            p.experts))
+                            float(selections[p.threshold].float().mean()), p.decide_tau))
     return points
+
+
+def _screen(mlp, n, d, n_in, n_dec, contrib, gate_score, down_score, order, kept_groups, rows, router, base_err,
+            recall, masses, x_tau, dec_tau, group, groups, down_skip) -> list[Point]:
+    """Every (mass, gate, down) threshold combination at one input and decide threshold: MACs as the runtime
+    counts them and a cheap error screen (exact input-skip error + squared norms of what the masks leave out, their
+    cross terms ignored). A mass threshold keeps a prefix of each token's router order (`order`, shared group
+    first; `kept_groups` [mass, token] long), so prefix sums over that order serve every mass threshold at once."""
+    taus = _quantiles(down_score, RHO_GRID if down_skip else (0.0,))
+    gate_taus = _quantiles(gate_score, GATE_GRID) if gate_score is not None else [0.0]
+    buckets = len(taus) + 2
+    base = (torch.arange(n)[:, None] * groups + group) * buckets
+    down_bucket = 1 + torch.bucketize(down_score, torch.tensor(taus), right=True)
+    extra = n_in - n_dec  # channels a neuron's completion adds once a dial keeps it
+    size = n * groups * buckets
+    tokens = torch.arange(n)[None, :]
+    out = []
+    for g_tau in gate_taus:
+        # per token, group and bucket: 0 = skipped by the gate, 1 + i = down score in [taus[i-1], taus[i])
+        bucket = torch.where(gate_score >= g_tau, down_bucket, 0) if g_tau > 0 else down_bucket
+        flat = (base + bucket).flatten()
+        count = torch.bincount(flat, minlength=size).view(n, groups, buckets).double()
+        sq = torch.bincount(flat, weights=contrib.flatten().double() ** 2, minlength=size).view(n, groups, buckets)
+        # [token, group, (rows, rows x decision channels, rows x completion channels, squared contributions), bucket]
+        cells = torch.stack([count, count * n_dec[:, None, None], count * extra[:, None, None], sq], 2)
+        prefix = cells.gather(1, order[:, :, None, None].expand_as(cells)).cumsum(1)
+        cum = prefix[tokens, kept_groups - 1].sum(1).cumsum(2) / n  # [mass, 4, bucket], per token
+        kept = cum[:, :, -1:] - cum[:, :, :1]  # what the gate dial keeps (every bucket but 0)
+        after = cum[:, :, -1:] - cum[:, :, 1:-1]  # what down tau i keeps (buckets > i + 1)
+        if gate_score is None:
+            gate_cells = torch.zeros(len(masses), 1, dtype=torch.float64)
+        elif g_tau > 0:
+            gate_cells = (rows * n_dec).mean(1, keepdim=True) + kept[:, 2]
+        else:
+            gate_cells = (rows * n_in).mean(1, keepdim=True)
+        up_cells = torch.where(torch.tensor(taus, dtype=torch.float64) > 0, kept[:, 1] + after[:, 2],
+                               kept[:, 1] + kept[:, 2])
+        macs = mlp_macs_sparse(d, gate_cells, up_cells, after[:, 0], router[:, None])
+        err = base_err[:, None] + cum[:, 3, 1:-1]
+        for a, t in enumerate(masses):
+            for i, tau in enumerate(taus):
+                out.append(Point(float(macs[a, i]), float(err[a, i]), t, tau, x_tau, recall[a], g_tau,
+                                 decide_tau=dec_tau))
+    return out
 
 
 def _pareto(points: list[Point], limit: int = EXACT_POINTS) -> list[Point]:
@@ -188,6 +228,7 @@ def calibrate_budgets(per_layer: list[list[Point]], min_budget: float) -> list[d
             "down_tau": [p.down_tau for p in chosen],
             "input_tau": [p.input_tau for p in chosen],
             "gate_tau": [p.gate_tau for p in chosen],
+            "decide_tau": [p.decide_tau for p in chosen],
             "calib_mlp_flops_kept": sum(p.macs for p in chosen) / dense,
             "calib_expert_recall": [round(p.recall, 4) for p in chosen],
             # per layer, the mean fraction of experts selected per calibration token (runtime: expert_frac)

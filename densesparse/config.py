@@ -43,6 +43,10 @@ class ConvertConfig:
     input_skip: bool = opt(True, "Also let gate/up skip input channels whose |x| is tiny (TEAL-style, exact given x); "
                                  "the budget search decides per layer how much. It saves FLOPs, not GPU time (gate "
                                  "and up rows are read whole): for GPU inference use --no-input-skip.")
+    early_decisions: bool = opt(True, "Let the gate dial and the down skip judge each neuron on partial sums over "
+                                      "the larger input channels, so a neuron they drop costs only those (the kept "
+                                      "ones are completed; the budget search decides per layer). Like input skip it "
+                                      "saves FLOPs, not GPU time: --no-input-skip turns it off too.")
     bias_correction: bool = opt(False, "Add back, per layer and calibrated budget, the mean MLP output error measured "
                                        "on held-out calibration tokens (a bias: free at run time).")
     mlp_flops: float = opt(0.5, "Default MLP FLOPs budget the model loads with (fraction of dense, router included).")

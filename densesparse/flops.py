@@ -8,9 +8,10 @@ def mlp_macs_dense(d: int, m: int, gated: bool) -> float:
     return float(d * m * (3 if gated else 2))
 
 
-def mlp_macs_sparse(d: int, gate_cells: float, up_cells: float, down_neurons: float, router: float) -> float:
-    """Per token: router + gate and up (rows computed x input channels used, each) + down rows actually used."""
-    return float(router + gate_cells + up_cells + d * down_neurons)
+def mlp_macs_sparse(d: int, gate_cells, up_cells, down_neurons, router):
+    """Per token: router + gate and up (rows computed x input channels used, each) + down rows actually used
+    (floats, or tensors of them: the budget search counts a grid at once)."""
+    return router + gate_cells + up_cells + d * down_neurons
 
 
 def _is_projection(module) -> bool:

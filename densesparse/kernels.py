@@ -58,8 +58,8 @@ Tensor = torch.Tensor
 _ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 
 # What this version takes beyond the first API, for runtime.py (copied into every saved model directory, so it may
-# meet older kernels): sparse_mlp(input_tau=).
-FEATURES = frozenset({"input_tau"})
+# meet older kernels): sparse_mlp(input_tau=), sparse_mlp(decide_tau=).
+FEATURES = frozenset({"input_tau", "decide_tau"})
 
 # Largest token count that takes the Triton decode kernels (they accept up to 16). Above it the union of the
 # tokens' experts is nearly everything and cuBLAS over all rows is faster (see bench/GPU_NOTES.md).
@@ -159,11 +159,12 @@ def _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e):
 
 @triton.jit
 def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
-                    blk_ptr, T, d, m, e, n_shared, n_e, in_tau,
+                    blk_ptr, T, d, m, e, n_shared, n_e, in_tau, dec_tau,
                     GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
                     GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr, COMPACT: tl.constexpr,
                     FUSED: tl.constexpr, MT: tl.constexpr, CBLK: tl.constexpr,
-                    HAS_IN: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    HAS_IN: tl.constexpr, HAS_DEC: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr):
     """GATE_DIAL: a selected neuron is kept only where |act(gate)| * gs >= gate_tau. TWO_PHASE: the gate K-loop
     runs first and the up K-loop loads only rows some token keeps (dropped rows move no bytes); otherwise one fused
     loop reads every selected gate and up row and the gate cut is applied in the epilogue. COUNT: cnt [2, T] int32
@@ -174,7 +175,9 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
     every program runs the prefix sum over the mask itself (_compact_own: MT >= T token rows, CBLK blocks a chunk),
     writes the list entries its own rows use and reads them back; program 0 writes the count (the down kernel reads
     the list). Else program p takes neurons [p*BN, (p+1)*BN) and h is in neuron order (tiles with no selected row
-    store zeros). HAS_IN: x is cut as it is loaded (|x| < in_tau -> 0, input skip)."""
+    store zeros). HAS_IN: x is cut as it is loaded (|x| < in_tau -> 0, input skip). HAS_DEC: early decisions, the
+    gate dial and tau judge partial sums over the channels with |x| >= dec_tau (second accumulators on the same
+    loads); the kept neurons' values are the full sums."""
     pid = tl.program_id(0)
     offs_t = tl.arange(0, BT)
     tok_ok = offs_t < T
@@ -193,8 +196,8 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
         col = n
     if pid * BN < R:
         _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
-                      n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau,
-                      GATED, HAS_BG, HAS_BU, HAS_TAU, GATE_DIAL, TWO_PHASE, COUNT, HAS_IN, ACT, BT, BN, BK)
+                      n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau, dec_tau,
+                      GATED, HAS_BG, HAS_BU, HAS_TAU, GATE_DIAL, TWO_PHASE, COUNT, HAS_IN, HAS_DEC, ACT, BT, BN, BK)
 
 
 @triton.jit
@@ -238,11 +241,18 @@ def _compact_own(mask_ptr, blk_ptr, pid, T, e, n_shared, n_e, BN: tl.constexpr, 
 
 
 @triton.jit
+def _early(xv, dec_tau):
+    """x cut to the early decisions' channels (|x| >= dec_tau)."""
+    return tl.where(tl.abs(xv) >= dec_tau, xv, 0.0).to(xv.dtype)
+
+
+@triton.jit
 def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
-                  n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau,
+                  n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau, dec_tau,
                   GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
                   GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr,
-                  HAS_IN: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                  HAS_IN: tl.constexpr, HAS_DEC: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr):
     """One tile of BN neurons n (n == m: no row); h goes to columns col of h_ptr [T, m]."""
     sel = _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e)
     row_any = tl.max(sel.to(tl.int32), axis=0) > 0
@@ -255,6 +265,11 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
         offs_k = tl.arange(0, BK)
         acc_u = tl.zeros([BT, BN], dtype=tl.float32)
         acc_g = tl.zeros([BT, BN], dtype=tl.float32)
+        # the early decisions' partial sums (HAS_DEC; else unused)
+        dec_u = tl.zeros([BT, BN], dtype=tl.float32)
+        dec_g = tl.zeros([BT, BN], dtype=tl.float32)
+        if HAS_BG:
+            bg = tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if GATE_DIAL and TWO_PHASE:
             for k0 in range(0, d, BK):
                 k = k0 + offs_k
@@ -262,11 +277,18 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
                 xv = _load_x(x_ptr, offs_t, tok_ok, k, kmask, d, in_tau, HAS_IN)
                 wg = tl.load(wg_ptr + row[:, None] + k[None, :], mask=row_any[:, None] & kmask[None, :], other=0.0)
                 acc_g += tl.dot(xv, tl.trans(wg))
+                if HAS_DEC:
+                    dec_g += tl.dot(_early(xv, dec_tau), tl.trans(wg))
             if HAS_BG:
-                acc_g += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+                acc_g += bg
             a = _act(acc_g, ACT)
+            a_dec = a
+            if HAS_DEC:
+                if HAS_BG:
+                    dec_g += bg
+                a_dec = _act(dec_g, ACT)
             gs = tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-            keep_u = sel & (tl.abs(a) * gs[None, :] >= gate_tau)
+            keep_u = sel & (tl.abs(a_dec) * gs[None, :] >= gate_tau)
             up_any = tl.max(keep_u.to(tl.int32), axis=0) > 0
             if tl.max(up_any.to(tl.int32), axis=0) > 0:
                 for k0 in range(0, d, BK):
@@ -276,6 +298,8 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
                     wu = tl.load(wu_ptr + row[:, None] + k[None, :], mask=up_any[:, None] & kmask[None, :],
                                  other=0.0)
                     acc_u += tl.dot(xv, tl.trans(wu))
+                    if HAS_DEC and HAS_TAU:
+                        dec_u += tl.dot(_early(xv, dec_tau), tl.trans(wu))
         else:
             for k0 in range(0, d, BK):
                 k = k0 + offs_k
@@ -284,18 +308,30 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
                 wm = row_any[:, None] & kmask[None, :]
                 wu = tl.load(wu_ptr + row[:, None] + k[None, :], mask=wm, other=0.0)
                 acc_u += tl.dot(xv, tl.trans(wu))
+                if HAS_DEC:
+                    x_dec = _early(xv, dec_tau)
+                    if HAS_TAU:
+                        dec_u += tl.dot(x_dec, tl.trans(wu))
                 if GATED:
                     wg = tl.load(wg_ptr + row[:, None] + k[None, :], mask=wm, other=0.0)
                     acc_g += tl.dot(xv, tl.trans(wg))
+                    if HAS_DEC and GATE_DIAL:
+                        dec_g += tl.dot(x_dec, tl.trans(wg))
             if GATED:
                 if HAS_BG:
-                    acc_g += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+                    acc_g += bg
                 a = _act(acc_g, ACT)
                 if GATE_DIAL:
+                    a_dec = a
+                    if HAS_DEC:
+                        if HAS_BG:
+                            dec_g += bg
+                        a_dec = _act(dec_g, ACT)
                     gs = tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-                    keep_u = sel & (tl.abs(a) * gs[None, :] >= gate_tau)
+                    keep_u = sel & (tl.abs(a_dec) * gs[None, :] >= gate_tau)
         if HAS_BU:
-            acc_u += tl.load(bu_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            bu = tl.load(bu_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            acc_u += bu
         if GATED:
             h = a * acc_u
         else:
@@ -303,7 +339,15 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
         keep = keep_u
         if HAS_TAU:
             tau = tl.load(tau_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-            keep = keep & (tl.abs(h) >= tau[None, :])
+            crit = h
+            if HAS_DEC:
+                if HAS_BU:
+                    dec_u += bu
+                if GATED:
+                    crit = a * dec_u
+                else:
+                    crit = _act(dec_u, ACT)
+            keep = keep & (tl.abs(crit) >= tau[None, :])
         h = tl.where(keep, h, 0.0)
     tl.store(h_ptr + offs_t[:, None] * m + col[None, :], h, mask=tok_ok[:, None] & nmask[None, :])
     if COUNT:
@@ -412,10 +456,13 @@ def _compact_kernel(mask_ptr, blk_ptr, T, n_shared, n_e, BT: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _mask_act_kernel(g_ptr, u_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
-                     T, m, e, n_shared, n_e,
+def _mask_act_kernel(g_ptr, u_ptr, gd_ptr, ud_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr,
+                     h_ptr, T, m, e, n_shared, n_e,
                      GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
-                     GATE_DIAL: tl.constexpr, COUNT: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+                     GATE_DIAL: tl.constexpr, COUNT: tl.constexpr, HAS_DEC: tl.constexpr, ACT: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """h = act(g) * u (or act(u)) on the selected neurons the dials keep; HAS_DEC: the dials judge gd / ud, the
+    early decisions' partial sums, instead of g / u."""
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     nmask = n < m
@@ -425,22 +472,39 @@ def _mask_act_kernel(g_ptr, u_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, ga
     sel = (sel | (b < n_shared)) & nmask
     u = tl.load(u_ptr + t * m + n, mask=sel, other=0.0).to(tl.float32)
     if HAS_BU:
-        u += tl.load(bu_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+        bu = tl.load(bu_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+        u += bu
     keep_u = sel
     if GATED:
         g = tl.load(g_ptr + t * m + n, mask=sel, other=0.0).to(tl.float32)
         if HAS_BG:
-            g += tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+            bg = tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+            g += bg
         a = _act(g, ACT)
         if GATE_DIAL:
-            keep_u = sel & (tl.abs(a) * tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32) >= gate_tau)
+            a_dec = a
+            if HAS_DEC:
+                g_dec = tl.load(gd_ptr + t * m + n, mask=sel, other=0.0).to(tl.float32)
+                if HAS_BG:
+                    g_dec += bg
+                a_dec = _act(g_dec, ACT)
+            keep_u = sel & (tl.abs(a_dec) * tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32) >= gate_tau)
         h = a * u
     else:
         h = _act(u, ACT)
     keep = keep_u
     if HAS_TAU:
         tau = tl.load(tau_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-        keep = keep & (tl.abs(h) >= tau)
+        crit = h
+        if HAS_DEC:
+            u_dec = tl.load(ud_ptr + t * m + n, mask=sel, other=0.0).to(tl.float32)
+            if HAS_BU:
+                u_dec += bu
+            if GATED:
+                crit = a * u_dec
+            else:
+                crit = _act(u_dec, ACT)
+        keep = keep & (tl.abs(crit) >= tau)
     h = tl.where(keep, h, 0.0)
     tl.store(h_ptr + t * m + n, h.to(h_ptr.dtype.element_ty), mask=nmask)
     if COUNT:
@@ -816,7 +880,7 @@ def _in_dtype(v: float, dtype) -> float:
 
 
 def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, counts, acc, cnt, e,
-                 n_shared, act, compact, input_tau):
+                 n_shared, act, compact, input_tau, decide_tau):
     T, d = x.shape
     m = w_dt.shape[0]
     n_e = mask.shape[1]
@@ -837,14 +901,16 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
     nb = n_shared + n_e
     has_in = input_tau > 0
     in_tau = _in_dtype(input_tau, x.dtype) if has_in else 0.0
+    has_dec = decide_tau > 0
+    dec_tau = _in_dtype(decide_tau, x.dtype) if has_dec else 0.0
     _gate_up_kernel[(triton.cdiv(m, bn),)](
         x, w_gate if gated else w_up, w_up, b_gate if b_gate is not None else dummy,
         b_up if b_up is not None else dummy, mk, tau if tau is not None else dummy,
         gate_scale if dial else dummy, float(gate_tau) if dial else 0.0, counts if counts is not None else dummy,
-        h, blk, T, d, m, e, n_shared, n_e, in_tau,
+        h, blk, T, d, m, e, n_shared, n_e, in_tau, dec_tau,
         GATED=gated, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
         GATE_DIAL=dial, TWO_PHASE=bool(cfg["gu_two_phase"]), COUNT=counts is not None, COMPACT=compact,
-        FUSED=fused, MT=max(2, triton.next_power_of_2(T)), HAS_IN=has_in,
+        FUSED=fused, MT=max(2, triton.next_power_of_2(T)), HAS_IN=has_in, HAS_DEC=has_dec,
         CBLK=min(cfg["c_BLOCK"], max(16, triton.next_power_of_2(nb))),
         ACT=_ACTS[act], BT=_BT, BN=bn, BK=cfg["gu_BK"], num_warps=cfg["gu_warps"], num_stages=cfg["gu_stages"])
     y = torch.empty((T, d), device=x.device, dtype=x.dtype)
@@ -864,7 +930,7 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
     return y
 
 
-def _mask_act_impl(g, u, b_gate, b_up, mask, tau, gate_scale, gate_tau, counts, e, n_shared, act):
+def _mask_act_impl(g, u, g_dec, u_dec, b_gate, b_up, mask, tau, gate_scale, gate_tau, counts, e, n_shared, act):
     T, m = u.shape
     n_e = mask.shape[1]
     h = torch.empty((T, m), device=u.device, dtype=u.dtype)
@@ -872,12 +938,13 @@ def _mask_act_impl(g, u, b_gate, b_up, mask, tau, gate_scale, gate_tau, counts, 
     dummy = h
     block = 1024
     dial = g is not None and gate_scale is not None and gate_tau > 0
+    has_dec = g_dec is not None or u_dec is not None
     _mask_act_kernel[(T, triton.cdiv(m, block))](
-        g if g is not None else u, u, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
+        g if g is not None else u, u, g_dec if g_dec is not None else dummy, u_dec if has_dec else dummy, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
         mk, tau if tau is not None else dummy, gate_scale if dial else dummy, float(gate_tau) if dial else 0.0,
         counts if counts is not None else dummy, h, T, m, e, n_shared, n_e,
         GATED=g is not None, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
-        GATE_DIAL=dial, COUNT=counts is not None, ACT=_ACTS[act], BLOCK=block, num_warps=4)
+        GATE_DIAL=dial, COUNT=counts is not None, HAS_DEC=has_dec, ACT=_ACTS[act], BLOCK=block, num_warps=4)
     return h
 
 
@@ -903,9 +970,9 @@ def _(x, r_w1, r_b1, r_w2, r_b2, threshold):
 def sparse_mlp_decode_op(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_dt: Tensor, b_gate: Optional[Tensor],
                          b_up: Optional[Tensor], b_down: Optional[Tensor], mask: Tensor, tau: Optional[Tensor],
                          gate_scale: Optional[Tensor], gate_tau: float, acc: Tensor, cnt: Tensor, e: int,
-                         n_shared: int, act: str, compact: bool, input_tau: float) -> Tensor:
+                         n_shared: int, act: str, compact: bool, input_tau: float, decide_tau: float) -> Tensor:
     return _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, None, acc,
-                        cnt, e, n_shared, act, compact, input_tau)
+                        cnt, e, n_shared, act, compact, input_tau, decide_tau)
 
 
 @torch.library.custom_op("densesparse::sparse_mlp_decode_counted", mutates_args=("counts",))
@@ -913,23 +980,25 @@ def sparse_mlp_decode_counted_op(x: Tensor, w_gate: Optional[Tensor], w_up: Tens
                                  b_gate: Optional[Tensor], b_up: Optional[Tensor], b_down: Optional[Tensor],
                                  mask: Tensor, tau: Optional[Tensor], gate_scale: Optional[Tensor], gate_tau: float,
                                  counts: Tensor, acc: Tensor, cnt: Tensor, e: int, n_shared: int, act: str,
-                                 compact: bool, input_tau: float) -> Tensor:
+                                 compact: bool, input_tau: float, decide_tau: float) -> Tensor:
     return _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, counts, acc,
-                        cnt, e, n_shared, act, compact, input_tau)
+                        cnt, e, n_shared, act, compact, input_tau, decide_tau)
 
 
 @torch.library.custom_op("densesparse::mask_act", mutates_args=())
-def mask_act_op(g: Optional[Tensor], u: Tensor, b_gate: Optional[Tensor], b_up: Optional[Tensor], mask: Tensor,
-                tau: Optional[Tensor], gate_scale: Optional[Tensor], gate_tau: float, e: int, n_shared: int,
-                act: str) -> Tensor:
-    return _mask_act_impl(g, u, b_gate, b_up, mask, tau, gate_scale, gate_tau, None, e, n_shared, act)
+def mask_act_op(g: Optional[Tensor], u: Tensor, g_dec: Optional[Tensor], u_dec: Optional[Tensor],
+                b_gate: Optional[Tensor], b_up: Optional[Tensor], mask: Tensor, tau: Optional[Tensor],
+                gate_scale: Optional[Tensor], gate_tau: float, e: int, n_shared: int, act: str) -> Tensor:
+    return _mask_act_impl(g, u, g_dec, u_dec, b_gate, b_up, mask, tau, gate_scale, gate_tau, None, e, n_shared, act)
 
 
 @torch.library.custom_op("densesparse::mask_act_counted", mutates_args=("counts",))
-def mask_act_counted_op(g: Optional[Tensor], u: Tensor, b_gate: Optional[Tensor], b_up: Optional[Tensor],
-                        mask: Tensor, tau: Optional[Tensor], gate_scale: Optional[Tensor], gate_tau: float,
-                        counts: Tensor, e: int, n_shared: int, act: str) -> Tensor:
-    return _mask_act_impl(g, u, b_gate, b_up, mask, tau, gate_scale, gate_tau, counts, e, n_shared, act)
+def mask_act_counted_op(g: Optional[Tensor], u: Tensor, g_dec: Optional[Tensor], u_dec: Optional[Tensor],
+                        b_gate: Optional[Tensor], b_up: Optional[Tensor], mask: Tensor, tau: Optional[Tensor],
+                        gate_scale: Optional[Tensor], gate_tau: float, counts: Tensor, e: int, n_shared: int,
+                        act: str) -> Tensor:
+    return _mask_act_impl(g, u, g_dec, u_dec, b_gate, b_up, mask, tau, gate_scale, gate_tau, counts, e, n_shared,
+                          act)
 
 
 @sparse_mlp_decode_op.register_fake
@@ -990,7 +1059,7 @@ def pack(w_gate: Optional[Tensor], w_up: Tensor, w_down_t: Tensor, e: int, n_sha
 def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional[Tensor], b_down: Optional[Tensor],
                mask: Tensor, tau: Optional[Tensor], act: str, path: Optional[str] = None,
                gate_scale: Optional[Tensor] = None, gate_tau: float = 0.0, counts: Optional[Tensor] = None,
-               compact: Optional[bool] = None, input_tau: float = 0.0) -> Tensor:
+               compact: Optional[bool] = None, input_tau: float = 0.0, decide_tau: float = 0.0) -> Tensor:
     """y [T, d] = sum over computed neurons of h * w_down_t + b_down. path: None (auto by T), 'triton', 'dense'.
 
     compact (Triton path only): True / False = the compacted / old decode kernels for this call; None = CONFIG
@@ -1001,7 +1070,8 @@ def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional
     gate_tau; the Triton path then loads no up row that no token keeps. counts: an int32 [2, T] tensor the call
     adds to (up rows computed, neurons kept for down, per token), for the FLOPs stats. input_tau > 0: input skip,
     gate and up see x * (|x| >= input_tau) (compared in x's dtype, as torch compares; the Triton path cuts x as it
-    loads it)."""
+    loads it). decide_tau > input_tau: early decisions, the gate dial and tau judge each neuron on gate / up summed
+    over the channels with |x| >= decide_tau only; the neurons they keep get the full sums (SparseMLP.deciding)."""
     if act not in _ACTS:
         raise ValueError(f"unsupported activation {act!r}")
     x = x.contiguous()
@@ -1018,7 +1088,7 @@ def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional
         if compact is None:
             compact = bool(CONFIG["compact"])
         head = (x, p["w_gate"], p["w_up"], p["w_down_t"], b_gate, b_up, b_down, mask, tau, gate_scale, float(gate_tau))
-        tail = (p["acc"], p["cnt"], p["e"], p["n_shared"], act, bool(compact), float(input_tau))
+        tail = (p["acc"], p["cnt"], p["e"], p["n_shared"], act, bool(compact), float(input_tau), float(decide_tau))
         if counts is None:
             return sparse_mlp_decode_op(*head, *tail)
         return sparse_mlp_decode_counted_op(*head, counts, *tail)
@@ -1027,7 +1097,13 @@ def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional
     w_gate, w_up, w_dt = p["w_gate"], p["w_up"], p["w_down_t"]
     g = None if w_gate is None else x @ w_gate.t()
     u = x @ w_up.t()
-    head = (g, u, b_gate, b_up, mask, tau, gate_scale, float(gate_tau))
+    g_dec = u_dec = None
+    if decide_tau > 0:
+        x_dec = x * (x.abs() >= decide_tau)
+        # the partial sums each dial judges (the gate dial: gate; tau: up)
+        g_dec = None if w_gate is None or gate_scale is None or gate_tau <= 0 else x_dec @ w_gate.t()
+        u_dec = None if tau is None else x_dec @ w_up.t()
+    head = (g, u, g_dec, u_dec, b_gate, b_up, mask, tau, gate_scale, float(gate_tau))
     tail = (p["e"], p["n_shared"], act)
     h = mask_act_op(*head, *tail) if counts is None else mask_act_counted_op(*head, counts, *tail)
     if b_down is not None:

@@ -81,7 +81,8 @@ def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: b
         mlp.calibrate_gate_scale(train)
         if refit:
             losses.append(fit_router(mlp, train, cfg.router_epochs, generator))
-        points.append(layer_points(mlp, held, sample.weight, spec["down_skip"], spec["input_skip"]))
+        points.append(layer_points(mlp, held, sample.weight, spec["down_skip"], spec["input_skip"],
+                                   spec.get("early_decisions", False)))
         if progress:
             progress.advance(task)
     return points, losses, helds
@@ -108,7 +109,8 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
         "layout": layout.to_dict(), "activation": activation_name(model.config, layout), "hidden_size": d,
         "intermediate_size": m, "n_shared": n_shared, "expert_size": cfg.expert_size,
         "n_experts": (m - n_shared) // cfg.expert_size, "router_width": cfg.router_width,
-        "grouping": cfg.grouping, "down_skip": cfg.down_skip, "input_skip": cfg.input_skip, "seed": cfg.seed,
+        "grouping": cfg.grouping, "down_skip": cfg.down_skip, "input_skip": cfg.input_skip,
+        "early_decisions": cfg.early_decisions and cfg.input_skip, "seed": cfg.seed,
         "calibration": provenance,
         "default_mlp_flops": cfg.mlp_flops, "source_model": str(cfg.model or source),
     }

@@ -66,13 +66,14 @@ class LayerStats:
         self.down_neurons = 0
         self.hist = torch.zeros(n_experts + 1, dtype=torch.long)
 
-    def update(self, n_sel: torch.Tensor, rows: torch.Tensor, n_in: torch.Tensor, n_down: torch.Tensor,
-               routed: bool, up_rows: torch.Tensor | None = None):
+    def update(self, n_sel: torch.Tensor, gate_cells: torch.Tensor, up_cells: torch.Tensor, n_down: torch.Tensor,
+               routed: bool):
+        """Per-token counts of one call: experts selected, gate and up cells, down rows."""
         self.tokens += n_sel.numel()
         self.routed_tokens += n_sel.numel() if routed else 0
         self.experts += int(n_sel.sum())
-        self.gate_cells += int((rows.long() * n_in.long()).sum())
-        self.up_cells += int(((rows if up_rows is None else up_rows).long() * n_in.long()).sum())
+        self.gate_cells += int(gate_cells.long().sum())
+        self.up_cells += int(up_cells.long().sum())
         self.down_neurons += int(n_down.sum())
         self.hist += torch.bincount(n_sel.cpu(), minlength=self.hist.numel())
 
@@ -134,6 +135,10 @@ class SparseMLP(nn.Module):
         # gated FFNs: up and down skip neurons whose |act(gate)| * gate_scale is below gate_tau (exact given the
         # gate); gate_scale = E|up| * ||down row|| from calibration turns the gate into the neuron's expected share
         self.gate_tau = 0.0
+        # early decisions (decide_tau > input_tau): the gate dial and the down skip decide on partial sums over the
+        # input channels with |x| >= decide_tau, then only the neurons they keep get their gate (and up) completed
+        # over every channel input skip keeps; a dropped neuron costs only the decision channels
+        self.decide_tau = 0.0
         # mean fraction of the experts the router selects per token at the current budget (calibration's measure,
         # 1 = router off); CUDA only: it picks the kernels of one-token calls (COMPACT_BELOW), no effect on outputs
         self.expert_frac = 1.0
@@ -188,6 +193,11 @@ class SparseMLP(nn.Module):
     @property
     def dense(self) -> bool:
         return self.threshold >= 1.0 and self.down_tau <= 0.0 and self.input_tau <= 0.0 and self.gate_tau <= 0.0
+
+    @property
+    def deciding(self) -> bool:
+        """Whether a dial decides on partial sums (decide_tau) this budget."""
+        return self.decide_tau > self.input_tau and (self.gate_tau > 0 or self.down_tau > 0)
 
     def bias_now(self, like: torch.Tensor) -> torch.Tensor | None:
         """The current budget's bias correction on like's device and dtype (None: no correction)."""
@@ -285,28 +295,39 @@ class SparseMLP(nn.Module):
         bench's oracle-up bound scores with it."""
         return g.abs() * self.gate_scale.to(g.dtype)
 
-    def _record(self, x_in, expert_mask, n_down, up_rows=None):
+    def _record(self, x2, expert_mask, n_down, up_rows=None):
         """Count what this call did: per token, `n_down` neurons kept for down and `up_rows` up rows computed
-        (default: the chosen experts' rows)."""
+        (default: the chosen experts' rows), each gate and up row over the input channels input skip keeps; with
+        early decisions, a row a dial drops costs only the decision channels."""
         n_sel = expert_mask.sum(1)
-        n_in = (x_in != 0).sum(1) if self.input_tau > 0 else torch.full_like(n_sel, x_in.shape[1])
-        self.stats.update(n_sel, self.n_shared + n_sel * self.expert_size, n_in, n_down, self.threshold < 1.0,
-                          up_rows)
+        rows = self.n_shared + n_sel * self.expert_size
+        up_rows = rows if up_rows is None else up_rows
+        n_in = (x2.abs() >= self.input_tau).sum(1) if self.input_tau > 0 else torch.full_like(n_sel, x2.shape[1])
+        gate, up = rows * n_in, up_rows * n_in
+        if self.deciding:
+            n_dec = (x2.abs() >= self.decide_tau).sum(1)
+            if self.gate_tau > 0:
+                gate = rows * n_dec + up_rows * (n_in - n_dec)
+            if self.down_tau > 0:
+                up = up_rows * n_dec + n_down * (n_in - n_dec)
+        self.stats.update(n_sel, gate, up, n_down, self.threshold < 1.0)
 
     def _torch_forward(self, x2):
-        x_in = self.sparse_input(x2)
-        g, u = self.gate_and_up(x_in)
+        g, u = self.gate_and_up(self.sparse_input(x2))
+        # early decisions: the dials see the partial sums over the larger channels, the kept neurons the full ones
+        g_dec, u_dec = self.gate_and_up(x2 * (x2.abs() >= self.decide_tau)) if self.deciding else (g, u)
         expert_mask = self.select(x2)
         keep = self.neuron_mask(expert_mask)
         up_rows = None
         if self.gate_tau > 0:
-            keep = keep & (self.gate_score(g, u) >= self.gate_tau)
+            keep = keep & (self.gate_score(g_dec, u) >= self.gate_tau)
             up_rows = keep.sum(1)
         h = u if g is None else g * u
         if self.down_tau > 0:
-            keep = keep & (h.abs() * self.down_norms().to(h.dtype) >= self.down_tau)
+            h_dec = u_dec if g is None else g * u_dec
+            keep = keep & (h_dec.abs() * self.down_norms().to(h.dtype) >= self.down_tau)
         if self.stats is not None:
-            self._record(x_in, expert_mask, keep.sum(1), up_rows)
+            self._record(x2, expert_mask, keep.sum(1), up_rows)
         y = self.down(h * keep)
         bias = self.bias_now(y)
         return y if bias is None else y + bias
@@ -337,12 +358,13 @@ class SparseMLP(nn.Module):
         if x2.shape[0] > self.dense_above_tokens:
             if self.stats is not None:  # every neuron and input channel computed, router not run
                 full = torch.full((x2.shape[0],), self.n_experts, dtype=torch.long)
-                self.stats.update(full, torch.full_like(full, self.intermediate), torch.full_like(full, x2.shape[1]),
-                                  torch.full_like(full, self.intermediate), False)
+                cells = torch.full_like(full, self.intermediate * x2.shape[1])
+                self.stats.update(full, cells, cells, torch.full_like(full, self.intermediate), False)
             return self._dense_forward(x2)
         k = _kernels()
-        # the kernels count shared neurons in whole blocks of expert_size
-        if self.n_shared % self.expert_size:
+        # the kernels count shared neurons in whole blocks of expert_size; kernels older than this file do not take
+        # early decisions
+        if self.n_shared % self.expert_size or (self.deciding and "decide_tau" not in getattr(k, "FEATURES", ())):
             return self._torch_forward(x2)
         if self._kernel_cache is None:  # a direct call (forward() builds it on the first CUDA call)
             self._build_kernel_cache(k)
@@ -379,11 +401,13 @@ class SparseMLP(nn.Module):
                 extra["input_tau"] = self.input_tau
             else:
                 x_k = self.sparse_input(x2)
+        if self.deciding:
+            extra["decide_tau"] = self.decide_tau
         y = k.sparse_mlp(x_k, packed, b_gate, b_up, b_down, mask, tau, self.act_name,
                          gate_scale=self.gate_scale if dial else None, gate_tau=self.gate_tau if dial else 0.0,
                          counts=counts, **extra)
         if counts is not None:
-            self._record(self.sparse_input(x2), mask, counts[1], counts[0] if dial else None)
+            self._record(x2, mask, counts[1], counts[0] if dial else None)
         return y
 
 
@@ -443,8 +467,8 @@ def sparse_mlps(model) -> list[SparseMLP]:
 
 
 def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> None:
-    """Set each layer's four dials (router threshold, input, gate and down thresholds) for an MLP-FLOPs target,
-    and its calibrated fraction of selected experts (`expert_frac`, 1.0 where a spec predates it).
+    """Set each layer's dials (router threshold, input, gate and down thresholds, early decisions) for an MLP-FLOPs
+    target, and its calibrated fraction of selected experts (`expert_frac`, 1.0 where a spec predates it).
 
     `budgets` holds calibrated per-layer settings at a grid of targets; all-on (1.0) closes the grid. Between grid
     points the settings are interpolated linearly, since every dial moves FLOPs monotonically.
@@ -455,7 +479,7 @@ def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> N
     order = sorted(range(len(budgets)), key=lambda i: budgets[i]["target"])  # budget_bias rows follow `budgets`
     grid = [budgets[i] for i in order] + [
         {"target": 1.0, "thresholds": [1.0] * n, "down_tau": [0.0] * n, "input_tau": [0.0] * n, "gate_tau": [0.0] * n,
-         "expert_frac": [1.0] * n}]
+         "decide_tau": [0.0] * n, "expert_frac": [1.0] * n}]
     targets = [b["target"] for b in grid]
     if target < targets[0]:
         raise ValueError(f"mlp_flops={target} is below the smallest calibrated budget {targets[0]}: "
@@ -464,10 +488,11 @@ def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> N
     lo = max(hi - 1, 0)
     w = 1.0 if hi == lo else (target - targets[lo]) / (targets[hi] - targets[lo])
     a, b = grid[lo], grid[hi]
-    # spec key -> module attribute; the dials are required, expert_frac is 1.0 where a spec predates it
-    for key, attr in (("thresholds", "threshold"), ("down_tau", "down_tau"), ("input_tau", "input_tau"),
-                      ("gate_tau", "gate_tau"), ("expert_frac", "expert_frac")):
-        va, vb = (g.get(key, [1.0] * n) if key == "expert_frac" else g[key] for g in (a, b))
+    # spec key -> module attribute, default where a spec predates the key (the first four are required)
+    for key, attr, default in (("thresholds", "threshold", None), ("down_tau", "down_tau", None),
+                               ("input_tau", "input_tau", None), ("gate_tau", "gate_tau", None),
+                               ("decide_tau", "decide_tau", 0.0), ("expert_frac", "expert_frac", 1.0)):
+        va, vb = (g[key] if default is None else g.get(key, [default] * n) for g in (a, b))
         for m, fa, fb in zip(mlps, va, vb):
             setattr(m, attr, fa + w * (fb - fa))
     # bias correction: interpolated like the dials (the dense end has none)

@@ -227,6 +227,11 @@ def test_counted_flops_follow_the_real_masks():
     _logits(model, ids)
     assert all(x.stats.experts == x.stats.tokens for x in mlps)
     assert _mlp_macs(mlps, [x.stats for x in mlps]) == 2 * (routed + 3 * d * (8 + 4))
+    for mlp in mlps:  # early decisions on no input channel: act(0) scores 0, every neuron dropped at no cost
+        mlp.threshold, mlp.gate_tau, mlp.down_tau, mlp.decide_tau = 1.0, 1e-6, 1e-6, 1e9
+        mlp.stats = LayerStats(mlp.n_experts)
+    _logits(model, ids)
+    assert _mlp_macs(mlps, [x.stats for x in mlps]) == 0
 
 
 @torch.no_grad()
@@ -248,8 +253,11 @@ def test_budget_points_are_the_layers_real_cost_and_error():
     points = layer_points(mlp, x, 2.0, down_skip=True, input_skip=True)
     assert len(points) > 5 and {p.threshold for p in points} - {1.0} and any(p.down_tau > 0 for p in points)
     assert any(p.input_tau > 0 for p in points) and any(p.gate_tau > 0 for p in points)
+    early = [p for p in points if p.decide_tau > p.input_tau]
+    assert any(p.gate_tau > 0 for p in early) and any(p.down_tau > 0 for p in early)
     for p in points:
         mlp.threshold, mlp.down_tau, mlp.input_tau, mlp.gate_tau = p.threshold, p.down_tau, p.input_tau, p.gate_tau
+        mlp.decide_tau = p.decide_tau
         mlp.stats = LayerStats(mlp.n_experts)
         err = float((mlp(x) - y_dense).pow(2).sum(1).mean())
         assert p.err == pytest.approx(2.0 * err, rel=1e-3, abs=1e-9)

