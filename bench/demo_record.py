@@ -36,6 +36,10 @@ def main():
                           "gate_layers": sum(g > 0 for g in b["gate_tau"]),
                           "input_layers": sum(x > 0 for x in b["input_tau"]),
                           "down_layers": sum(x > 0 for x in b["down_tau"]),
+                          # layers whose gate dial or down skip decide early (on the larger input channels)
+                          "early_layers": sum(dt > it and (g > 0 or d > 0) for dt, it, g, d in
+                                              zip(b.get("decide_tau", []), b["input_tau"], b["gate_tau"],
+                                                  b["down_tau"])),
                           # layers whose one-token calls take the compacted kernels on CUDA
                           "compact_layers": sum(f <= COMPACT_BELOW for f in b.get("expert_frac", []))})
     record = {

@@ -54,7 +54,7 @@ class Point:
 def _quantiles(values: torch.Tensor, qs) -> list[float]:
     flat = values.flatten()
     if flat.numel() > QUANTILE_SAMPLE:
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:QUANTILE_SAMPLE]]
+        flat = flat[torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=torch.Generator().manual_seed(0))]
     flat = flat.sort().values
     return [float(flat[min(int(q * flat.numel()), flat.numel() - 1)]) if q > 0 else 0.0 for q in qs]
 
@@ -71,14 +71,8 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
     logits = mlp.router.float()(x)
     selections = {t: threshold_select(logits, t) for t in MASS_GRID}
     masses = list(selections)
-    # the shared neurons form group 0, always on; expert j is group j + 1
-    group = torch.cat([torch.zeros(mlp.n_shared, dtype=torch.long),
-                       1 + torch.arange(mlp.n_experts).repeat_interleave(mlp.expert_size)])
-    groups = 1 + mlp.n_experts
-    # each token's groups in router order (threshold_select keeps a prefix of it), the shared group first
-    experts_order = torch.softmax(logits.float(), dim=-1).sort(dim=-1, descending=True).indices
-    order = torch.cat([torch.zeros(n, 1, dtype=torch.long), 1 + experts_order], 1)
-    kept_groups = torch.stack([1 + sel.sum(1) for sel in selections.values()])  # [mass, token]
+    # per token and neuron, the first mass threshold that keeps it (MASS_GRID ascends, so every later one does too)
+    born = torch.stack([~mlp.neuron_mask(sel) for sel in selections.values()]).sum(0)
     rows = torch.stack([mlp.n_shared + sel.sum(1) * mlp.expert_size for sel in selections.values()]).double()
     router = torch.tensor([float(mlp.router.macs()) if t < 1.0 else 0.0 for t in masses], dtype=torch.float64)
     input_qs = INPUT_GRID if input_skip else (0.0,)
@@ -107,9 +101,8 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
             gate_score = None if g is None else g_dec.abs() * mlp.gate_scale.float()
             down_score = (u_dec if g is None else g * u_dec).abs() * norms
             cache[(x_tau, dec_tau)] = (h, gate_score, down_score)
-            screened += _screen(mlp, n, d, n_in, n_dec, contrib, gate_score, down_score, order, kept_groups, rows,
-                                router, input_err + dropped_err, recall, masses, x_tau, dec_tau, group, groups,
-                                down_skip)
+            screened += _screen(mlp, n, d, n_in, n_dec, contrib, gate_score, down_score, born, rows, router,
+                                input_err + dropped_err, recall, masses, x_tau, dec_tau, down_skip)
     points = [Point(mlp_macs_dense(d, mlp.intermediate, mlp.gated), 0.0, 1.0, 0.0, 0.0, 1.0)]
     for p in _pareto(screened):
         h, gate_score, down_score = cache[(p.input_tau, p.decide_tau)]
@@ -124,32 +117,27 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
     return points
 
 
-def _screen(mlp, n, d, n_in, n_dec, contrib, gate_score, down_score, order, kept_groups, rows, router, base_err,
-            recall, masses, x_tau, dec_tau, group, groups, down_skip) -> list[Point]:
+def _screen(mlp, n, d, n_in, n_dec, contrib, gate_score, down_score, born, rows, router, base_err, recall, masses,
+            x_tau, dec_tau, down_skip) -> list[Point]:
     """Every (mass, gate, down) threshold combination at one input and decide threshold: MACs as the runtime
     counts them and a cheap error screen (exact input-skip error + squared norms of what the masks leave out, their
-    cross terms ignored). A mass threshold keeps a prefix of each token's router order (`order`, shared group
-    first; `kept_groups` [mass, token] long), so prefix sums over that order serve every mass threshold at once."""
+    cross terms ignored). Mass thresholds are nested: `born` [token, neuron] is the index of the first one that
+    keeps the neuron's expert, so sums binned by it and accumulated over the mass grid serve all at once."""
     taus = _quantiles(down_score, RHO_GRID if down_skip else (0.0,))
     gate_taus = _quantiles(gate_score, GATE_GRID) if gate_score is not None else [0.0]
     buckets = len(taus) + 2
-    base = (torch.arange(n)[:, None] * groups + group) * buckets
     down_bucket = 1 + torch.bucketize(down_score, torch.tensor(taus), right=True)
-    extra = n_in - n_dec  # channels a neuron's completion adds once a dial keeps it
-    size = n * groups * buckets
-    tokens = torch.arange(n)[None, :]
+    per_neuron = [None, n_dec[:, None].expand_as(contrib).flatten(), (n_in - n_dec)[:, None].expand_as(contrib).flatten(),
+                  contrib.flatten().double() ** 2]  # rows, x decision channels, x completion channels, squared
+    size = len(masses) * buckets
     out = []
     for g_tau in gate_taus:
-        # per token, group and bucket: 0 = skipped by the gate, 1 + i = down score in [taus[i-1], taus[i])
+        # bucket 0 = skipped by the gate, 1 + i = down score in [taus[i-1], taus[i])
         bucket = torch.where(gate_score >= g_tau, down_bucket, 0) if g_tau > 0 else down_bucket
-        flat = (base + bucket).flatten()
-        count = torch.bincount(flat, minlength=size).view(n, groups, buckets).double()
-        sq = torch.bincount(flat, weights=contrib.flatten().double() ** 2, minlength=size).view(n, groups, buckets)
-        # [token, group, (rows, rows x decision channels, rows x completion channels, squared contributions), bucket]
-        cells = torch.stack([count, count * n_dec[:, None, None], count * extra[:, None, None], sq], 2)
-        prefix = cells.gather(1, order[:, :, None, None].expand_as(cells)).cumsum(1)
-        cum = prefix[tokens, kept_groups - 1].sum(1).cumsum(2) / n  # [mass, 4, bucket], per token
-        kept = cum[:, :, -1:] - cum[:, :, :1]  # what the gate dial keeps (every bucket but 0)
+        flat = (born * buckets + bucket).flatten()
+        binned = torch.stack([torch.bincount(flat, weights=w, minlength=size).double() for w in per_neuron], 1)
+        cum = binned.view(len(masses), buckets, 4).cumsum(0).transpose(1, 2).cumsum(2) / n  # [mass, 4, bucket]
+        kept = cum[:, :, -1:] - cum[:, :, :1]  # what the gate dial keeps (every bucket but 0), per token
         after = cum[:, :, -1:] - cum[:, :, 1:-1]  # what down tau i keeps (buckets > i + 1)
         if gate_score is None:
             gate_cells = torch.zeros(len(masses), 1, dtype=torch.float64)

@@ -885,12 +885,14 @@ def _run_both_fwd(fwd, mlps, monkeypatch):
 
 def _same_stats(a, b, band=0.0):
     """Exact on what both paths take from the same mask and input; up_cells / down_neurons within `band`
-    (relative: the bf16 torch path and the fp32 kernels may decide a neuron sitting on a threshold differently)."""
+    (relative: the bf16 torch path and the fp32 kernels may decide a neuron sitting on a threshold differently;
+    down_neurons also one such neuron per token, which at one token and ~70 kept neurons is more than 1%)."""
     assert (a.tokens, a.routed_tokens, a.experts, a.gate_cells) == (b.tokens, b.routed_tokens, b.experts, b.gate_cells)
     assert torch.equal(a.hist, b.hist)
     for key in ("up_cells", "down_neurons"):
         va, vb = getattr(a, key), getattr(b, key)
-        assert abs(va - vb) <= band * vb, (key, va, vb)
+        slack = band * vb + (a.tokens if band > 0 and key == "down_neurons" else 0)
+        assert abs(va - vb) <= slack, (key, va, vb)
 
 
 def _dial_taus(model, mlps, ids):
