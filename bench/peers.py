@@ -130,9 +130,11 @@ def oracle_router(mlp: SparseMLP) -> None:
 
 
 def oracle_up(mlp: SparseMLP) -> None:
-    """Make mlp's gate dial (CPU path) keep neurons by their true |h| * ||down row||; FLOPs counted as before."""
+    """Make mlp's gate dial (CPU path) keep neurons by their true |h| * ||down row||, and both it and down skip
+    judge the full sums where the budget decides early; FLOPs counted as before."""
     norms = mlp.down_norms()
     mlp.gate_score = lambda g, u: (g * u).abs() * norms.to(g.dtype)
+    mlp.decision_sums = lambda x2, g, u: (g, u)
 
 
 # bounds on our own conversion: the patches each applies to every layer, and its row's setting

@@ -295,6 +295,11 @@ class SparseMLP(nn.Module):
         bench's oracle-up bound scores with it."""
         return g.abs() * self.gate_scale.to(g.dtype)
 
+    def decision_sums(self, x2: torch.Tensor, g: torch.Tensor | None, u: torch.Tensor) -> tuple:
+        """(gate, up) as the gate dial and down skip judge them (torch path): summed over the decision channels
+        only where this budget decides early, else g and u themselves; the bench's oracle-up bound overrides it."""
+        return self.gate_and_up(x2 * (x2.abs() >= self.decide_tau)) if self.deciding else (g, u)
+
     def _record(self, x2, expert_mask, n_down, up_rows=None):
         """Count what this call did: per token, `n_down` neurons kept for down and `up_rows` up rows computed
         (default: the chosen experts' rows), each gate and up row over the input channels input skip keeps; with
@@ -315,7 +320,7 @@ class SparseMLP(nn.Module):
     def _torch_forward(self, x2):
         g, u = self.gate_and_up(self.sparse_input(x2))
         # early decisions: the dials see the partial sums over the larger channels, the kept neurons the full ones
-        g_dec, u_dec = self.gate_and_up(x2 * (x2.abs() >= self.decide_tau)) if self.deciding else (g, u)
+        g_dec, u_dec = self.decision_sums(x2, g, u)
         expert_mask = self.select(x2)
         keep = self.neuron_mask(expert_mask)
         up_rows = None
