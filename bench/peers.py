@@ -137,10 +137,45 @@ def oracle_up(mlp: SparseMLP) -> None:
     mlp.decision_sums = lambda x2, g, u: (g, u)
 
 
+def free_partial_up(mlp: SparseMLP) -> None:
+    """Where mlp decides early, make its gate dial (CPU path) score each neuron by |act(partial gate) * partial up| *
+    ||down row|| instead of |act(partial gate)| * E|up| * ||down row||. The partial up of the routed rows the dial
+    drops, which this score needs, is not counted: an optimistic bound on a dial that would pay for it."""
+    norms = mlp.down_norms()
+    plain = mlp.decision_sums
+
+    def decision_sums(x2, g, u):
+        g_dec, u_dec = plain(x2, g, u)
+        mlp.partial_up = u_dec if mlp.deciding else None
+        return g_dec, u_dec
+
+    def gate_score(g, u):
+        if mlp.partial_up is None:
+            return SparseMLP.gate_score(mlp, g, u)
+        return (g * mlp.partial_up).abs() * norms.to(g.dtype)
+    mlp.decision_sums, mlp.gate_score = decision_sums, gate_score
+
+
+def counted_partial_up(mlp: SparseMLP) -> None:
+    """free_partial_up with what it does not count added to the stats: the partial up (decision channels) of every
+    routed row the gate dial drops. Thresholds stay as calibrated for our score, so the row lands at its own FLOPs."""
+    free_partial_up(mlp)
+    plain = mlp._record
+
+    def record(x2, expert_mask, n_down, up_rows=None):
+        plain(x2, expert_mask, n_down, up_rows)
+        if mlp.partial_up is not None and up_rows is not None:
+            rows = mlp.n_shared + expert_mask.sum(1) * mlp.expert_size
+            mlp.stats.up_cells += int(((x2.abs() >= mlp.decide_tau).sum(1) * (rows - up_rows)).sum())
+    mlp._record = record
+
+
 # bounds on our own conversion: the patches each applies to every layer, and its row's setting
 OURS_BOUNDS = {"oracle-router": ((oracle_router,), "router = true norms"),
                "oracle-up": ((oracle_up,), "gate dial on true |h|"),
-               "oracle-router-up": ((oracle_router, oracle_up), "both")}
+               "oracle-router-up": ((oracle_router, oracle_up), "both"),
+               "free-partial-up": ((free_partial_up,), "gate dial on partial h, partial up not counted"),
+               "counted-partial-up": ((counted_partial_up,), "gate dial on partial h, partial up counted")}
 
 
 METHODS = {"dense": run_dense, "teal": run_teal, "wina": run_teal, "cats": run_cats,

@@ -147,7 +147,7 @@ def main():
     ap.add_argument("--sparse", default=None, help="reuse this converted directory instead of converting")
     ap.add_argument("--methods",
                     default="densesparse,teal,teal-greedy,wina,cats,cmoe,oracle-neuron,oracle-expert,oracle-router,"
-                            "oracle-up,oracle-router-up")
+                            "oracle-up,oracle-router-up,free-partial-up,counted-partial-up")
     ap.add_argument("--eval-text", default=str(WT2), help="evaluation text (default: WikiText-2 test, wt2-64k)")
     ap.add_argument("--convert-args", default="", help="ConvertConfig overrides for ours, e.g. 'expert_size=16'")
     ap.add_argument("--append", action="store_true",
