@@ -101,7 +101,7 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
             gate_score = None if g is None else g_dec.abs() * mlp.gate_scale.float()
             down_score = (u_dec if g is None else g * u_dec).abs() * norms
             cache[(x_tau, dec_tau)] = (h, gate_score, down_score)
-            screened += _screen(mlp, n, d, n_in, n_dec, contrib, gate_score, down_score, born, rows, router,
+            screened += _screen(n, d, n_in, n_dec, contrib, gate_score, down_score, born, rows, router,
                                 input_err + dropped_err, recall, masses, x_tau, dec_tau, down_skip)
     points = [Point(mlp_macs_dense(d, mlp.intermediate, mlp.gated), 0.0, 1.0, 0.0, 0.0, 1.0)]
     for p in _pareto(screened):
@@ -117,8 +117,8 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
     return points
 
 
-def _screen(mlp, n, d, n_in, n_dec, contrib, gate_score, down_score, born, rows, router, base_err, recall, masses,
-            x_tau, dec_tau, down_skip) -> list[Point]:
+def _screen(n, d, n_in, n_dec, contrib, gate_score, down_score, born, rows, router, base_err, recall, masses, x_tau,
+            dec_tau, down_skip) -> list[Point]:
     """Every (mass, gate, down) threshold combination at one input and decide threshold: MACs as the runtime
     counts them and a cheap error screen (exact input-skip error + squared norms of what the masks leave out, their
     cross terms ignored). Mass thresholds are nested: `born` [token, neuron] is the index of the first one that
