@@ -763,12 +763,13 @@ def down_trials(e=8, shape="llama3-8b",
 
 
 def decide_trials(e=8, shape="llama3-8b", Ts=(1, 2), input_q=0.3, decide_qs=(0.5, 0.7), up_kept=0.65,
-                  down_kept=0.4):
+                  down_kept=0.4, cfgs=({},)):
     """What early decisions cost on the GPU: a layer with every expert on, input skip (input_q of |x| cut), the
     gate dial keeping up_kept of the up rows and down tau down_kept of the neurons (about the default conversion's
     50% budget, bench/results/dial-mix-smollm2.json), plain vs deciding on the channels above each decide_qs
     quantile of |x|; each variant's taus set so it keeps the same fractions (so the same bytes move), all timed in
-    turn. The kernels add the partial-sum accumulators to the loads they already do: the prediction is no change."""
+    turn. The kernels add the partial-sum accumulators to the loads they already do: the prediction is no change.
+    cfgs: kernel CONFIG overrides each deciding variant is also timed with (the plain one runs the defaults)."""
     L = Layer(shape)
     L.pack_for(e)
     gen = torch.Generator(device=DEV).manual_seed(29)
@@ -796,20 +797,20 @@ def decide_trials(e=8, shape="llama3-8b", Ts=(1, 2), input_q=0.3, decide_qs=(0.5
             down_tau = float(torch.quantile(crit[keep], 1 - down_kept / up_kept))
             variants.append((q, dec, gate_tau, (down_tau / norms.clamp_min(1e-12)).float()))
 
-        def call(i, v, x=x, mask=mask, in_tau=in_tau):
-            _, dec, gate_tau, tau = v
-            return K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mask, tau, "silu", path="triton",
-                                gate_scale=gs, gate_tau=gate_tau, input_tau=in_tau, decide_tau=dec)
+        def call(i, v, c=None, x=x, mask=mask, in_tau=in_tau):
+            _, dec, gate_tau, tau, cfg = v
+            return _with_cfg(cfg, lambda: K.sparse_mlp(
+                x, L.packed[i % L.nc], None, None, None, mask, tau, "silu", path="triton", gate_scale=gs,
+                gate_tau=gate_tau, input_tau=in_tau, decide_tau=dec, counts=c))
+        variants = [v + (cfg,) for v in variants for cfg in (cfgs if v[0] is not None else ({},))]
         counts = []
         for v in variants:
             c = torch.zeros(2, T, dtype=torch.int32, device=DEV)
-            y = K.sparse_mlp(x, L.packed[0], None, None, None, mask, v[3], "silu", path="triton", gate_scale=gs,
-                             gate_tau=v[2], input_tau=in_tau, decide_tau=v[1], counts=c)
-            assert torch.isfinite(y).all()
+            assert torch.isfinite(call(0, v, c)).all()
             counts.append((c.float().mean(1) / L.m).tolist())
         times = time_graphs([lambda i, v=v: call(i, v) for v in variants], 2 * L.nc)
-        for (q, *_), us, (up, down) in zip(variants, times, counts):
-            row = {"shape": shape, "expert_size": e, "batch": T, "decide_q": q, "mlp_us": round(us, 2),
+        for (q, _, _, _, cfg), us, (up, down) in zip(variants, times, counts):
+            row = {"shape": shape, "expert_size": e, "batch": T, "decide_q": q, "cfg": cfg, "mlp_us": round(us, 2),
                    "up_kept": round(up, 4), "down_kept": round(down, 4)}
             out.append(row)
             print(f"decide_trials {row}", flush=True)
@@ -1798,6 +1799,9 @@ def main(argv=None):
                     help="down_trials() alone (the down kernel's grid varied, a batch-1 layer) into a new record")
     ap.add_argument("--decide-trials", action="store_true",
                     help="decide_trials() alone (early decisions on vs off, a layer at batch 1 and 2) into a new record")
+    ap.add_argument("--decide-cfgs", default="{}",
+                    help="JSON list of kernel CONFIG overrides the deciding variants of --decide-trials are also "
+                         "timed with, e.g. '[{}, {\"gd_BN\": 32}]'")
     ap.add_argument("--dial-mix", default=None,
                     help="a bench/dial_mix.py record: bench_dial_mix alone into a new record at --out")
     a = ap.parse_args(argv)
@@ -1838,7 +1842,9 @@ def main(argv=None):
         return
 
     if a.decide_trials:
-        res = {**run_info(a.note), "config": dict(K.CONFIG), "decide_trials": decide_trials()}
+        cfgs = json.loads(a.decide_cfgs)
+        res = {**run_info(a.note), "config": dict(K.CONFIG),
+               "decide_trials": decide_trials(cfgs=tuple(cfgs) if isinstance(cfgs, list) else (cfgs,))}
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
         return
