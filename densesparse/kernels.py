@@ -95,6 +95,11 @@ CONFIG = {
     # ~50% of their up rows, MLP alone (run G2, bench/GPU_NOTES.md): T=1 two-phase 71.4 us at 64 rows vs 78.9 at
     # 32, fused 78.4 / 76.6, no dial 78.2; T=2 85.9 / 88.7, fused 95.3 / 94.1, no dial 100.7.
     "gu_two_phase": True, "gd_BN": 64,
+    # Early decisions (decide_tau) double the gate/up kernel's dots per loaded tile; half the K step then pays:
+    # H100, llama3-8b e=8, every expert on, the gate keeping 0.65 of the up rows, tau 0.40 of the neurons
+    # (bench/results/gpu-h100-decide-cfgs.json): T=1 114.3 us at BK 256 vs 108.4 at 128 (the same call without early
+    # decisions 102.9 at 256); T=2 124.5 vs 121.2 (120.5); 4 stages, 8 warps or gd_BN 32 were slower.
+    "gu_dec_BK": 128,
     # Compacted decode path (CONFIG["compact"], env DS_COMPACT=1; off by default): the active expert blocks (the
     # shared ones and the union of the tokens' experts, ascending) and their count are listed on the device, no
     # sync: by every gate/up program itself (c_fused, env DS_COMPACT_FUSED; a prefix sum over the mask per program)
@@ -912,7 +917,8 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
         GATE_DIAL=dial, TWO_PHASE=bool(cfg["gu_two_phase"]), COUNT=counts is not None, COMPACT=compact,
         FUSED=fused, MT=max(2, triton.next_power_of_2(T)), HAS_IN=has_in, HAS_DEC=has_dec,
         CBLK=min(cfg["c_BLOCK"], max(16, triton.next_power_of_2(nb))),
-        ACT=_ACTS[act], BT=_BT, BN=bn, BK=cfg["gu_BK"], num_warps=cfg["gu_warps"], num_stages=cfg["gu_stages"])
+        ACT=_ACTS[act], BT=_BT, BN=bn, BK=cfg["gu_dec_BK"] if has_dec else cfg["gu_BK"], num_warps=cfg["gu_warps"],
+        num_stages=cfg["gu_stages"])
     y = torch.empty((T, d), device=x.device, dtype=x.dtype)
     bd = cfg[pre + "dn_BD"]
     dbn = cfg[pre + "dn_BN"]
