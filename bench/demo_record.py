@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from densesparse import __version__
-from densesparse.runtime import COMPACT_BELOW
+from densesparse.runtime import COMPACT_BELOW, decides_early
 
 TARGETS = (0.75, 0.5, 0.35, 0.25)
 
@@ -37,7 +37,7 @@ def main():
                           "input_layers": sum(x > 0 for x in b["input_tau"]),
                           "down_layers": sum(x > 0 for x in b["down_tau"]),
                           # layers whose gate dial or down skip decide early (on the larger input channels)
-                          "early_layers": sum(dt > it and (g > 0 or d > 0) for dt, it, g, d in
+                          "early_layers": sum(decides_early(*dials) for dials in
                                               zip(b.get("decide_tau", []), b["input_tau"], b["gate_tau"],
                                                   b["down_tau"])),
                           # layers whose one-token calls take the compacted kernels on CUDA

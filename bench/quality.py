@@ -216,7 +216,6 @@ def main():
             else:  # the replaced methods' rows where the first of them was
                 kept = [r for r in prior["rows"] if r["method"] not in methods]
                 at = next((i for i, r in enumerate(prior["rows"]) if r["method"] in methods), len(prior["rows"]))
-                at -= sum(r["method"] in methods for r in prior["rows"][:at])
                 result = dict(prior, rows=kept[:at] + rows + kept[at:],
                               replaced_runs=prior.get("replaced_runs", []) + [dict(variant, methods=methods)])
         write_json(result, args.out)

@@ -80,8 +80,10 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
     # early decisions save FLOPs, not bytes: with input skip off (the GPU setting) they are off too
     decide_qs = DECIDE_GRID if early and input_skip and (mlp.gated or down_skip) else ()
     decide_taus = dict(zip(decide_qs, _quantiles(x.abs(), decide_qs)))
-    partial = {q: mlp.gate_and_up(x * (x.abs() >= tau)) + ((x.abs() >= tau).sum(1).double(),)
-               for q, tau in decide_taus.items()}
+    partial = {}
+    for q, tau in decide_taus.items():
+        channels = x.abs() >= tau
+        partial[q] = (*mlp.gate_and_up(x * channels), channels.sum(1).double())
     cache, screened = {}, []
     for x_q, x_tau in x_taus.items():
         keep_x = x.abs() >= x_tau

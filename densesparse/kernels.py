@@ -946,7 +946,8 @@ def _mask_act_impl(g, u, g_dec, u_dec, b_gate, b_up, mask, tau, gate_scale, gate
     dial = g is not None and gate_scale is not None and gate_tau > 0
     has_dec = g_dec is not None or u_dec is not None
     _mask_act_kernel[(T, triton.cdiv(m, block))](
-        g if g is not None else u, u, g_dec if g_dec is not None else dummy, u_dec if has_dec else dummy, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
+        g if g is not None else u, u, g_dec if g_dec is not None else dummy, u_dec if u_dec is not None else dummy,
+        b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
         mk, tau if tau is not None else dummy, gate_scale if dial else dummy, float(gate_tau) if dial else 0.0,
         counts if counts is not None else dummy, h, T, m, e, n_shared, n_e,
         GATED=g is not None, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,

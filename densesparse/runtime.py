@@ -42,6 +42,11 @@ def threshold_select(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, mass_before < threshold)
 
 
+def decides_early(decide_tau: float, input_tau: float, gate_tau: float, down_tau: float) -> bool:
+    """A layer's dials decide on partial sums: its decision channels are fewer than input skip's and a dial uses them."""
+    return decide_tau > input_tau and (gate_tau > 0 or down_tau > 0)
+
+
 class HeldWeights(nn.Module):
     """Keeps an inline FFN's second projection under its native name while SparseMLP computes the FFN."""
 
@@ -197,7 +202,7 @@ class SparseMLP(nn.Module):
     @property
     def deciding(self) -> bool:
         """Whether a dial decides on partial sums (decide_tau) this budget."""
-        return self.decide_tau > self.input_tau and (self.gate_tau > 0 or self.down_tau > 0)
+        return decides_early(self.decide_tau, self.input_tau, self.gate_tau, self.down_tau)
 
     def bias_now(self, like: torch.Tensor) -> torch.Tensor | None:
         """The current budget's bias correction on like's device and dtype (None: no correction)."""

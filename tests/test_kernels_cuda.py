@@ -418,6 +418,11 @@ def test_early_decisions_match_reference(gated, act, T, path, two_phase, compact
         y_plain = K.sparse_mlp(x, packed, *args, path=path, input_tau=in_tau, **kw)
         y_low = K.sparse_mlp(x, packed, *args, path=path, input_tau=in_tau, decide_tau=in_tau / 2, **kw)
         assert torch.equal(y_low, y_plain)
+        if gated:  # the gate dial alone deciding early (no tau)
+            ref_g = ref_mlp(x_in, L["w_gate"], L["w_up"], L["w_down_t"], *args[:4], None, e, n_shared, act,
+                            decide_tau=dec_tau, **kw)
+            y_g = K.sparse_mlp(x, packed, *args[:4], None, act, path=path, input_tau=in_tau, decide_tau=dec_tau, **kw)
+            assert rel_err(y_g, ref_g) < 1e-2, (biases, rel_err(y_g, ref_g))
 
 
 @pytest.mark.parametrize("T", [3, 5, 24])
