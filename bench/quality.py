@@ -229,38 +229,40 @@ def main():
     print(f"dense ppl {dense_ppl:.3f} on {tokens} tokens", flush=True)
 
     # ours: the CLI defaults, converted once, evaluated at each budget
-    work = Path(tempfile.mkdtemp(prefix="densesparse-bench-"))
-    sparse_dir = Path(args.sparse) if args.sparse else work / "sparse"
-    convert_seconds = None
-    if not args.sparse:
-        t = time.time()
-        convert(ConvertConfig(out=str(sparse_dir), **overrides))
-        convert_seconds = round(time.time() - t, 1)
-    spec = read_spec(sparse_dir)
-    state["convert_seconds"] = convert_seconds
-    state["settings"] = {k: spec.get(k) for k in ("expert_size", "n_shared", "grouping", "router_width", "down_skip",
-                                                  "input_skip", "early_decisions", "calibration")}
-    sparse = load(sparse_dir, mlp_flops=1.0)
-    if "densesparse" in methods:
-        res = evaluate_windows(sparse, wins, bos, list(TARGETS), spec["budgets"])
-        for r in res["rows"]:
-            log("densesparse", f"e{spec['expert_size']}-{spec['grouping']}", r["target"], r["mlp_flops_kept"],
-                r["ppl"])
+    # the conversion and the peers' model copies are 0.5 GB each: removed whatever way the run ends
+    with tempfile.TemporaryDirectory(prefix="densesparse-bench-") as tmp:
+        work = Path(tmp)
+        sparse_dir = Path(args.sparse) if args.sparse else work / "sparse"
+        convert_seconds = None
+        if not args.sparse:
+            t = time.time()
+            convert(ConvertConfig(out=str(sparse_dir), **overrides))
+            convert_seconds = round(time.time() - t, 1)
+        spec = read_spec(sparse_dir)
+        state["convert_seconds"] = convert_seconds
+        state["settings"] = {k: spec.get(k) for k in ("expert_size", "n_shared", "grouping", "router_width", "down_skip",
+                                                      "input_skip", "early_decisions", "calibration")}
+        sparse = load(sparse_dir, mlp_flops=1.0)
+        if "densesparse" in methods:
+            res = evaluate_windows(sparse, wins, bos, list(TARGETS), spec["budgets"])
+            for r in res["rows"]:
+                log("densesparse", f"e{spec['expert_size']}-{spec['grouping']}", r["target"], r["mlp_flops_kept"],
+                    r["ppl"])
 
-    for name, (patches, setting) in peers.OURS_BOUNDS.items():  # ours with a part made perfect (bounds)
-        if name not in methods:
-            continue
-        model = copy.deepcopy(sparse)
-        for mm in sparse_mlps(model):
-            for patch in patches:
-                patch(mm)
-        res = evaluate_windows(model, wins, bos, list(TARGETS), spec["budgets"])
-        for r in res["rows"]:
-            log(name, f"e{spec['expert_size']} ours, {setting}", r["target"], r["mlp_flops_kept"], r["ppl"])
+        for name, (patches, setting) in peers.OURS_BOUNDS.items():  # ours with a part made perfect (bounds)
+            if name not in methods:
+                continue
+            model = copy.deepcopy(sparse)
+            for mm in sparse_mlps(model):
+                for patch in patches:
+                    patch(mm)
+            res = evaluate_windows(model, wins, bos, list(TARGETS), spec["budgets"])
+            for r in res["rows"]:
+                log(name, f"e{spec['expert_size']} ours, {setting}", r["target"], r["mlp_flops_kept"], r["ppl"])
 
-    # peers: thresholds from the same calibration sample (same text, seed, token count as the conversion)
-    if set(methods) - {"densesparse", *peers.OURS_BOUNDS}:
-        run_peers(args, methods, dense, tok, overrides, state, wins, bos, sparse, spec, work, log)
+        # peers: thresholds from the same calibration sample (same text, seed, token count as the conversion)
+        if set(methods) - {"densesparse", *peers.OURS_BOUNDS}:
+            run_peers(args, methods, dense, tok, overrides, state, wins, bos, sparse, spec, work, log)
 
     result = save(final=True)
     out = Path(args.out)

@@ -66,8 +66,9 @@ def staging(final: Path):
 
 
 def _gguf_cache(gguf: Path) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    # keyed by content, not path or mtime: every fresh install of the same GGUF shares one 0.5 GB entry
+    with open(gguf, "rb") as fh:
+        key = hashlib.file_digest(fh, "sha256").hexdigest()[:16]
     return cache_dir() / f"{gguf.stem}-{key}"
 
 

@@ -165,3 +165,16 @@ def test_mismatched_safetensors(llama_dir, tmp_path):
     sd = load_file(out / "model.safetensors")
     save_file({k: v for k, v in sd.items() if "router" not in k}, out / "model.safetensors", metadata={"format": "pt"})
     _fails_cleanly(runner.invoke(app, ["eval", str(out), "--max-tokens", "64"]), "router")
+
+
+def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    from densesparse.io import _gguf_cache
+
+    monkeypatch.setenv("DENSESPARSE_CACHE", str(tmp_path / "cache"))
+    a, b, c = (tmp_path / d / "m.gguf" for d in "abc")
+    for f, data in ((a, b"GGUF same"), (b, b"GGUF same"), (c, b"GGUF other")):
+        f.parent.mkdir()
+        f.write_bytes(data)
+    assert _gguf_cache(a) == _gguf_cache(b)  # a second install of the same file reuses the entry
+    assert _gguf_cache(a) != _gguf_cache(c)
+    assert _gguf_cache(a).parent == tmp_path / "cache"
