@@ -232,7 +232,9 @@ def set_budget_biases(mlps: list[SparseMLP], held: list[torch.Tensor], budgets: 
     """Bias correction: per layer, `budget_bias` [len(budgets), hidden] = the mean of (dense - sparse) MLP output
     over held-out calibration inputs at each budget's dials, which apply_budget interpolates and the sparse forward
     adds back. The part of each layer's error that is the same for every token costs nothing to remove, and it
-    adds up over layers and tokens."""
+    adds up over layers and tokens. Each mean is shrunk toward zero by the positive-part James-Stein factor
+    1 - (tr cov / n) / ||mean||^2: where the error's mean is small against its sampling noise (light budgets), a raw
+    mean from n held-out tokens adds more noise than it removes."""
     for m in mlps:
         m.budget_bias = torch.nn.Parameter(torch.zeros(len(budgets), m.hidden), requires_grad=False)
     dense = [m._dense_forward(x.float()) for m, x in zip(mlps, held)]
@@ -240,4 +242,11 @@ def set_budget_biases(mlps: list[SparseMLP], held: list[torch.Tensor], budgets: 
         apply_budget(mlps, budgets, b["target"])
         for m, x, y in zip(mlps, held, dense):
             m.bias_mix = None  # the error of the uncorrected sparse forward
-            m.budget_bias[i] = (y - m._torch_forward(x.float())).mean(0)
+            m.budget_bias[i] = shrunk_mean(y - m._torch_forward(x.float()))
+
+
+def shrunk_mean(err: torch.Tensor) -> torch.Tensor:
+    """The mean of err [n, d] over its rows, times the positive-part James-Stein factor."""
+    mean = err.mean(0)
+    noise = err.var(0).sum() / err.shape[0]  # expected ||sampling error of the mean||^2
+    return mean * (1 - noise / mean.square().sum().clamp_min(1e-30)).clamp_min(0)

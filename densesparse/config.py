@@ -47,8 +47,8 @@ class ConvertConfig:
                                       "the larger input channels, so a neuron they drop costs only those (the kept "
                                       "ones are completed; the budget search decides per layer). Like input skip it "
                                       "saves FLOPs, not GPU time: --no-input-skip turns it off too.")
-    bias_correction: bool = opt(False, "Add back, per layer and calibrated budget, the mean MLP output error measured "
-                                       "on held-out calibration tokens (a bias: free at run time).")
+    bias_correction: bool = opt(True, "Add back, per layer and calibrated budget, the mean MLP output error measured "
+                                      "on held-out calibration tokens (a bias: free at run time).")
     mlp_flops: float = opt(0.5, "Default MLP FLOPs budget the model loads with (fraction of dense, router included).")
     max_ppl_increase: float | None = opt(None, QUALITY_HELP)
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")

@@ -122,11 +122,11 @@ def test_convert_save_load_round_trip_and_generate(tiny_dir, tmp_path, arch):
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
 def test_bias_correction(tiny_dir, tmp_path, arch):
     """--bias-correction: each calibrated budget's bias is the mean (dense - sparse) output on the inputs it was
-    measured on, so with it the mean error there is zero; apply_budget interpolates it (none at 1.0: still the
+    measured on, shrunk toward zero (James-Stein: by a factor in [0, 1], 1 where the mean dwarfs its noise); apply_budget interpolates it (none at 1.0: still the
     dense model); it changes the logits; densesparse.load and trust_remote_code agree after the round trip."""
     from transformers import AutoModelForCausalLM
 
-    from densesparse.budget import set_budget_biases
+    from densesparse.budget import set_budget_biases, shrunk_mean
 
     out = tmp_path / "sparse"
     spec = _convert(tiny_dir, out, bias_correction=True)
@@ -140,11 +140,24 @@ def test_bias_correction(tiny_dir, tmp_path, arch):
     # the definition, on fresh inputs
     held = [torch.randn(64, m.hidden, generator=torch.Generator().manual_seed(i)) for i, m in enumerate(mlps)]
     set_budget_biases(mlps, held, spec["budgets"])
+    factors = []
     for i, b in enumerate(spec["budgets"]):
         apply_budget(mlps, spec["budgets"], b["target"])
         for m, x in zip(mlps, held):
             assert torch.allclose(m.bias_now(x), m.budget_bias[i], atol=1e-7)
-            assert (m._dense_forward(x) - m._torch_forward(x)).mean(0).abs().max() < 1e-5
+            left = (m._dense_forward(x) - m._torch_forward(x)).mean(0)  # the mean error with the bias added
+            mean = left + m.budget_bias[i]
+            c = float(m.budget_bias[i] @ mean / mean.square().sum())
+            assert -1e-6 <= c <= 1 + 1e-6
+            assert torch.allclose(m.budget_bias[i], c * mean, atol=1e-6)
+            factors.append(c)
+    assert max(factors) > 0  # not shrunk away everywhere
+    # the shrinkage itself: a mean that dwarfs its noise is kept whole, a mean that is only noise mostly goes
+    gen = torch.Generator().manual_seed(0)
+    offset = torch.randn(32, generator=gen)
+    assert torch.allclose(shrunk_mean(offset + 0.01 * torch.randn(256, 32, generator=gen)), offset, atol=1e-2)
+    noise = torch.randn(256, 32, generator=gen)
+    assert shrunk_mean(noise).norm() < 0.25 * noise.mean(0).norm()
     lo, hi = spec["budgets"][0]["target"], spec["budgets"][1]["target"]
     apply_budget(mlps, spec["budgets"], (lo + hi) / 2)
     mid = (mlps[0].budget_bias[0] + mlps[0].budget_bias[1]) / 2
