@@ -48,7 +48,8 @@ class ConvertConfig:
                                       "ones are completed; the budget search decides per layer). Like input skip it "
                                       "saves FLOPs, not GPU time: --no-input-skip turns it off too.")
     bias_correction: bool = opt(True, "Add back, per layer and calibrated budget, the mean MLP output error measured "
-                                      "on held-out calibration tokens (a bias: free at run time).")
+                                      "on held-out calibration tokens, shrunk where it is mostly sampling noise "
+                                      "(a bias: free at run time).")
     mlp_flops: float = opt(0.5, "Default MLP FLOPs budget the model loads with (fraction of dense, router included).")
     max_ppl_increase: float | None = opt(None, QUALITY_HELP)
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
