@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -99,18 +100,35 @@ DIAL_MIXES = (("defaults", "gpu-h100-dial-mix.json", "densesparse"),
               ("--no-input-skip", "gpu-h100-dial-mix-no-input-skip.json", "densesparse-input_skip=false"))
 
 
+def _ppl_as_of(commit: str, method: str) -> dict:
+    """{target: PPL} of `method` in the first committed version of quality-smollm2.json, from `commit` on, that has
+    it: the PPL of the conversion a dial mix replays, not of a later one."""
+    path, root = "bench/results/quality-smollm2.json", HERE.parent
+    revs = subprocess.run(["git", "log", "--reverse", "--format=%H", f"{commit}^..HEAD", "--", path], cwd=root,
+                          capture_output=True, text=True).stdout.split()
+    for rev in [commit] + revs:
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True)
+        if shown.returncode:
+            continue
+        found = {r["target"]: r["ppl"] for r in json.loads(shown.stdout)["rows"] if r["method"] == method}
+        if found:
+            return found
+    return {}
+
+
 def dial_mix_table(g: dict) -> str:
-    """The dial-mix records of both conversions, with their WikiText PPL from the quality record."""
+    """The dial-mix records of both conversions, with their WikiText PPL (_ppl_as_of)."""
     mix = g["dial_mix"]
     src = mix["source"]
     model = src["model"].split("/")[-1].split(".Q")[0]
     quality = json.loads((RESULTS / "quality-smollm2.json").read_text())
-    ppl = {(r["method"], r["target"]): r["ppl"] for r in quality["rows"]}
     lines = [f"{g['device']}, torch {g['torch']}, triton {g['triton']}, commit {g['commit']}. Each conversion's "
              f"per-layer dial fractions ({model}; `bench/dial_mix.py`: {src['text']}) replayed layer by layer on a "
              f"random-weight {mix['shape']} MLP layer, expert size {mix['expert_size']}, bf16, summed over the "
              f"{len(mix['budgets'][0]['layers'])} layers (medians of CUDA-graph replays; both conversions in one "
-             f"device call). PPL: the quality table's ({quality['protocol']}). 'before': SparseMLP as of commit "
+             f"device call). PPL: the quality table's ({quality['protocol']}) as committed when the replayed "
+             "conversion was made (the first version of the record, from the dial mix's commit on, with that "
+             "conversion's row; later rows come from later conversions). 'before': SparseMLP as of commit "
              "bf697ab (input cut, down-tau vector and all-on mask built by torch ops on every call).", "",
              "| conversion | MLP FLOPs kept | PPL | batch 1: dense / sparse us | speedup | batch 2 | batch 1 before |",
              "|---|---|---|---|---|---|---|"]
@@ -119,9 +137,10 @@ def dial_mix_table(g: dict) -> str:
         if not path.exists():
             continue
         rec = json.loads(path.read_text())["dial_mix"]
+        ppl = _ppl_as_of(rec["source"]["commit"], method)
         by = {(b["target"], b["batch"]): b for b in rec["budgets"]}
         for t in TARGETS:
-            b1, b2, p = by.get((t, 1)), by.get((t, 2)), ppl.get((method, t))
+            b1, b2, p = by.get((t, 1)), by.get((t, 2)), ppl.get(t)
             if b1 is None or b2 is None or p is None:
                 continue
             lines.append(f"| {name} | {b1['mlp_flops_kept']:.3f} | {p:.2f} | {b1['dense_us']:.0f} / "
