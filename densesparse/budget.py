@@ -2,7 +2,7 @@
 
 Dials per layer: the input threshold (gate/up skip input channels with tiny |x|, TEAL-style, exact given x),
 the router mass threshold t (experts, XMoE rule; t = 1 runs no router), the gate threshold (gated FFNs: up and
-down skip neurons whose |act(gate)| * E|up| * ||down row|| is tiny, CATS-style but scaled to the neuron's expected
+down skip neurons whose |act(gate)| * RMS(up) * ||down row|| is tiny, CATS-style but scaled to the neuron's expected
 output, exact given the gate) and the down threshold (skip down rows whose |h| * ||down row|| is tiny inside the
 chosen experts, exact given h). A fifth, early decisions: the gate and down thresholds judge each neuron on partial
 sums over only the larger input channels (|x| >= decide_tau), so a neuron they drop costs only those channels and

@@ -6,6 +6,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from densesparse.errors import DenseSparseError
 
 GROUPINGS = ("coactivation", "weights", "contiguous")
+GATE_SCALES = ("rms", "mean_abs")
 DEFAULT_SWEEP = (1.0, 0.75, 0.5, 0.35, 0.25)
 QUALITY_HELP = ("Quality budget instead of --mlp-flops: the default becomes the smallest calibrated budget whose "
                 "perplexity on held-out calibration text is at most (1 + this) x dense, e.g. 0.05.")
@@ -47,6 +48,9 @@ class ConvertConfig:
                                       "the larger input channels, so a neuron they drop costs only those (the kept "
                                       "ones are completed; the budget search decides per layer). Like input skip it "
                                       "saves FLOPs, not GPU time: --no-input-skip turns it off too.")
+    gate_scale: str = opt("rms", "Gated FFNs: the gate dial scores a neuron |act(gate)| x this statistic of its up "
+                                 "x ||down row||: rms = sqrt(E[up^2]) (its expected squared output, the error the "
+                                 "budget search minimises) | mean_abs = E|up| (what conversions used before this option).")
     bias_correction: bool = opt(True, "Add back, per layer and calibrated budget, the mean MLP output error measured "
                                       "on held-out calibration tokens, shrunk where it is mostly sampling noise "
                                       "(a bias: free at run time).")
@@ -60,6 +64,8 @@ class ConvertConfig:
     def validate(self) -> "ConvertConfig":
         if self.grouping not in GROUPINGS:
             raise ConfigError(f"--grouping {self.grouping!r} is unknown: choose one of {', '.join(GROUPINGS)}")
+        if self.gate_scale not in GATE_SCALES:
+            raise ConfigError(f"--gate-scale {self.gate_scale!r} is unknown: choose one of {', '.join(GATE_SCALES)}")
         if self.expert_size < 1:
             raise ConfigError(f"--expert-size {self.expert_size} must be a positive number of neurons")
         for name in ("mlp_flops", "min_budget"):

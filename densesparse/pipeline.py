@@ -78,7 +78,8 @@ def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: b
         helds.append(held)
         if regroup:
             permute(mlp, neuron_order(mlp, train, cfg.grouping, generator))
-        mlp.calibrate_gate_scale(train)
+        # specs from before the option used mean |up|; calibrate keeps a model's own statistic
+        mlp.calibrate_gate_scale(train, spec.get("gate_scale", "mean_abs"))
         if refit:
             losses.append(fit_router(mlp, train, cfg.router_epochs, generator))
         points.append(layer_points(mlp, held, sample.weight, spec["down_skip"], spec["input_skip"],
@@ -110,7 +111,7 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
         "intermediate_size": m, "n_shared": n_shared, "expert_size": cfg.expert_size,
         "n_experts": (m - n_shared) // cfg.expert_size, "router_width": cfg.router_width,
         "grouping": cfg.grouping, "down_skip": cfg.down_skip, "input_skip": cfg.input_skip,
-        "early_decisions": cfg.early_decisions and cfg.input_skip, "seed": cfg.seed,
+        "early_decisions": cfg.early_decisions and cfg.input_skip, "gate_scale": cfg.gate_scale, "seed": cfg.seed,
         "calibration": provenance,
         "default_mlp_flops": cfg.mlp_flops, "source_model": str(cfg.model or source),
     }

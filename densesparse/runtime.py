@@ -138,7 +138,8 @@ class SparseMLP(nn.Module):
         self.down_tau = 0.0  # skip down rows whose |h| * ||down row|| is below this (exact, after gate/up)
         self.input_tau = 0.0  # gate/up skip input channels with |x| below this (TEAL-style, exact given x)
         # gated FFNs: up and down skip neurons whose |act(gate)| * gate_scale is below gate_tau (exact given the
-        # gate); gate_scale = E|up| * ||down row|| from calibration turns the gate into the neuron's expected share
+        # gate); gate_scale = RMS(up) (or E|up|) * ||down row|| from calibration turns the gate into the neuron's
+        # expected share
         self.gate_tau = 0.0
         # early decisions (decide_tau > input_tau): the gate dial and the down skip decide on partial sums over the
         # input channels with |x| >= decide_tau, then only the neurons they keep get their gate (and up) completed
@@ -255,11 +256,14 @@ class SparseMLP(nn.Module):
         return u if g is None else g * u
 
     @torch.no_grad()
-    def calibrate_gate_scale(self, x: torch.Tensor, chunk: int = 8192) -> None:
-        """gate_scale = mean |up| over calibration inputs x, times each neuron's down-row norm."""
+    def calibrate_gate_scale(self, x: torch.Tensor, statistic: str = "rms", chunk: int = 8192) -> None:
+        """gate_scale = sqrt(mean up^2) ("rms": ranks neurons by their expected squared output, the error the budget
+        search minimises) or mean |up| ("mean_abs") over calibration inputs x, times each neuron's down-row norm."""
         if self.gated:
-            total = sum(self.gate_and_up(xb.to(self.gate_scale.dtype))[1].abs().float().sum(0) for xb in x.split(chunk))
-            self.gate_scale.copy_(total / x.shape[0] * self.down_norms())
+            power = 2 if statistic == "rms" else 1
+            total = sum(self.gate_and_up(xb.to(self.gate_scale.dtype))[1].float().abs().pow(power).sum(0)
+                        for xb in x.split(chunk))
+            self.gate_scale.copy_((total / x.shape[0]).pow(1 / power) * self.down_norms())
 
     def down(self, h: torch.Tensor) -> torch.Tensor:
         """The down projection of intermediate activations h [T, m] (bias included)."""
@@ -295,7 +299,7 @@ class SparseMLP(nn.Module):
         return x2 * (x2.abs() >= self.input_tau) if self.input_tau > 0 else x2
 
     def gate_score(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """The gate dial's per-neuron score, known once the gate is computed: |act(gate)| * gate_scale (E|up| *
+        """The gate dial's per-neuron score, known once the gate is computed: |act(gate)| * gate_scale (RMS(up) *
         ||down row||). u is not used: this path computes up for every neuron, the kernels only for kept ones; the
         bench's oracle-up bound scores with it."""
         return g.abs() * self.gate_scale.to(g.dtype)

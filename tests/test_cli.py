@@ -39,6 +39,7 @@ def test_convert_calibrate_eval(llama_dir, tmp_path):
     assert r.exit_code == 0, r.output
     spec = json.loads((out / "config.json").read_text())["densesparse"]
     assert spec["seed"] == 0 and spec["calibration"]["tokens"] >= 600 and spec["version"] == SPEC_VERSION
+    assert spec["gate_scale"] == "rms"
     other = tmp_path / "other.txt"
     other.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     r = runner.invoke(app, ["calibrate", str(out), "--data", str(other), "--mlp-flops", "0.4", "--calib-tokens",
@@ -146,6 +147,12 @@ def test_short_calibration_text_warns(llama_dir, tmp_path):
 def test_budget_out_of_range(llama_dir, tmp_path, budget):
     _fails_cleanly(runner.invoke(app, ["convert", str(llama_dir), "--out", str(tmp_path / "o"), "--mlp-flops",
                                        budget]), "outside (0, 1]")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_gate_scale(llama_dir, tmp_path):
+    _fails_cleanly(runner.invoke(app, ["convert", str(llama_dir), "--out", str(tmp_path / "o"), "--gate-scale",
+                                       "median"]), "--gate-scale")
     assert not (tmp_path / "o").exists()
 
 

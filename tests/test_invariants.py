@@ -279,3 +279,21 @@ def test_budget_points_are_the_layers_real_cost_and_error():
         assert p.experts == pytest.approx(mlp.stats.experts / (mlp.stats.tokens * mlp.n_experts), rel=1e-6)
     assert {p.experts for p in points if p.threshold == 1.0} == {1.0} and min(p.experts for p in points) < 1.0
     mlp.stats = None
+
+
+@torch.no_grad()
+def test_gate_scale_statistics():
+    """gate_scale = RMS(up) (default) or mean |up| over the calibration inputs, times the down-row norm; RMS >= mean
+    |.| per neuron (Jensen), equal only where |up| is constant."""
+    model = tiny_model("LlamaForCausalLM")
+    mlp = install(model, _spec(model))[0]
+    x = torch.randn(300, 32, generator=torch.Generator().manual_seed(5))
+    up = mlp.gate_and_up(x)[1].float()
+    norms = mlp.down_norms()
+    scales = {}
+    for statistic, want in (("rms", up.pow(2).mean(0).sqrt()), ("mean_abs", up.abs().mean(0))):
+        mlp.calibrate_gate_scale(x, statistic, chunk=128)  # chunks summed, not averaged per chunk
+        scales[statistic] = mlp.gate_scale.clone()
+        torch.testing.assert_close(scales[statistic], want * norms, rtol=1e-5, atol=1e-7)
+    assert bool((scales["rms"] >= scales["mean_abs"] * (1 - 1e-6)).all())
+    assert bool((scales["rms"] > scales["mean_abs"] * 1.01).any())
