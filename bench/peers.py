@@ -12,7 +12,8 @@ per token from the real masks:
   calibrated, but the router's scores replaced by the log of the true expert output norms, the distribution the
   router is trained to match (a bound: what a perfect router would give, so the rest of the loss is not routing).
   oracle-up: our conversion with the gate dial scored by the true |act(gate) * up| * ||down row|| instead of
-  |act(gate)| * E|up| * ||down row|| (the same scale, so the calibrated thresholds apply): a bound on predicting up.
+  |act(gate)| * gate_scale (RMS(up), or E|up| before, times ||down row||: nearly the same scale, so the
+  calibrated thresholds apply): a bound on predicting up.
   oracle-router-up: both.
 """
 from __future__ import annotations
@@ -139,7 +140,7 @@ def oracle_up(mlp: SparseMLP) -> None:
 
 def free_partial_up(mlp: SparseMLP) -> None:
     """Where mlp decides early, make its gate dial (CPU path) score each neuron by |act(partial gate) * partial up| *
-    ||down row|| instead of |act(partial gate)| * E|up| * ||down row||. The partial up of the routed rows the dial
+    ||down row|| instead of |act(partial gate)| * gate_scale. The partial up of the routed rows the dial
     drops, which this score needs, is not counted: an optimistic bound on a dial that would pay for it."""
     norms = mlp.down_norms()
     plain = mlp.decision_sums
