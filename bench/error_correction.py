@@ -29,6 +29,7 @@ from densesparse import __version__  # noqa: E402
 from densesparse.arch import resolve_layout  # noqa: E402
 from densesparse.data import calibration_windows  # noqa: E402
 from densesparse.evaluate import evaluate_windows  # noqa: E402
+from densesparse.flops import mlp_macs_dense  # noqa: E402
 from densesparse.io import load, load_tokenizer, read_spec  # noqa: E402
 from densesparse.report import write_json  # noqa: E402
 from densesparse.runtime import SparseMLP, apply_budget, sparse_mlps  # noqa: E402
@@ -48,10 +49,10 @@ def _corrected_forward(self, x2):
     return y + ((x2.float() - mean) @ u @ v).to(y.dtype)
 
 
-def fit(mlp: SparseMLP, x: torch.Tensor) -> tuple:
-    """(mean x, ridge map A [d, d], right singular vectors of the fitted values) of the layer's error at its dials."""
-    x = x.float()
-    err = mlp._dense_forward(x) - mlp._torch_forward(x)
+def fit(mlp: SparseMLP, x: torch.Tensor, dense: torch.Tensor) -> tuple:
+    """(mean x, ridge map A [d, d], right singular vectors of the fitted values) of the layer's error at its dials
+    (x float, dense = the dense MLP's output on x)."""
+    err = dense - mlp._torch_forward(x)
     mean = x.mean(0)
     xc = x - mean
     lam = RIDGE * xc.pow(2).sum(1).mean()
@@ -79,9 +80,10 @@ def main():
     mlps = sparse_mlps(model)
     batches, provenance, _ = calibration_windows(tok, None, args.fit_tokens, 512,
                                                  torch.Generator().manual_seed(args.seed), 0)
-    samples = [s.x for s in collect(model, resolve_layout(model), batches)]
+    samples = [s.x.float() for s in collect(model, resolve_layout(model), batches)]
+    dense_out = [m._dense_forward(x) for m, x in zip(mlps, samples)]  # the same at every budget
     wins, bos = wt2_windows(tok, args.windows)
-    dense_mlp = sum(m.hidden * m.intermediate * (3 if m.gated else 2) for m in mlps)
+    dense_mlp = sum(mlp_macs_dense(m.hidden, m.intermediate, m.gated) for m in mlps)
 
     def evaluate(target: float) -> dict:
         return evaluate_windows(model, wins, bos, [target], spec["budgets"])["rows"][0]
@@ -89,7 +91,7 @@ def main():
     rows = []
     for target in (float(t) for t in args.targets.split(",")):
         apply_budget(mlps, spec["budgets"], target)
-        fits = [fit(m, x) for m, x in zip(mlps, samples)]
+        fits = [fit(m, x, y) for m, x, y in zip(mlps, samples, dense_out)]
         plain = evaluate(target)
         rows.append({"target": target, "rank": 0, "ppl": round(plain["ppl"], 4),
                      "mlp_flops_kept": round(plain["mlp_flops_kept"], 4)})

@@ -50,7 +50,8 @@ class ConvertConfig:
                                       "saves FLOPs, not GPU time: --no-input-skip turns it off too.")
     gate_scale: str = opt("rms", "Gated FFNs: the gate dial scores a neuron |act(gate)| x this statistic of its up "
                                  "x ||down row||: rms = sqrt(E[up^2]) (its expected squared output, the error the "
-                                 "budget search minimises) | mean_abs = E|up| (what conversions used before this option).")
+                                 "budget search minimises) | mean_abs = E|up| (what conversions used before this "
+                                 "option).")
     bias_correction: bool = opt(True, "Add back, per layer and calibrated budget, the mean MLP output error measured "
                                       "on held-out calibration tokens, shrunk where it is mostly sampling noise "
                                       "(a bias: free at run time).")

@@ -122,8 +122,9 @@ def test_convert_save_load_round_trip_and_generate(tiny_dir, tmp_path, arch):
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
 def test_bias_correction(tiny_dir, tmp_path, arch):
     """--bias-correction: each calibrated budget's bias is the mean (dense - sparse) output on the inputs it was
-    measured on, shrunk toward zero (James-Stein: by a factor in [0, 1], 1 where the mean dwarfs its noise); apply_budget interpolates it (none at 1.0: still the
-    dense model); it changes the logits; densesparse.load and trust_remote_code agree after the round trip."""
+    measured on, shrunk toward zero (James-Stein: by a factor in [0, 1], 1 where the mean dwarfs its noise);
+    apply_budget interpolates it (none at 1.0: still the dense model); it changes the logits; densesparse.load and
+    trust_remote_code agree after the round trip."""
     from transformers import AutoModelForCausalLM
 
     from densesparse.budget import set_budget_biases, shrunk_mean
