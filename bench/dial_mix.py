@@ -4,7 +4,8 @@
 
 For each budget, the sparse model runs the first WikiText-2 test windows (evaluation text, as in bench/quality.py)
 with its per-layer counters on, and the record keeps, per FFN layer: the fraction of experts selected, of gate rows
-computed (shared + selected), of input channels used, of up rows computed, of neurons kept for down, and the
+computed (shared + selected), of input channels used (input skip), of input channels the dials decide on (early
+decisions; = input where the layer does not decide early), of up rows computed, of neurons kept for down, and the
 layer's MLP FLOPs kept. bench/gpu_speed.py --dial-mix replays these fractions on a Llama-3-8B-shaped layer (the
 real model's shapes are too small to time anything but launches), to measure what the real budgets cost in time.
 """
@@ -33,14 +34,29 @@ from densesparse.runtime import LayerStats, sparse_mlps  # noqa: E402
 TARGETS = (0.75, 0.5, 0.35, 0.25)
 
 
-def layer_fractions(mm) -> dict:
+class ChannelCount:
+    """A forward pre-hook on a SparseMLP: input channels per token that input skip keeps and that its dials decide
+    on, summed (the stats count cells, which mix the two where a layer decides early)."""
+
+    def __init__(self, mm):
+        self.mm, self.tokens, self.input, self.decide = mm, 0, 0, 0
+        mm.register_forward_pre_hook(self)
+
+    def __call__(self, mm, args):
+        x = args[0].reshape(-1, mm.hidden).abs()
+        n_in = (x >= mm.input_tau).sum() if mm.input_tau > 0 else x.numel()
+        self.tokens += x.shape[0]
+        self.input += int(n_in)
+        self.decide += int((x >= mm.decide_tau).sum()) if mm.deciding else int(n_in)
+
+
+def layer_fractions(mm, channels: ChannelCount) -> dict:
     s = mm.stats
     m, d = mm.intermediate, mm.hidden
     rows = s.experts * mm.expert_size + s.tokens * mm.n_shared
-    inp = s.gate_cells / max(rows * d, 1)
     return {"experts": s.experts / (s.tokens * mm.n_experts), "gate_rows": rows / (s.tokens * m),
-            "input": inp, "up_rows": s.up_cells / max(inp * d * s.tokens * m, 1),
-            "down": s.down_neurons / (s.tokens * m),
+            "input": channels.input / (channels.tokens * d), "decide": channels.decide / (channels.tokens * d),
+            "up_rows": s.up_rows / (s.tokens * m), "down": s.down_neurons / (s.tokens * m),
             "mlp_flops_kept": (s.gate_cells + s.up_cells + s.down_neurons * d) / (3 * s.tokens * m * d)}
 
 
@@ -58,10 +74,12 @@ def main():
         mlps = sparse_mlps(model)
         for mm in mlps:
             mm.stats = LayerStats(mm.n_experts)
+        channels = [ChannelCount(mm) for mm in mlps]
         with torch.no_grad():
             for w in wins:
                 model(w[None])
-        layers = [{k: round(v, 4) for k, v in layer_fractions(mm).items()} for mm in mlps]
+        layers = [{k: round(v, 4) for k, v in layer_fractions(mm, c).items()}
+                  for mm, c in zip(mlps, channels)]
         mean = {k: round(sum(L[k] for L in layers) / len(layers), 4) for k in layers[0]}
         budgets.append({"target": target, "layers": layers, "mean": mean})
         print(target, mean, flush=True)

@@ -1559,26 +1559,31 @@ def bench_compact_crossover(fracs=(0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5), es=(8,
 def _dial_case(L, gss, dn, gen, f, T, e):
     """One real layer's fractions f (bench/dial_mix.py) replayed at this shape: input channels cut at the
     (1 - input) quantile of |x|; experts: each weight copy's router threshold bisected to f["experts"] (all on,
-    no router, where the layer keeps them all); gate dial keeping up_rows / gate_rows of the selected neurons,
-    down tau keeping down / up_rows of those (quantiles over copy 0)."""
+    no router, where the layer keeps them all); early decisions (records with "decide" below "input") on the
+    channels above the (1 - decide) quantile; gate dial keeping up_rows / gate_rows of the selected neurons, down
+    tau keeping down / up_rows of those, both judged as the kernels judge them (quantiles over copy 0)."""
     x = torch.randn(T, L.d, device=DEV, dtype=DT, generator=gen)
-    tin = torch.quantile(x.abs().float().flatten(), 1 - f["input"]).item() if f["input"] < 0.999 else 0.0
+    ax = x.abs().float().flatten()
+    tin = torch.quantile(ax, 1 - f["input"]).item() if f["input"] < 0.999 else 0.0
     xi = x * (x.abs() >= tin) if tin > 0 else x
+    decide = f.get("decide", f["input"])
+    tdec = torch.quantile(ax, 1 - decide).item() if decide < f["input"] - 1e-3 else 0.0
+    xd = x * (x.abs() >= tdec) if tdec > 0 else xi
     routed = f["experts"] < 0.999
     thrs = [bisect_threshold(copy_frac(L, c, x), f["experts"]) if routed else 1.0 for c in range(L.nc)]
     masks = [K.route(x, *L.router[c], thrs[c]) if routed else torch.ones(T, L.m // e, dtype=torch.bool, device=DEV)
              for c in range(L.nc)]
     wg, wu, _ = L.dense[0]
-    g = xi.float() @ wg.float().t()
+    g = torch.nn.functional.silu(xi.float() @ wg.float().t())
     sel = masks[0].repeat_interleave(e, dim=1)
-    score = torch.nn.functional.silu(g).abs() * gss[0].float()
+    score = torch.nn.functional.silu(xd.float() @ wg.float().t()).abs() * gss[0].float()
     keep_up = min(1.0, f["up_rows"] / max(f["gate_rows"], 1e-9))
     gate_tau = torch.quantile(score[sel], 1 - keep_up).item() if keep_up < 0.999 else 0.0
     kept = sel & (score >= gate_tau)
-    hs = (torch.nn.functional.silu(g) * (xi.float() @ wu.float().t())).abs() * dn[0]
+    hs = (g * (xd.float() @ wu.float().t())).abs() * dn[0]
     keep_dn = min(1.0, f["down"] / max(f["up_rows"], 1e-9))
     down_tau = torch.quantile(hs[kept], 1 - keep_dn).item() if keep_dn < 0.999 and kept.any() else 0.0
-    return x, tin, routed, thrs, masks, gate_tau, down_tau
+    return x, tin, routed, thrs, masks, gate_tau, down_tau, tdec if (gate_tau > 0 or down_tau > 0) else 0.0
 
 
 def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b"):
@@ -1595,14 +1600,15 @@ def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b"):
     out = {"shape": shape, "expert_size": e, "source": {k: mix.get(k) for k in ("commit", "model", "text")},
            "compact_below": COMPACT_BELOW, "budgets": []}
 
-    def layer_fns(x, tin, routed, thrs, masks, gate_tau, down_tau, T, frac):
+    def layer_fns(x, tin, routed, thrs, masks, gate_tau, down_tau, tdec, T, frac):
         compact = True if (T == 1 and frac <= COMPACT_BELOW) else None
         ones = torch.ones(T, L.m // e, dtype=torch.bool, device=DEV)
         taus = [(down_tau / n.to(DT).clamp_min(1e-12)) if down_tau > 0 else None for n in dn]
 
         def sparse(i, before):
             c = i % L.nc
-            kw = {"gate_scale": gss[c] if gate_tau > 0 else None, "gate_tau": gate_tau, "compact": compact}
+            kw = {"gate_scale": gss[c] if gate_tau > 0 else None, "gate_tau": gate_tau, "compact": compact,
+                  "decide_tau": tdec}
             if before:
                 xi = x * (x.abs() >= tin) if tin > 0 else x
                 mask = K.route(x, *L.router[c], thrs[c]) if routed else torch.ones(T, L.m // e, dtype=torch.bool,

@@ -246,6 +246,15 @@ def test_counted_flops_follow_the_real_masks():
         mlp.stats = LayerStats(mlp.n_experts)
     _logits(model, ids)
     assert _mlp_macs(mlps, [x.stats for x in mlps]) == 0
+    assert all(x.stats.up_rows == 0 for x in mlps)
+    mlp = mlps[0]  # the gate dial alone: the up rows counted are the neurons whose gate score passes, per token
+    x = torch.randn(7, d, generator=torch.Generator().manual_seed(1))
+    g, u = mlp.gate_and_up(x)
+    score = mlp.gate_score(g, u)
+    mlp.down_tau, mlp.decide_tau, mlp.gate_tau = 0.0, 0.0, float(score.median())
+    mlp.stats = LayerStats(mlp.n_experts)
+    mlp(x)
+    assert 0 < mlp.stats.up_rows == int((score >= mlp.gate_tau).sum()) < 7 * m
 
 
 @torch.no_grad()

@@ -798,6 +798,7 @@ def test_dense_dispatch(T, monkeypatch):
                 s = mm.stats
                 assert s.tokens == T and s.routed_tokens == 0 and s.experts == T * mm.n_experts
                 assert s.gate_cells == s.up_cells == T * mm.intermediate * mm.hidden
+                assert s.up_rows == T * mm.intermediate
                 assert s.down_neurons == T * mm.intermediate
                 assert s.hist[mm.n_experts].item() == T
         else:
@@ -889,13 +890,13 @@ def _run_both_fwd(fwd, mlps, monkeypatch):
 
 
 def _same_stats(a, b, band=0.0, hidden=0):
-    """Exact on what both paths take from the same mask and input; up_cells / down_neurons within `band`
+    """Exact on what both paths take from the same mask and input; up_cells / up_rows / down_neurons within `band`
     (relative: the bf16 torch path and the fp32 kernels may decide a neuron sitting on a threshold differently)
     plus one such neuron per token (an up row costs at most `hidden` cells), which at one token and ~70-100 kept
     neurons is more than 1%."""
     assert (a.tokens, a.routed_tokens, a.experts, a.gate_cells) == (b.tokens, b.routed_tokens, b.experts, b.gate_cells)
     assert torch.equal(a.hist, b.hist)
-    for key, row in (("up_cells", hidden), ("down_neurons", 1)):
+    for key, row in (("up_cells", hidden), ("up_rows", 1), ("down_neurons", 1)):
         va, vb = getattr(a, key), getattr(b, key)
         slack = band * vb + (a.tokens * row if band > 0 else 0)
         assert abs(va - vb) <= slack, (key, va, vb)
