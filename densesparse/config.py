@@ -52,6 +52,9 @@ class ConvertConfig:
                                  "x ||down row||: rms = sqrt(E[up^2]) (its expected squared output, the error the "
                                  "budget search minimises) | mean_abs = E|up| (what conversions used before this "
                                  "option).")
+    loss_probe: bool = opt(True, "Weigh each layer's output errors by the loss the model really shows when that "
+                                 "layer alone is sparsified (one probe forward per layer on calibration text), not "
+                                 "by the gradient estimate alone.")
     bias_correction: bool = opt(True, "Add back, per layer and calibrated budget, the mean MLP output error measured "
                                       "on held-out calibration tokens, shrunk where it is mostly sampling noise "
                                       "(a bias: free at run time).")

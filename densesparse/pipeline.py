@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from densesparse import __version__
 from densesparse.arch import activation_name, decoder_layers, resolve_layout
-from densesparse.budget import calibrate_budgets, layer_points, set_budget_biases
+from densesparse.budget import PROBE_TOKENS, calibrate_budgets, layer_points, probe_losses, reweight, set_budget_biases
 from densesparse.config import CalibrateConfig, ConfigError, ConvertConfig
 from densesparse.data import adds_bos, calibration_windows
 from densesparse.errors import DenseSparseError
@@ -68,6 +68,24 @@ def _default_budget(model, tokenizer, spec: dict, cfg, heldout, fallback: float)
     return spec["quality_target"]["mlp_flops"]
 
 
+def _probed(model, mlps, points, batches, spec: dict, progress):
+    """The layers' points with their errors rescaled by the loss probe (where the spec asks for it; specs from
+    before the option had none), the factors recorded in the spec."""
+    if not spec.get("loss_probe"):
+        spec.pop("loss_probe_factors", None)
+        return points
+    wins, tokens = [], 0
+    for ids in batches:
+        if tokens >= PROBE_TOKENS:
+            break
+        wins.append(ids)
+        tokens += ids.numel()
+    task = progress.add_task("loss probe per layer", total=len(mlps)) if progress else None
+    factors = probe_losses(model, mlps, points, wins, step=lambda: progress.advance(task) if progress else None)
+    spec["loss_probe_factors"] = [round(f, 4) for f in factors]
+    return reweight(points, factors)
+
+
 def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: bool, spec: dict):
     """Per layer: group (regroup), gate scale, router (refit) and the dials' trade-off points; returns (points,
     router losses, held-out calibration inputs)."""
@@ -111,7 +129,8 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
         "intermediate_size": m, "n_shared": n_shared, "expert_size": cfg.expert_size,
         "n_experts": (m - n_shared) // cfg.expert_size, "router_width": cfg.router_width,
         "grouping": cfg.grouping, "down_skip": cfg.down_skip, "input_skip": cfg.input_skip,
-        "early_decisions": cfg.early_decisions and cfg.input_skip, "gate_scale": cfg.gate_scale, "seed": cfg.seed,
+        "early_decisions": cfg.early_decisions and cfg.input_skip, "gate_scale": cfg.gate_scale,
+        "loss_probe": cfg.loss_probe, "seed": cfg.seed,
         "calibration": provenance,
         "default_mlp_flops": cfg.mlp_flops, "source_model": str(cfg.model or source),
     }
@@ -120,6 +139,7 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
         mlps = install(model, spec)
         points, losses, helds = _fit_layers(mlps, samples, cfg, generator, progress, regroup=True, refit=True,
                                             spec=spec)
+        points = _probed(model, mlps, points, batches, spec, progress)
     spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
     spec["bias_correction"] = cfg.bias_correction
     if cfg.bias_correction:
@@ -149,6 +169,7 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
         samples = collect(model, layout, batches, progress)
         points, losses, helds = _fit_layers(mlps, samples, cfg, generator, progress, regroup=False,
                                             refit=cfg.refit_routers, spec=spec)
+        points = _probed(model, mlps, points, batches, spec, progress)
     spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
     if spec.get("bias_correction"):  # the new budgets' biases (the grid may have changed with --min-budget)
         set_budget_biases(mlps, helds, spec["budgets"])

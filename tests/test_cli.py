@@ -39,7 +39,8 @@ def test_convert_calibrate_eval(llama_dir, tmp_path):
     assert r.exit_code == 0, r.output
     spec = json.loads((out / "config.json").read_text())["densesparse"]
     assert spec["seed"] == 0 and spec["calibration"]["tokens"] >= 600 and spec["version"] == SPEC_VERSION
-    assert spec["gate_scale"] == "rms"
+    assert spec["gate_scale"] == "rms" and spec["loss_probe"]
+    assert len(spec["loss_probe_factors"]) == 2 and all(f > 0 for f in spec["loss_probe_factors"])
     other = tmp_path / "other.txt"
     other.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     r = runner.invoke(app, ["calibrate", str(out), "--data", str(other), "--mlp-flops", "0.4", "--calib-tokens",
@@ -47,6 +48,7 @@ def test_convert_calibrate_eval(llama_dir, tmp_path):
     assert r.exit_code == 0, r.output
     spec2 = json.loads((out / "config.json").read_text())["densesparse"]
     assert spec2["default_mlp_flops"] == 0.4 and spec2["calibration"]["files"] == [str(other)]
+    assert spec2["loss_probe_factors"] != spec["loss_probe_factors"]  # probed again on the new text
     report = tmp_path / "r.json"
     r = runner.invoke(app, ["eval", str(out), "--data", str(other), "--sweep", "1,0.6,0.4", "--max-tokens", "512",
                             "--seq-len", "128", "--json", str(report)])
