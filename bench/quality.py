@@ -149,7 +149,10 @@ def main():
                     default="densesparse,teal,teal-greedy,wina,cats,cmoe,oracle-neuron,oracle-expert,oracle-router,"
                             "oracle-up,oracle-router-up,free-partial-up,counted-partial-up")
     ap.add_argument("--eval-text", default=str(WT2), help="evaluation text (default: WikiText-2 test, wt2-64k)")
-    ap.add_argument("--convert-args", default="", help="ConvertConfig overrides for ours, e.g. 'expert_size=16'")
+    ap.add_argument("--convert-args", default="",
+                    help="ConvertConfig overrides for ours, e.g. 'expert_size=16' (with --sparse: the settings that "
+                         "directory was converted with); with --append or --replace ours is labelled "
+                         "densesparse-<convert-args>")
     ap.add_argument("--append", action="store_true",
                     help="add this run's rows, ours labelled densesparse-<convert-args>, to the existing --out JSON")
     ap.add_argument("--replace", action="store_true",
@@ -176,9 +179,12 @@ def main():
     rows = []
     prior = json.loads(Path(args.out).read_text()) if args.append or args.replace else None
 
+    ours = f"densesparse-{args.convert_args}" if args.convert_args and prior is not None else "densesparse"
+    replaced = [ours if m == "densesparse" else m for m in methods]
+
     def log(method, setting, target, kept, ppl):
-        if args.append and method == "densesparse":
-            method = f"densesparse-{args.convert_args}"
+        if method == "densesparse":
+            method = ours
         rows.append({"method": method, "setting": setting, "target": target, "mlp_flops_kept": round(kept, 4),
                      "ppl": round(ppl, 4)})
         print(f"{method:16s} {setting:28s} target {target:.2f} kept {kept:.3f} ppl {ppl:9.3f}", flush=True)
@@ -214,10 +220,10 @@ def main():
                 result = dict(prior, rows=prior["rows"] + rows,
                               variant_runs=prior.get("variant_runs", []) + [variant])
             else:  # the replaced methods' rows where the first of them was
-                kept = [r for r in prior["rows"] if r["method"] not in methods]
-                at = next((i for i, r in enumerate(prior["rows"]) if r["method"] in methods), len(prior["rows"]))
+                kept = [r for r in prior["rows"] if r["method"] not in replaced]
+                at = next((i for i, r in enumerate(prior["rows"]) if r["method"] in replaced), len(prior["rows"]))
                 result = dict(prior, rows=kept[:at] + rows + kept[at:],
-                              replaced_runs=prior.get("replaced_runs", []) + [dict(variant, methods=methods)])
+                              replaced_runs=prior.get("replaced_runs", []) + [dict(variant, methods=replaced)])
         write_json(result, args.out)
         return result
 
