@@ -400,8 +400,9 @@ class SparseMLP(nn.Module):
         _, _, b_gate, b_up, _, b_model = self.canonical()
         bias = self.bias_now(x2)
         b_down = b_model
-        if bias is not None:  # folded into the down bias the kernels add (built once per budget)
-            b_down = self._memo("kernel_bias", lambda: self._bias_key(x2),
+        if bias is not None:  # folded into the down bias the kernels add (built once per budget and down bias)
+            down_key = None if b_model is None else (b_model.data_ptr(), b_model._version)
+            b_down = self._memo("kernel_bias", lambda: (self._bias_key(x2), down_key),
                                 lambda: bias if b_model is None else b_model + bias)
         dial = self.gated and self.gate_tau > 0
         # the kernels count, per token, the up rows they compute and the neurons kept for down (the torch path's

@@ -994,7 +994,8 @@ def _run_both_module(mm, x, monkeypatch):
 def test_module_bias_correction_matches_torch(T, compact, monkeypatch):
     """A layer with a bias correction (budget_bias rows, interpolated by bias_mix) adds the same bias on the CUDA
     path (folded into the kernels' down bias) as on the torch path, with the router, input and down taus on; the
-    bias follows a move of the parameter to another dtype (bias_now recomputes)."""
+    bias follows a move of the parameter to another dtype (bias_now recomputes) and an in-place change of the
+    model's own down bias."""
     from torch import nn
     _, _, mlps = _tiny_sparse_llama(1200 + T)
     mm = mlps[0]
@@ -1017,6 +1018,14 @@ def test_module_bias_correction_matches_torch(T, compact, monkeypatch):
         mm.bias_mix = (0, 2, 0.25)
         mm.budget_bias.data = mm.budget_bias.data.float()
         assert mm.bias_now(x).dtype == torch.bfloat16 and torch.allclose(mm.bias_now(x).float(), want, atol=1e-2)
+        # a down bias of the model's own, then changed in place: the folded bias follows it
+        mm.budget_bias.data = mm.budget_bias.data.to(torch.bfloat16)
+        down = mm._down_module()
+        down.bias = nn.Parameter(torch.zeros(256, device=DEV, dtype=torch.bfloat16), requires_grad=False)
+        y_zero = mm(x).float()
+        down.bias.add_(1.0)
+        shift = mm(x).float() - y_zero
+        assert abs(shift.mean().item() - 1.0) < 2e-2 and shift.abs().max().item() < 1.2
 
 
 # ---------------------------------------------------------------------------------------------------------------
