@@ -39,7 +39,7 @@ class ChannelCount:
     on, summed (the stats count cells, which mix the two where a layer decides early)."""
 
     def __init__(self, mm):
-        self.mm, self.tokens, self.input, self.decide = mm, 0, 0, 0
+        self.tokens, self.input, self.decide = 0, 0, 0
         mm.register_forward_pre_hook(self)
 
     def __call__(self, mm, args):

@@ -215,9 +215,9 @@ def probe_losses(model, mlps: list[SparseMLP], per_layer: list[list[Point]], win
     """Per layer, the factor its errors are to be multiplied by: the model's measured KL(dense || sparse) on wins
     when that layer alone runs its point of the PROBE_BUDGET allocation, over the point's estimated (weighted)
     error, divided by the geometric mean of those ratios (the sweep is blind to a common scale). The gradient
-    estimate is second-order blind: it misses how much of a layer's error later layers undo or amplify, which is
-    where the measured ratios differ (about 3x from the first layers to the middle ones on SmolLM2). A layer
-    dense at the probe budget keeps the mean factor. The layers are left dense; step() is called per layer."""
+    estimate treats every error direction alike, so it cannot see how much of a layer's error the later layers
+    undo or amplify; the measured ratios differ about 3x from the first layers to the middle ones on SmolLM2. A
+    layer dense at the probe budget keeps the mean factor. The layers are left dense; step() is called per layer."""
     for m in mlps:
         set_dials(m, None)
     dense = [_log_probs(model, w) for w in wins]
