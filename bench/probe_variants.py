@@ -1,0 +1,123 @@
+"""Which loss probe: the default (one probe at the 35% allocation) against none, a second probe on top, and one
+probe at the 50% or the 25% allocation, judged on held-out CALIBRATION text (never WikiText).
+
+    python bench/probe_variants.py --sparse SPARSE_DIR [--out bench/results/probe-variants-smollm2.json]
+
+The layer points are recomputed from the directory's weights, gate scales and routers on its calibration text and
+seed (as `calibrate --no-refit-routers --max-ppl-increase` would: the held-out windows are kept aside); each
+variant only rescales them before the budget
+sweep, then gets its bias correction and is measured at 50 / 35 / 25%: KL(dense || sparse) per token on 4096
+held-out calibration tokens (the windows --max-ppl-increase checks on) and the MLP FLOPs kept there. The KL falls
+steeply with the FLOPs (about 7% per 0.01 here), so compare variants at the FLOPs they land on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from quality import git_commit
+
+from densesparse import __version__, budget
+from densesparse.arch import resolve_layout
+from densesparse.data import calibration_windows
+from densesparse.evaluate import _mlp_macs
+from densesparse.io import load, load_tokenizer
+from densesparse.pipeline import HELDOUT_TOKENS, QUALITY_TOKENS, _split
+from densesparse.runtime import LayerStats, apply_budget, sparse_mlps
+from densesparse.stats import collect
+
+TARGETS = (0.25, 0.35, 0.5)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sparse", required=True, help="a directory written by `densesparse convert`")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "probe-variants-smollm2.json"))
+    args = ap.parse_args()
+    started = time.time()
+    torch.set_grad_enabled(False)
+    model = load(args.sparse, mlp_flops=1.0)
+    tok = load_tokenizer(args.sparse)
+    spec = model.config.densesparse
+    gen = torch.Generator().manual_seed(spec["seed"])
+    batches, _, held_wins = calibration_windows(tok, None, spec["calibration"]["tokens"],
+                                                spec["calibration"]["seq_len"], gen, QUALITY_TOKENS)
+    mlps = sparse_mlps(model)
+    points, helds = [], []
+    for mlp, s in zip(mlps, collect(model, resolve_layout(model), batches)):
+        held = _split(s.x, gen)[1]
+        helds.append(held)
+        points.append(budget.layer_points(mlp, held, s.weight, spec["down_skip"], spec["input_skip"],
+                                          spec.get("early_decisions", False)))
+    probe_wins = []
+    for ids in batches:
+        if sum(w.numel() for w in probe_wins) >= budget.PROBE_TOKENS:
+            break
+        probe_wins.append(ids)
+    for m in mlps:
+        budget.set_dials(m, None)
+    dense = [F.log_softmax(model(input_ids=w[None], use_cache=False).logits[0].float(), -1) for w in held_wins]
+
+    def probe_at(target, pts):
+        default, budget.PROBE_BUDGET = budget.PROBE_BUDGET, target
+        try:
+            return budget.probe_losses(model, mlps, pts, probe_wins)
+        finally:
+            budget.PROBE_BUDGET = default
+
+    def measure(name, factors):
+        grid = budget.budget_grid
+        budget.budget_grid = lambda _: list(TARGETS)  # only the budgets measured, each with its bias row
+        try:
+            budgets = budget.calibrate_budgets(budget.reweight(points, factors), min(TARGETS))
+        finally:
+            budget.budget_grid = grid
+        budget.set_budget_biases(mlps, helds, budgets)
+        row = {"variant": name, "factors": [round(f, 4) for f in factors], "budgets": []}
+        for t in TARGETS:
+            apply_budget(mlps, budgets, t)
+            for m in mlps:
+                m.stats = LayerStats(m.n_experts)
+            kl, n = 0.0, 0
+            for w, ref in zip(held_wins, dense):
+                lp = F.log_softmax(model(input_ids=w[None], use_cache=False).logits[0].float(), -1)
+                kl += float((ref.exp() * (ref - lp)).sum())
+                n += w.numel()
+            kept = _mlp_macs(mlps, [m.stats for m in mlps]) / _mlp_macs(mlps, None)
+            for m in mlps:
+                m.stats = None
+            row["budgets"].append({"target": t, "kl": round(kl / n, 5), "mlp_flops_kept": round(kept, 4)})
+        print(name, row["budgets"], flush=True)
+        return row
+
+    one = probe_at(budget.PROBE_BUDGET, points)
+    variants = [("none", [1.0] * len(mlps)), (f"probe at {budget.PROBE_BUDGET} (default)", one),
+                ("probe twice", [a * b for a, b in zip(one, probe_at(budget.PROBE_BUDGET,
+                                                                     budget.reweight(points, one)))]),
+                ("probe at 0.5", probe_at(0.5, points)), ("probe at 0.25", probe_at(0.25, points))]
+    rows = [measure(name, factors) for name, factors in variants]
+    record = {
+        "command": "python bench/probe_variants.py " + " ".join(sys.argv[1:]), "commit": git_commit(),
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "versions": {"densesparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "model": spec["source_model"], "calibration": spec["calibration"],
+        "text": f"{len(held_wins)} held-out calibration windows, {sum(w.numel() for w in held_wins)} tokens",
+        "held_out_tokens_per_layer": HELDOUT_TOKENS, "rows": rows, "seconds": round(time.time() - started, 1)}
+    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
