@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,44 +60,28 @@ def main():
         helds.append(held)
         points.append(budget.layer_points(mlp, held, s.weight, spec["down_skip"], spec["input_skip"],
                                           spec.get("early_decisions", False)))
-    probe_wins = []
-    for ids in batches:
-        if sum(w.numel() for w in probe_wins) >= budget.PROBE_TOKENS:
-            break
-        probe_wins.append(ids)
+    probe_wins = budget.probe_windows(batches)
     for m in mlps:
         budget.set_dials(m, None)
-    dense = [F.log_softmax(model(input_ids=w[None], use_cache=False).logits[0].float(), -1) for w in held_wins]
+    dense = [budget.log_probs(model, w) for w in held_wins]
 
     def probe_at(target, pts):
-        default, budget.PROBE_BUDGET = budget.PROBE_BUDGET, target
-        try:
-            return budget.probe_losses(model, mlps, pts, probe_wins)
-        finally:
-            budget.PROBE_BUDGET = default
+        return budget.probe_losses(model, mlps, pts, probe_wins, at=target)
 
     def measure(name, factors):
-        grid = budget.budget_grid
-        budget.budget_grid = lambda _: list(TARGETS)  # only the budgets measured, each with its bias row
-        try:
-            budgets = budget.calibrate_budgets(budget.reweight(points, factors), min(TARGETS))
-        finally:
-            budget.budget_grid = grid
+        # only the budgets measured, each with its bias row
+        budgets = budget.calibrate_budgets(budget.reweight(points, factors), min(TARGETS), list(TARGETS))
         budget.set_budget_biases(mlps, helds, budgets)
         row = {"variant": name, "factors": [round(f, 4) for f in factors], "budgets": []}
         for t in TARGETS:
             apply_budget(mlps, budgets, t)
             for m in mlps:
                 m.stats = LayerStats(m.n_experts)
-            kl, n = 0.0, 0
-            for w, ref in zip(held_wins, dense):
-                lp = F.log_softmax(model(input_ids=w[None], use_cache=False).logits[0].float(), -1)
-                kl += float((ref.exp() * (ref - lp)).sum())
-                n += w.numel()
+            kl = budget.kl_per_token(model, held_wins, dense)
             kept = _mlp_macs(mlps, [m.stats for m in mlps]) / _mlp_macs(mlps, None)
             for m in mlps:
                 m.stats = None
-            row["budgets"].append({"target": t, "kl": round(kl / n, 5), "mlp_flops_kept": round(kept, 4)})
+            row["budgets"].append({"target": t, "kl": round(kl, 5), "mlp_flops_kept": round(kept, 4)})
         print(name, row["budgets"], flush=True)
         return row
 

@@ -209,27 +209,38 @@ def set_dials(mlp: SparseMLP, p: Point | None) -> None:
     mlp.bias_mix = None
 
 
+def probe_windows(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The first calibration windows that hold PROBE_TOKENS tokens: what the loss probe runs."""
+    wins, tokens = [], 0
+    for ids in batches:
+        if tokens >= PROBE_TOKENS:
+            break
+        wins.append(ids)
+        tokens += ids.numel()
+    return wins
+
+
 @torch.no_grad()
 def probe_losses(model, mlps: list[SparseMLP], per_layer: list[list[Point]], wins: list[torch.Tensor],
-                 step=None) -> list[float]:
+                 step=None, at: float = PROBE_BUDGET) -> list[float]:
     """Per layer, the factor its errors are to be multiplied by: the model's measured KL(dense || sparse) on wins
-    when that layer alone runs its point of the PROBE_BUDGET allocation, over the point's estimated (weighted)
+    when that layer alone runs its point of the allocation for budget `at`, over the point's estimated (weighted)
     error, divided by the geometric mean of those ratios (the sweep is blind to a common scale). The gradient
     estimate treats every error direction alike, so it cannot see how much of a layer's error the later layers
     undo or amplify; the measured ratios differ about 3x from the first layers to the middle ones on SmolLM2. A
     layer dense at the probe budget keeps the mean factor. The layers are left dense; step() is called per layer."""
     for m in mlps:
         set_dials(m, None)
-    dense = [_log_probs(model, w) for w in wins]
+    dense = [log_probs(model, w) for w in wins]
     ratios = []
-    for m, p in zip(mlps, allocate(per_layer, PROBE_BUDGET)):
+    for m, p in zip(mlps, allocate(per_layer, at)):
         if p.err <= 0:
             ratios.append(None)
             continue
         set_dials(m, p)
-        kl = sum(float((ref.exp() * (ref - _log_probs(model, w))).sum()) for w, ref in zip(wins, dense))
+        kl = kl_per_token(model, wins, dense)
         set_dials(m, None)
-        ratios.append(kl / sum(w.numel() for w in wins) / p.err)
+        ratios.append(kl / p.err)
         if step:
             step()
     measured = [r for r in ratios if r and r > 0]
@@ -239,8 +250,15 @@ def probe_losses(model, mlps: list[SparseMLP], per_layer: list[list[Point]], win
     return [r / mean if r and r > 0 else 1.0 for r in ratios]
 
 
-def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
+def log_probs(model, ids: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(model(input_ids=ids[None], use_cache=False).logits[0].float(), dim=-1)
+
+
+@torch.no_grad()
+def kl_per_token(model, wins: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
+    """Mean KL(dense || model) per token over wins, given the dense model's log_probs of each window."""
+    kl = sum(float((ref.exp() * (ref - log_probs(model, w))).sum()) for w, ref in zip(wins, dense))
+    return kl / sum(w.numel() for w in wins)
 
 
 def reweight(per_layer: list[list[Point]], factors: list[float]) -> list[list[Point]]:
@@ -257,10 +275,12 @@ def budget_grid(min_budget: float) -> list[float]:
     return sorted(grid)
 
 
-def calibrate_budgets(per_layer: list[list[Point]], min_budget: float) -> list[dict]:
+def calibrate_budgets(per_layer: list[list[Point]], min_budget: float, targets: list[float] | None = None
+                      ) -> list[dict]:
+    """Per-layer settings at each budget of the grid down to min_budget (or at `targets`)."""
     dense = sum(p[0].macs for p in per_layer)
     out = []
-    for target in budget_grid(min_budget):
+    for target in targets or budget_grid(min_budget):
         chosen = allocate(per_layer, target)
         out.append({
             "target": target,

@@ -7,11 +7,24 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from densesparse import __version__
 from densesparse.arch import activation_name, decoder_layers, resolve_layout
-from densesparse.budget import PROBE_TOKENS, calibrate_budgets, layer_points, probe_losses, reweight, set_budget_biases
+from densesparse.budget import (
+    calibrate_budgets,
+    layer_points,
+    probe_losses,
+    probe_windows,
+    reweight,
+    set_budget_biases,
+)
 from densesparse.config import CalibrateConfig, ConfigError, ConvertConfig
 from densesparse.data import adds_bos, calibration_windows
 from densesparse.errors import DenseSparseError
@@ -74,12 +87,7 @@ def _probed(model, mlps, points, batches, spec: dict, progress):
     if not spec.get("loss_probe"):
         spec.pop("loss_probe_factors", None)
         return points
-    wins, tokens = [], 0
-    for ids in batches:
-        if tokens >= PROBE_TOKENS:
-            break
-        wins.append(ids)
-        tokens += ids.numel()
+    wins = probe_windows(batches)
     task = progress.add_task("loss probe per layer", total=len(mlps)) if progress else None
     factors = probe_losses(model, mlps, points, wins, step=lambda: progress.advance(task) if progress else None)
     spec["loss_probe_factors"] = [round(f, 4) for f in factors]

@@ -261,7 +261,7 @@ def test_counted_flops_follow_the_real_masks():
 def test_budget_points_are_the_layers_real_cost_and_error():
     """Every (MACs, error) point the allocator trades is what the layer really costs and really errs with those
     dials: MACs as the runtime counts them, error = mean squared distance of the output from the dense output."""
-    from densesparse.budget import layer_points
+    from densesparse.budget import layer_points, set_dials
     from densesparse.evaluate import _mlp_macs
     from densesparse.router import fit_router
 
@@ -279,8 +279,7 @@ def test_budget_points_are_the_layers_real_cost_and_error():
     early = [p for p in points if p.decide_tau > p.input_tau]
     assert any(p.gate_tau > 0 for p in early) and any(p.down_tau > 0 for p in early)
     for p in points:
-        mlp.threshold, mlp.down_tau, mlp.input_tau, mlp.gate_tau = p.threshold, p.down_tau, p.input_tau, p.gate_tau
-        mlp.decide_tau = p.decide_tau
+        set_dials(mlp, p)
         mlp.stats = LayerStats(mlp.n_experts)
         err = float((mlp(x) - y_dense).pow(2).sum(1).mean())
         assert p.err == pytest.approx(2.0 * err, rel=1e-3, abs=1e-9)
