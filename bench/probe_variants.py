@@ -1,5 +1,5 @@
-"""Which loss probe: the default (one probe at the 35% allocation) against none, a second probe on top, and one
-probe at the 50% or the 25% allocation, judged on held-out CALIBRATION text (never WikiText).
+"""Which loss probe: the default (one probe at the budget.PROBE_BUDGET allocation) against none, a second probe on
+top, and one probe at each other allocation of 25 / 35 / 50%, judged on held-out CALIBRATION text (never WikiText).
 
     python bench/probe_variants.py --sparse SPARSE_DIR [--out bench/results/probe-variants-smollm2.json]
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from quality import git_commit
 
 from densesparse import __version__, budget
-from densesparse.arch import resolve_layout
+from densesparse.arch import decoder_layers, resolve_layout
 from densesparse.data import calibration_windows
 from densesparse.evaluate import _mlp_macs
 from densesparse.io import load, load_tokenizer
@@ -61,12 +61,13 @@ def main():
         points.append(budget.layer_points(mlp, held, s.weight, spec["down_skip"], spec["input_skip"],
                                           spec.get("early_decisions", False)))
     probe_wins = budget.probe_windows(batches)
+    layers = decoder_layers(model, resolve_layout(model))
     for m in mlps:
         budget.set_dials(m, None)
     dense = [budget.log_probs(model, w) for w in held_wins]
 
     def probe_at(target, pts):
-        return budget.probe_losses(model, mlps, pts, probe_wins, at=target)
+        return budget.probe_losses(model, mlps, pts, probe_wins, at=target, layers=layers)
 
     def measure(name, factors):
         # only the budgets measured, each with its bias row
@@ -89,7 +90,7 @@ def main():
     variants = [("none", [1.0] * len(mlps)), (f"probe at {budget.PROBE_BUDGET} (default)", one),
                 ("probe twice", [a * b for a, b in zip(one, probe_at(budget.PROBE_BUDGET,
                                                                      budget.reweight(points, one)))]),
-                ("probe at 0.5", probe_at(0.5, points)), ("probe at 0.25", probe_at(0.25, points))]
+                *((f"probe at {b}", probe_at(b, points)) for b in (0.25, 0.35, 0.5) if b != budget.PROBE_BUDGET)]
     rows = [measure(name, factors) for name, factors in variants]
     record = {
         "command": "python bench/probe_variants.py " + " ".join(sys.argv[1:]), "commit": git_commit(),

@@ -18,6 +18,7 @@ from rich.progress import (
 from densesparse import __version__
 from densesparse.arch import activation_name, decoder_layers, resolve_layout
 from densesparse.budget import (
+    PROBE_BUDGET,
     calibrate_budgets,
     layer_points,
     probe_losses,
@@ -86,11 +87,14 @@ def _probed(model, mlps, points, batches, spec: dict, progress):
     before the option had none), the factors recorded in the spec."""
     if not spec.get("loss_probe"):
         spec.pop("loss_probe_factors", None)
+        spec.pop("loss_probe_at", None)
         return points
     wins = probe_windows(batches)
     task = progress.add_task("loss probe per layer", total=len(mlps)) if progress else None
-    factors = probe_losses(model, mlps, points, wins, step=lambda: progress.advance(task) if progress else None)
+    factors = probe_losses(model, mlps, points, wins, step=lambda: progress.advance(task) if progress else None,
+                           layers=decoder_layers(model, resolve_layout(model)))
     spec["loss_probe_factors"] = [round(f, 4) for f in factors]
+    spec["loss_probe_at"] = PROBE_BUDGET
     return reweight(points, factors)
 
 

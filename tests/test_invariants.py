@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TINY, tiny_model
 
 from densesparse.arch import activation_name, resolve_layout
 from densesparse.config import ConvertConfig
@@ -337,3 +337,31 @@ def test_loss_probe_factors_are_measured_kl_over_estimated_error():
     assert factors[0] / factors[1] == pytest.approx(ratios[0] / ratios[1], rel=1e-4)
     assert factors[0] * factors[1] == pytest.approx(1.0) and factors[0] != pytest.approx(factors[1])
     assert budget.probe_losses(model, mlps, [points[0], points[1][:1]], wins) == [1.0, 1.0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_loss_probe_replaying_the_dense_prefix_changes_nothing(arch):
+    """With the decoder layers given, the layers before the probed one replay their recorded dense outputs: the
+    factors are exactly those of full forwards, and every layer runs its own forward again afterwards."""
+    from densesparse import budget
+    from densesparse.arch import decoder_layers
+
+    model = tiny_model(arch)
+    wins = list(_ids(40, seed=2))
+    dense = _logits(model, torch.stack(wins))
+    mlps = install(model, _spec(model))
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(4))
+    points = []
+    for i, mlp in enumerate(mlps):
+        mlp.calibrate_gate_scale(x)
+        points.append(budget.layer_points(mlp, x, 1.0 + i, down_skip=True, input_skip=True))
+    layers = decoder_layers(model, resolve_layout(model))
+    calls = []
+    mlps[0].register_forward_hook(lambda *_: calls.append(1))
+    factors = budget.probe_losses(model, mlps, points, wins)
+    full = len(calls)
+    assert budget.probe_losses(model, mlps, points, wins, layers=layers) == factors
+    assert len(calls) - full == full - len(wins)  # the first layer runs no more once the second is probed
+    assert all("forward" not in vars(layer) for layer in layers)
+    torch.testing.assert_close(_logits(model, torch.stack(wins)), dense)
