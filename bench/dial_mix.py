@@ -34,28 +34,12 @@ from densesparse.runtime import LayerStats, sparse_mlps  # noqa: E402
 TARGETS = (0.75, 0.5, 0.35, 0.25)
 
 
-class ChannelCount:
-    """A forward pre-hook on a SparseMLP: input channels per token that input skip keeps and that its dials decide
-    on, summed (the stats count cells, which mix the two where a layer decides early)."""
-
-    def __init__(self, mm):
-        self.tokens, self.input, self.decide = 0, 0, 0
-        mm.register_forward_pre_hook(self)
-
-    def __call__(self, mm, args):
-        x = args[0].reshape(-1, mm.hidden).abs()
-        n_in = (x >= mm.input_tau).sum() if mm.input_tau > 0 else x.numel()
-        self.tokens += x.shape[0]
-        self.input += int(n_in)
-        self.decide += int((x >= mm.decide_tau).sum()) if mm.deciding else int(n_in)
-
-
-def layer_fractions(mm, channels: ChannelCount) -> dict:
+def layer_fractions(mm) -> dict:
     s = mm.stats
     m, d = mm.intermediate, mm.hidden
     rows = s.experts * mm.expert_size + s.tokens * mm.n_shared
     return {"experts": s.experts / (s.tokens * mm.n_experts), "gate_rows": rows / (s.tokens * m),
-            "input": channels.input / (channels.tokens * d), "decide": channels.decide / (channels.tokens * d),
+            "input": s.input_channels / (s.tokens * d), "decide": s.decide_channels / (s.tokens * d),
             "up_rows": s.up_rows / (s.tokens * m), "down": s.down_neurons / (s.tokens * m),
             "mlp_flops_kept": (s.gate_cells + s.up_cells + s.down_neurons * d) / (3 * s.tokens * m * d)}
 
@@ -74,12 +58,10 @@ def main():
         mlps = sparse_mlps(model)
         for mm in mlps:
             mm.stats = LayerStats(mm.n_experts)
-        channels = [ChannelCount(mm) for mm in mlps]
         with torch.no_grad():
             for w in wins:
                 model(w[None])
-        layers = [{k: round(v, 4) for k, v in layer_fractions(mm, c).items()}
-                  for mm, c in zip(mlps, channels)]
+        layers = [{k: round(v, 4) for k, v in layer_fractions(mm).items()} for mm in mlps]
         mean = {k: round(sum(L[k] for L in layers) / len(layers), 4) for k in layers[0]}
         budgets.append({"target": target, "layers": layers, "mean": mean})
         print(target, mean, flush=True)

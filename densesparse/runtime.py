@@ -69,19 +69,24 @@ class LayerStats:
         self.gate_cells = 0  # sum over tokens of (input channels used) x (gate rows computed)
         self.up_cells = 0  # the same for up (fewer rows than gate where the gate dial skips neurons)
         self.up_rows = 0  # up rows computed (the gate dial's kept neurons), whatever channels they were summed over
+        self.input_channels = 0  # input channels gate and up are summed over (those input skip keeps)
+        self.decide_channels = 0  # the channels the dials decide on (all of input_channels unless deciding early)
         self.down_neurons = 0
         self.hist = torch.zeros(n_experts + 1, dtype=torch.long)
 
     def update(self, n_sel: torch.Tensor, gate_cells: torch.Tensor, up_cells: torch.Tensor, n_down: torch.Tensor,
-               routed: bool, up_rows: torch.Tensor | None = None):
-        """Per-token counts of one call: experts selected, gate and up cells, down rows, up rows (None: not
-        counted, as by the modeling file of a model saved before the counter)."""
+               routed: bool, up_rows: torch.Tensor | None = None, channels: torch.Tensor | None = None,
+               decide_channels: torch.Tensor | None = None):
+        """Per-token counts of one call: experts selected, gate and up cells, down rows, up rows and input and
+        decision channels (None: not counted, as by the modeling file of a model saved before the counter)."""
         self.tokens += n_sel.numel()
         self.routed_tokens += n_sel.numel() if routed else 0
         self.experts += int(n_sel.sum())
         self.gate_cells += int(gate_cells.long().sum())
         self.up_cells += int(up_cells.long().sum())
         self.up_rows += 0 if up_rows is None else int(up_rows.long().sum())
+        self.input_channels += 0 if channels is None else int(channels.long().sum())
+        self.decide_channels += 0 if decide_channels is None else int(decide_channels.long().sum())
         self.down_neurons += int(n_down.sum())
         self.hist += torch.bincount(n_sel.cpu(), minlength=self.hist.numel())
 
@@ -321,13 +326,13 @@ class SparseMLP(nn.Module):
         up_rows = rows if up_rows is None else up_rows
         n_in = (x2.abs() >= self.input_tau).sum(1) if self.input_tau > 0 else torch.full_like(n_sel, x2.shape[1])
         gate, up = rows * n_in, up_rows * n_in
+        n_dec = (x2.abs() >= self.decide_tau).sum(1) if self.deciding else n_in
         if self.deciding:
-            n_dec = (x2.abs() >= self.decide_tau).sum(1)
             if self.gate_tau > 0:
                 gate = rows * n_dec + up_rows * (n_in - n_dec)
             if self.down_tau > 0:
                 up = up_rows * n_dec + n_down * (n_in - n_dec)
-        self.stats.update(n_sel, gate, up, n_down, self.threshold < 1.0, up_rows)
+        self.stats.update(n_sel, gate, up, n_down, self.threshold < 1.0, up_rows, n_in, n_dec)
 
     def _torch_forward(self, x2):
         g, u = self.gate_and_up(self.sparse_input(x2))
@@ -377,7 +382,8 @@ class SparseMLP(nn.Module):
                 full = torch.full((x2.shape[0],), self.n_experts, dtype=torch.long)
                 cells = torch.full_like(full, self.intermediate * x2.shape[1])
                 every = torch.full_like(full, self.intermediate)
-                self.stats.update(full, cells, cells, every, False, every)
+                channels = torch.full_like(full, x2.shape[1])
+                self.stats.update(full, cells, cells, every, False, every, channels, channels)
             return self._dense_forward(x2)
         k = _kernels()
         # the kernels count shared neurons in whole blocks of expert_size; kernels older than this file do not take

@@ -236,17 +236,19 @@ def test_counted_flops_follow_the_real_masks():
         mlp.input_tau, mlp.stats = 1e9, LayerStats(mlp.n_experts)
     _logits(model, ids)
     assert _mlp_macs(mlps, [x.stats for x in mlps]) == 2 * d * m
+    assert all(x.stats.input_channels == x.stats.decide_channels == 0 for x in mlps)
     for mlp in mlps:  # router on at t -> 0 keeps exactly one expert: shared 8 + 4 rows, router cost counted
         mlp.input_tau, mlp.threshold, mlp.stats = 0.0, 1e-9, LayerStats(mlp.n_experts)
     _logits(model, ids)
     assert all(x.stats.experts == x.stats.tokens for x in mlps)
+    assert all(x.stats.input_channels == x.stats.decide_channels == x.stats.tokens * d for x in mlps)
     assert _mlp_macs(mlps, [x.stats for x in mlps]) == 2 * (routed + 3 * d * (8 + 4))
     for mlp in mlps:  # early decisions on no input channel: act(0) scores 0, every neuron dropped at no cost
         mlp.threshold, mlp.gate_tau, mlp.down_tau, mlp.decide_tau = 1.0, 1e-6, 1e-6, 1e9
         mlp.stats = LayerStats(mlp.n_experts)
     _logits(model, ids)
     assert _mlp_macs(mlps, [x.stats for x in mlps]) == 0
-    assert all(x.stats.up_rows == 0 for x in mlps)
+    assert all(x.stats.up_rows == 0 and x.stats.decide_channels == 0 < x.stats.input_channels for x in mlps)
     mlp = mlps[0]  # the gate dial alone: the up rows counted are the neurons whose gate score passes, per token
     x = torch.randn(7, d, generator=torch.Generator().manual_seed(1))
     g, u = mlp.gate_and_up(x)

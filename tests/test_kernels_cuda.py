@@ -799,6 +799,7 @@ def test_dense_dispatch(T, monkeypatch):
                 assert s.tokens == T and s.routed_tokens == 0 and s.experts == T * mm.n_experts
                 assert s.gate_cells == s.up_cells == T * mm.intermediate * mm.hidden
                 assert s.up_rows == T * mm.intermediate
+                assert s.input_channels == s.decide_channels == T * mm.hidden
                 assert s.down_neurons == T * mm.intermediate
                 assert s.hist[mm.n_experts].item() == T
         else:
@@ -894,7 +895,8 @@ def _same_stats(a, b, band=0.0, hidden=0):
     (relative: the bf16 torch path and the fp32 kernels may decide a neuron sitting on a threshold differently)
     plus one such neuron per token (an up row costs at most `hidden` cells), which at one token and ~70-100 kept
     neurons is more than 1%."""
-    assert (a.tokens, a.routed_tokens, a.experts, a.gate_cells) == (b.tokens, b.routed_tokens, b.experts, b.gate_cells)
+    keys = ("tokens", "routed_tokens", "experts", "gate_cells", "input_channels", "decide_channels")
+    assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys]
     assert torch.equal(a.hist, b.hist)
     for key, row in (("up_cells", hidden), ("up_rows", 1), ("down_neurons", 1)):
         va, vb = getattr(a, key), getattr(b, key)
