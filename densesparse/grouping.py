@@ -1,6 +1,8 @@
 """Group each FFN's neurons into experts and make every expert a contiguous block by permuting the weights."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from densesparse.runtime import SparseMLP
@@ -37,15 +39,33 @@ def balanced_assign(dist: torch.Tensor, size: int) -> torch.Tensor:
     return assign
 
 
+def kmeans_plusplus(feats: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii, with scikit-learn's 2 + ln k candidates per step, keeping
+    the one that lowers the potential most): the indices of k points to start from."""
+    n = feats.shape[0]
+    sq = feats.pow(2).sum(1)
+
+    def dist2(idx: torch.Tensor) -> torch.Tensor:  # squared distances from points idx to every point [len(idx), n]
+        return (sq[idx, None] - 2 * feats[idx] @ feats.T + sq[None]).clamp_min(0)
+
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    closest = dist2(torch.tensor(chosen))[0]
+    for _ in range(1, k):
+        # a point is a candidate with probability proportional to its squared distance to the nearest centre
+        cand = torch.multinomial(closest.clamp_min(1e-12), 2 + int(math.log(k)), replacement=True,
+                                 generator=generator)
+        d = torch.minimum(closest[None], dist2(cand))
+        best = int(d.sum(1).argmin())
+        chosen.append(int(cand[best]))
+        closest = d[best]
+    return torch.tensor(chosen)
+
+
 def balanced_kmeans(feats: torch.Tensor, k: int, size: int, generator: torch.Generator, iters: int = 12
                     ) -> torch.Tensor:
     """Balanced k-means on unit-normalised features (cosine geometry); returns a cluster id per point."""
-    from sklearn.cluster import kmeans_plusplus
-
     feats = torch.nn.functional.normalize(feats.float(), dim=1)
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    centers, _ = kmeans_plusplus(feats.numpy(), k, random_state=seed)
-    centers = torch.from_numpy(centers).float()
+    centers = feats[kmeans_plusplus(feats, k, generator)]
     assign = None
     for _ in range(iters):
         new = balanced_assign(1.0 - feats @ centers.T, size)

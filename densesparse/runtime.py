@@ -269,7 +269,8 @@ class SparseMLP(nn.Module):
         search minimises) or mean |up| ("mean_abs") over calibration inputs x, times each neuron's down-row norm."""
         if self.gated:
             power = 2 if statistic == "rms" else 1
-            total = sum(self.gate_and_up(xb.to(self.gate_scale.dtype))[1].float().abs().pow(power).sum(0)
+            _, w_up, _, b_up, _, _ = self.canonical()
+            total = sum(F.linear(xb.to(self.gate_scale.dtype), w_up, b_up).float().abs().pow(power).sum(0)
                         for xb in x.split(chunk))
             self.gate_scale.copy_((total / x.shape[0]).pow(1 / power) * self.down_norms())
 

@@ -367,3 +367,20 @@ def test_loss_probe_replaying_the_dense_prefix_changes_nothing(arch):
     assert len(calls) - full == full - len(wins)  # the first layer runs no more once the second is probed
     assert all("forward" not in vars(layer) for layer in layers)
     torch.testing.assert_close(_logits(model, torch.stack(wins)), dense)
+
+
+def test_balanced_kmeans_recovers_separated_groups():
+    """k-means++ seeds one centre per well-separated group (each candidate is drawn in proportion to its squared
+    distance, so a group already seeded is all but never drawn again) and the balanced assignment then puts each
+    group in one cluster of exactly `size` points."""
+    from densesparse.grouping import balanced_kmeans, kmeans_plusplus
+
+    gen = torch.Generator().manual_seed(0)
+    k, size, dim = 6, 5, 16
+    directions = torch.eye(dim)[:k]
+    feats = (directions.repeat_interleave(size, 0) + 0.05 * torch.randn(k * size, dim, generator=gen))
+    seeds = kmeans_plusplus(torch.nn.functional.normalize(feats, dim=1), k, torch.Generator().manual_seed(1))
+    assert sorted(int(i) // size for i in seeds) == list(range(k))
+    assign = balanced_kmeans(feats, k, size, torch.Generator().manual_seed(2))
+    assert torch.bincount(assign, minlength=k).tolist() == [size] * k
+    assert all(len(set(assign[g * size:(g + 1) * size].tolist())) == 1 for g in range(k))
