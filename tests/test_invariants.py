@@ -310,14 +310,11 @@ def test_gate_scale_statistics():
     assert bool((scales["rms"] > scales["mean_abs"] * 1.01).any())
 
 
-@torch.no_grad()
-def test_loss_probe_factors_are_measured_kl_over_estimated_error():
-    """probe_losses: each layer's factor is (KL of the model with that layer alone at its probe-budget point) /
-    (the point's estimated error), normalised to a geometric mean of 1; the layers are left dense; a layer the
-    probe allocation leaves dense keeps factor 1."""
+def _probe_setup(arch: str):
+    """A tiny model with sparse MLPs, windows, their dense logits and each layer's trade-off points."""
     from densesparse import budget
 
-    model = tiny_model("LlamaForCausalLM")
+    model = tiny_model(arch)
     wins = list(_ids(40, seed=2))
     dense = _logits(model, torch.stack(wins))
     mlps = install(model, _spec(model))
@@ -326,6 +323,17 @@ def test_loss_probe_factors_are_measured_kl_over_estimated_error():
     for i, mlp in enumerate(mlps):
         mlp.calibrate_gate_scale(x)
         points.append(budget.layer_points(mlp, x, 1.0 + i, down_skip=True, input_skip=True))
+    return model, wins, dense, mlps, points
+
+
+@torch.no_grad()
+def test_loss_probe_factors_are_measured_kl_over_estimated_error():
+    """probe_losses: each layer's factor is (KL of the model with that layer alone at its probe-budget point) /
+    (the point's estimated error), normalised to a geometric mean of 1; the layers are left dense; a layer the
+    probe allocation leaves dense keeps factor 1."""
+    from densesparse import budget
+
+    model, wins, dense, mlps, points = _probe_setup("LlamaForCausalLM")
     factors = budget.probe_losses(model, mlps, points, wins)
     torch.testing.assert_close(_logits(model, torch.stack(wins)), dense)
     ratios = []
@@ -349,15 +357,7 @@ def test_loss_probe_replaying_the_dense_prefix_changes_nothing(arch):
     from densesparse import budget
     from densesparse.arch import decoder_layers
 
-    model = tiny_model(arch)
-    wins = list(_ids(40, seed=2))
-    dense = _logits(model, torch.stack(wins))
-    mlps = install(model, _spec(model))
-    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(4))
-    points = []
-    for i, mlp in enumerate(mlps):
-        mlp.calibrate_gate_scale(x)
-        points.append(budget.layer_points(mlp, x, 1.0 + i, down_skip=True, input_skip=True))
+    model, wins, dense, mlps, points = _probe_setup(arch)
     layers = decoder_layers(model, resolve_layout(model))
     calls = []
     mlps[0].register_forward_hook(lambda *_: calls.append(1))
