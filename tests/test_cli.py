@@ -41,6 +41,7 @@ def test_convert_calibrate_eval(llama_dir, tmp_path):
     assert spec["seed"] == 0 and spec["calibration"]["tokens"] >= 600 and spec["version"] == SPEC_VERSION
     assert spec["gate_scale"] == "rms" and spec["loss_probe"]
     assert len(spec["loss_probe_factors"]) == 2 and all(f > 0 for f in spec["loss_probe_factors"])
+    assert spec["loss_probe_at"] == 0.5
     other = tmp_path / "other.txt"
     other.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     r = runner.invoke(app, ["calibrate", str(out), "--data", str(other), "--mlp-flops", "0.4", "--calib-tokens",
