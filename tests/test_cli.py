@@ -33,6 +33,14 @@ def llama_dir(tmp_path, tokenizer):
     return path
 
 
+def test_no_loss_probe_leaves_the_errors_unprobed(llama_dir, tmp_path):
+    out = tmp_path / "sparse"
+    r = runner.invoke(app, ["convert", str(llama_dir), "--out", str(out), "--no-loss-probe", *FAST])
+    assert r.exit_code == 0, r.output
+    spec = json.loads((out / "config.json").read_text())["densesparse"]
+    assert not spec["loss_probe"] and "loss_probe_factors" not in spec and "loss_probe_at" not in spec
+
+
 def test_convert_calibrate_eval(llama_dir, tmp_path):
     out = tmp_path / "sparse"
     r = runner.invoke(app, ["convert", str(llama_dir), "--out", str(out), *FAST])
