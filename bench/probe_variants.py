@@ -1,5 +1,6 @@
 """Which loss probe: the default (one probe at the budget.PROBE_BUDGET allocation) against none, a second probe on
-top, and one probe at each other allocation of 25 / 35 / 50%, judged on held-out CALIBRATION text (never WikiText).
+top, one probe at each other allocation of 25 / 35 / 50%, and one on twice the tokens, judged on held-out
+CALIBRATION text (never WikiText).
 
     python bench/probe_variants.py --sparse SPARSE_DIR [--out bench/results/probe-variants-smollm2.json]
 
@@ -66,8 +67,8 @@ def main():
         budget.set_dials(m, None)
     dense = [budget.log_probs(model, w) for w in held_wins]
 
-    def probe_at(target, pts):
-        return budget.probe_losses(model, mlps, pts, probe_wins, at=target, layers=layers)
+    def probe_at(target, pts, wins=probe_wins):
+        return budget.probe_losses(model, mlps, pts, wins, at=target, layers=layers)
 
     def measure(name, factors):
         # only the budgets measured, each with its bias row
@@ -90,7 +91,9 @@ def main():
     variants = [("none", [1.0] * len(mlps)), (f"probe at {budget.PROBE_BUDGET} (default)", one),
                 ("probe twice", [a * b for a, b in zip(one, probe_at(budget.PROBE_BUDGET,
                                                                      budget.reweight(points, one)))]),
-                *((f"probe at {b}", probe_at(b, points)) for b in (0.25, 0.35, 0.5) if b != budget.PROBE_BUDGET)]
+                *((f"probe at {b}", probe_at(b, points)) for b in (0.25, 0.35, 0.5) if b != budget.PROBE_BUDGET),
+                (f"probe at {budget.PROBE_BUDGET} on {2 * budget.PROBE_TOKENS} tokens",
+                 probe_at(budget.PROBE_BUDGET, points, budget.probe_windows(batches, 2 * budget.PROBE_TOKENS)))]
     rows = [measure(name, factors) for name, factors in variants]
     record = {
         "command": "python bench/probe_variants.py " + " ".join(sys.argv[1:]), "commit": git_commit(),

@@ -212,14 +212,14 @@ def set_dials(mlp: SparseMLP, p: Point | None) -> None:
     mlp.bias_mix = None
 
 
-def probe_windows(batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The first calibration windows that hold PROBE_TOKENS tokens: what the loss probe runs."""
-    wins, tokens = [], 0
+def probe_windows(batches: list[torch.Tensor], tokens: int = PROBE_TOKENS) -> list[torch.Tensor]:
+    """The first calibration windows that hold `tokens` tokens: what the loss probe runs."""
+    wins, held = [], 0
     for ids in batches:
-        if tokens >= PROBE_TOKENS:
+        if held >= tokens:
             break
         wins.append(ids)
-        tokens += ids.numel()
+        held += ids.numel()
     return wins
 
 
