@@ -55,14 +55,15 @@ def main():
     batches, _, held_wins = calibration_windows(tok, None, spec["calibration"]["tokens"],
                                                 spec["calibration"]["seq_len"], gen, QUALITY_TOKENS)
     mlps = sparse_mlps(model)
+    layout = resolve_layout(model)
     points, helds = [], []
-    for mlp, s in zip(mlps, collect(model, resolve_layout(model), batches)):
+    for mlp, s in zip(mlps, collect(model, layout, batches)):
         held = _split(s.x, gen)[1]
         helds.append(held)
         points.append(budget.layer_points(mlp, held, s.weight, spec["down_skip"], spec["input_skip"],
                                           spec.get("early_decisions", False)))
     probe_wins = budget.probe_windows(batches)
-    layers = decoder_layers(model, resolve_layout(model))
+    layers = decoder_layers(model, layout)
     for m in mlps:
         budget.set_dials(m, None)
     dense = [budget.log_probs(model, w) for w in held_wins]

@@ -37,8 +37,9 @@ RHO_GRID = (0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)  # quantiles of neuron cont
 DECIDE_GRID = (0.5, 0.7, 0.85)  # quantiles of |x| the early decisions leave out (above the input skip's)
 QUANTILE_SAMPLE = 1 << 18  # thresholds need quantiles to ~0.2%, not exact sorts of millions
 EXACT_POINTS = 96
-# the allocation whose per-layer points the loss probe runs: 0.5 gave the lowest held-out calibration KL at 25, 35
-# and 50% of 0.25 / 0.35 / 0.5 / twice at 0.35 (bench/results/probe-variants-smollm2.json; WikiText never consulted)
+# the allocation whose per-layer points the loss probe runs: 0.5 gave lower held-out calibration KL than 0.35 at 25,
+# 35 and 50% (bench/results/probe-variants-smollm2.json, rechecked in probe-variants-smollm2-default-at-half.json;
+# WikiText never consulted)
 PROBE_BUDGET = 0.5
 PROBE_TOKENS = 1024  # calibration tokens each probe forward runs
 
