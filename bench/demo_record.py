@@ -49,6 +49,7 @@ def main():
         "versions": {"densesparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "model": spec["source_model"],
         "convert_seconds": spec["seconds"],
+        "convert_phase_seconds": spec.get("phase_seconds"),  # conversions from before the timer have none
         "calibration": spec["calibration"],
         "dials_per_budget": dials,
         "eval": {"data": report["data"], "tokens": report["tokens"], "dense_ppl": report["dense"]["ppl"],

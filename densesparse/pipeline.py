@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -45,6 +45,22 @@ def _progress(show: bool):
     if not show:
         return nullcontext(None)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+class Phases(dict):
+    """Wall seconds per conversion phase, summed over layers (recorded in the spec as phase_seconds: where a
+    conversion's time goes, on the machine that ran it)."""
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+    def record(self) -> dict:
+        return {k: round(v, 1) for k, v in self.items()}
 
 
 def _intermediate_size(model, layout) -> int:
@@ -98,7 +114,7 @@ def _probed(model, mlps, points, batches, spec: dict, progress):
     return reweight(points, factors)
 
 
-def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: bool, spec: dict):
+def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: bool, spec: dict, phases: Phases):
     """Per layer: group (regroup), gate scale, router (refit) and the dials' trade-off points; returns (points,
     router losses, held-out calibration inputs)."""
     task = progress.add_task("group + route layers", total=len(mlps)) if progress else None
@@ -107,13 +123,16 @@ def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: b
         train, held = _split(sample.x, generator)
         helds.append(held)
         if regroup:
-            permute(mlp, neuron_order(mlp, train, cfg.grouping, generator))
-        # specs from before the option used mean |up|; calibrate keeps a model's own statistic
-        mlp.calibrate_gate_scale(train, spec.get("gate_scale", "mean_abs"))
+            with phases("grouping"):
+                permute(mlp, neuron_order(mlp, train, cfg.grouping, generator))
+        with phases("gate_scale"):  # specs from before the option used mean |up|; calibrate keeps a model's own
+            mlp.calibrate_gate_scale(train, spec.get("gate_scale", "mean_abs"))
         if refit:
-            losses.append(fit_router(mlp, train, cfg.router_epochs, generator))
-        points.append(layer_points(mlp, held, sample.weight, spec["down_skip"], spec["input_skip"],
-                                   spec.get("early_decisions", False)))
+            with phases("router"):
+                losses.append(fit_router(mlp, train, cfg.router_epochs, generator))
+        with phases("trade_off_points"):
+            points.append(layer_points(mlp, held, sample.weight, spec["down_skip"], spec["input_skip"],
+                                       spec.get("early_decisions", False)))
         if progress:
             progress.advance(task)
     return points, losses, helds
@@ -125,9 +144,10 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
         raise DenseSparseError(f"output directory {out} exists and is not a model directory: pick another --out")
-    started = time.time()
+    started, phases = time.time(), Phases()
     generator = torch.Generator().manual_seed(cfg.seed)
-    model, tokenizer, source = load_dense(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
+    with phases("load"):
+        model, tokenizer, source = load_dense(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
     layout = resolve_layout(model)
     d, m = model.config.hidden_size, _intermediate_size(model, layout)
     n_shared = cfg.shared_experts * cfg.expert_size
@@ -147,19 +167,25 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
         "default_mlp_flops": cfg.mlp_flops, "source_model": str(cfg.model or source),
     }
     with _progress(show_progress) as progress:
-        samples = collect(model, layout, batches, progress)
+        with phases("calibration_forward"):
+            samples = collect(model, layout, batches, progress)
         mlps = install(model, spec)
         points, losses, helds = _fit_layers(mlps, samples, cfg, generator, progress, regroup=True, refit=True,
-                                            spec=spec)
-        points = _probed(model, mlps, points, batches, spec, progress)
-    spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
+                                            spec=spec, phases=phases)
+        with phases("loss_probe"):
+            points = _probed(model, mlps, points, batches, spec, progress)
+    with phases("budgets"):
+        spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
     spec["bias_correction"] = cfg.bias_correction
     if cfg.bias_correction:
-        set_budget_biases(mlps, helds, spec["budgets"])
+        with phases("bias_correction"):
+            set_budget_biases(mlps, helds, spec["budgets"])
     spec["router_kl"] = [round(v, 5) for v in losses]
-    spec["default_mlp_flops"] = _default_budget(model, tokenizer, spec, cfg, heldout, cfg.mlp_flops)
+    with phases("quality_budget"):
+        spec["default_mlp_flops"] = _default_budget(model, tokenizer, spec, cfg, heldout, cfg.mlp_flops)
     apply_budget(mlps, spec["budgets"], spec["default_mlp_flops"])
-    spec["seconds"] = round(time.time() - started, 1)
+    spec["seconds"] = round(time.time() - started, 1)  # everything but writing the directory
+    spec["phase_seconds"] = phases.record()
     recipe = {"command": "convert", "config": cfg.to_dict(), "tool_version": __version__}
     save_sparse(model, tokenizer, spec, recipe, out, model_card(spec, recipe))
     return spec
@@ -168,9 +194,10 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
 def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
     """Refit routers and thresholds of an existing sparse directory on new text or budget, without re-slicing."""
     cfg.validate()
-    started = time.time()
+    started, phases = time.time(), Phases()
     directory = Path(cfg.sparse_dir)
-    model = load(directory, mlp_flops=1.0)
+    with phases("load"):
+        model = load(directory, mlp_flops=1.0)
     tokenizer = load_tokenizer(directory)
     spec = model.config.densesparse
     layout = resolve_layout(model)
@@ -178,21 +205,27 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
     batches, provenance, heldout = _windows(tokenizer, cfg, generator)
     mlps = sparse_mlps(model)
     with _progress(show_progress) as progress:
-        samples = collect(model, layout, batches, progress)
+        with phases("calibration_forward"):
+            samples = collect(model, layout, batches, progress)
         points, losses, helds = _fit_layers(mlps, samples, cfg, generator, progress, regroup=False,
-                                            refit=cfg.refit_routers, spec=spec)
-        points = _probed(model, mlps, points, batches, spec, progress)
-    spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
+                                            refit=cfg.refit_routers, spec=spec, phases=phases)
+        with phases("loss_probe"):
+            points = _probed(model, mlps, points, batches, spec, progress)
+    with phases("budgets"):
+        spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
     if spec.get("bias_correction"):  # the new budgets' biases (the grid may have changed with --min-budget)
-        set_budget_biases(mlps, helds, spec["budgets"])
+        with phases("bias_correction"):
+            set_budget_biases(mlps, helds, spec["budgets"])
     if losses:
         spec["router_kl"] = [round(v, 5) for v in losses]
     spec.pop("quality_target", None)
-    spec["default_mlp_flops"] = _default_budget(model, tokenizer, spec, cfg, heldout,
-                                                cfg.mlp_flops or spec["default_mlp_flops"])
+    with phases("quality_budget"):
+        spec["default_mlp_flops"] = _default_budget(model, tokenizer, spec, cfg, heldout,
+                                                    cfg.mlp_flops or spec["default_mlp_flops"])
     spec["calibration"] = provenance
     spec["seed"] = cfg.seed
     spec["seconds"] = round(time.time() - started, 1)
+    spec["phase_seconds"] = phases.record()
     recipe_file = directory / "densesparse_recipe.json"
     recipe = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
     recipe.setdefault("history", []).append({"command": "calibrate", "config": vars(cfg).copy()})

@@ -50,6 +50,10 @@ def test_convert_calibrate_eval(llama_dir, tmp_path):
     assert spec["gate_scale"] == "rms" and spec["loss_probe"]
     assert len(spec["loss_probe_factors"]) == 2 and all(f > 0 for f in spec["loss_probe_factors"])
     assert spec["loss_probe_at"] == 0.5
+    phases = spec["phase_seconds"]  # where the time went: every phase timed, together within the total
+    assert {"load", "calibration_forward", "grouping", "gate_scale", "router", "trade_off_points", "loss_probe",
+            "budgets", "bias_correction"} <= set(phases)
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= spec["seconds"] + 0.1 * len(phases)
     other = tmp_path / "other.txt"
     other.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     r = runner.invoke(app, ["calibrate", str(out), "--data", str(other), "--mlp-flops", "0.4", "--calib-tokens",
@@ -58,6 +62,7 @@ def test_convert_calibrate_eval(llama_dir, tmp_path):
     spec2 = json.loads((out / "config.json").read_text())["densesparse"]
     assert spec2["default_mlp_flops"] == 0.4 and spec2["calibration"]["files"] == [str(other)]
     assert spec2["loss_probe_factors"] != spec["loss_probe_factors"]  # probed again on the new text
+    assert "grouping" not in spec2["phase_seconds"] and "router" in spec2["phase_seconds"]  # no re-slicing
     report = tmp_path / "r.json"
     r = runner.invoke(app, ["eval", str(out), "--data", str(other), "--sweep", "1,0.6,0.4", "--max-tokens", "512",
                             "--seq-len", "128", "--json", str(report)])
