@@ -1803,6 +1803,9 @@ def main(argv=None):
                     help="select_trials() and profile_layer() (per-kernel times of a batch-1 layer vs its graph)")
     ap.add_argument("--down-trials", action="store_true",
                     help="down_trials() alone (the down kernel's grid varied, a batch-1 layer) into a new record")
+    ap.add_argument("--down-cfgs", default=None,
+                    help="JSON list of kernel CONFIG overrides --down-trials times in both of its cases (the first "
+                         "should be {}: outputs are compared with it), e.g. '[{}, {\"dn_BD\": 512, \"dn_BN\": 16}]'")
     ap.add_argument("--decide-trials", action="store_true",
                     help="decide_trials() alone (early decisions on vs off, a layer at batch 1 and 2) into a new record")
     ap.add_argument("--decide-cfgs", default="{}",
@@ -1855,7 +1858,12 @@ def main(argv=None):
             json.dump(res, f, indent=1)
         return
     if a.down_trials:
-        res = {**run_info(a.note), "config": dict(K.CONFIG), "down_trials": down_trials()}
+        cases = None
+        if a.down_cfgs:
+            cfgs = tuple(json.loads(a.down_cfgs))
+            cases = ((0.5, False, cfgs), (0.25, True, cfgs))
+        res = {**run_info(a.note), "config": dict(K.CONFIG),
+               "down_trials": down_trials(cases=cases) if cases else down_trials()}
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
         return
