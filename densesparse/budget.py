@@ -23,6 +23,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -64,8 +65,10 @@ def _quantiles(values: torch.Tensor, qs) -> list[float]:
     flat = values.flatten()
     if flat.numel() > QUANTILE_SAMPLE:
         flat = flat[torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=torch.Generator().manual_seed(0))]
-    flat = flat.sort().values
-    return [float(flat[min(int(q * flat.numel()), flat.numel() - 1)]) if q > 0 else 0.0 for q in qs]
+    ranks = {q: min(int(q * flat.numel()), flat.numel() - 1) for q in qs if q > 0}
+    # the same order statistics as a full sort, by selection (numpy's introselect: ~6x faster than torch's sort)
+    part = np.partition(flat.float().contiguous().numpy(), sorted(set(ranks.values()))) if ranks else None
+    return [float(part[ranks[q]]) if q > 0 else 0.0 for q in qs]
 
 
 @torch.no_grad()
@@ -138,15 +141,19 @@ def _screen(n, d, n_in, n_dec, contrib, gate_score, down_score, born, rows, rout
     gate_taus = _quantiles(gate_score, GATE_GRID) if gate_score is not None else [0.0]
     buckets = len(taus) + 2
     down_bucket = 1 + torch.bucketize(down_score, torch.tensor(taus), right=True)
-    per_neuron = [None, n_dec[:, None].expand_as(contrib).flatten(), (n_in - n_dec)[:, None].expand_as(contrib).flatten(),
-                  contrib.flatten().double() ** 2]  # rows, x decision channels, x completion channels, squared
+    squared = contrib.flatten().double() ** 2
     size = len(masses) * buckets
+    token_bins = (torch.arange(n) * size)[:, None]
+    per_token = torch.stack([torch.ones_like(n_in), n_dec, n_in - n_dec], 1)  # rows, decision, completion channels
     out = []
     for g_tau in gate_taus:
         # bucket 0 = skipped by the gate, 1 + i = down score in [taus[i-1], taus[i])
         bucket = torch.where(gate_score >= g_tau, down_bucket, 0) if g_tau > 0 else down_bucket
-        flat = (born * buckets + bucket).flatten()
-        binned = torch.stack([torch.bincount(flat, weights=w, minlength=size).double() for w in per_neuron], 1)
+        bins = born * buckets + bucket
+        # per-token counts weighted by the per-token channel counts: integers, so exactly the per-neuron sums
+        counts = torch.bincount((bins + token_bins).flatten(), minlength=n * size).view(n, size).double()
+        binned = torch.cat([per_token.T @ counts, torch.bincount(bins.flatten(), weights=squared,
+                                                                 minlength=size)[None].double()]).T.contiguous()
         cum = binned.view(len(masses), buckets, 4).cumsum(0).transpose(1, 2).cumsum(2) / n  # [mass, 4, bucket]
         kept = cum[:, :, -1:] - cum[:, :, :1]  # what the gate dial keeps (every bucket but 0), per token
         after = cum[:, :, -1:] - cum[:, :, 1:-1]  # what down tau i keeps (buckets > i + 1)
