@@ -371,11 +371,15 @@ def set_budget_biases(mlps: list[SparseMLP], held: list[torch.Tensor], budgets: 
     for m in mlps:
         m.budget_bias = torch.nn.Parameter(torch.zeros(len(budgets), m.hidden), requires_grad=False)
     dense = [m._dense_forward(x.float()) for m, x in zip(mlps, held)]
+    done = [{} for _ in mlps]  # per layer, dials -> bias: a quarter of (layer, budget) pairs repeat a layer's dials
     for i, b in enumerate(budgets):
         apply_budget(mlps, budgets, b["target"])
-        for m, x, y in zip(mlps, held, dense):
-            m.bias_mix = None  # the error of the uncorrected sparse forward
-            m.budget_bias[i] = shrunk_mean(y - m._torch_forward(x.float()))
+        for m, x, y, seen in zip(mlps, held, dense, done):
+            dials = (m.threshold, m.input_tau, m.gate_tau, m.down_tau, m.decide_tau)
+            if dials not in seen:
+                m.bias_mix = None  # the error of the uncorrected sparse forward
+                seen[dials] = shrunk_mean(y - m._torch_forward(x.float()))
+            m.budget_bias[i] = seen[dials]
 
 
 def shrunk_mean(err: torch.Tensor) -> torch.Tensor:
