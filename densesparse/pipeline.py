@@ -98,7 +98,7 @@ def _default_budget(model, tokenizer, spec: dict, cfg, heldout, fallback: float)
     return spec["quality_target"]["mlp_flops"]
 
 
-def _probed(model, mlps, points, batches, spec: dict, progress):
+def _probed(model, layout, mlps, points, batches, spec: dict, progress):
     """The layers' points with their errors rescaled by the loss probe (where the spec asks for it; specs from
     before the option had none), the factors recorded in the spec."""
     if not spec.get("loss_probe"):
@@ -108,7 +108,7 @@ def _probed(model, mlps, points, batches, spec: dict, progress):
     wins = probe_windows(batches)
     task = progress.add_task("loss probe per layer", total=len(mlps)) if progress else None
     factors = probe_losses(model, mlps, points, wins, step=lambda: progress.advance(task) if progress else None,
-                           layers=decoder_layers(model, resolve_layout(model)))
+                           layers=decoder_layers(model, layout))
     spec["loss_probe_factors"] = [round(f, 4) for f in factors]
     spec["loss_probe_at"] = PROBE_BUDGET
     return reweight(points, factors)
@@ -173,7 +173,7 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
         points, losses, helds = _fit_layers(mlps, samples, cfg, generator, progress, regroup=True, refit=True,
                                             spec=spec, phases=phases)
         with phases("loss_probe"):
-            points = _probed(model, mlps, points, batches, spec, progress)
+            points = _probed(model, layout, mlps, points, batches, spec, progress)
     with phases("budgets"):
         spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
     spec["bias_correction"] = cfg.bias_correction
@@ -210,7 +210,7 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
         points, losses, helds = _fit_layers(mlps, samples, cfg, generator, progress, regroup=False,
                                             refit=cfg.refit_routers, spec=spec, phases=phases)
         with phases("loss_probe"):
-            points = _probed(model, mlps, points, batches, spec, progress)
+            points = _probed(model, layout, mlps, points, batches, spec, progress)
     with phases("budgets"):
         spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
     if spec.get("bias_correction"):  # the new budgets' biases (the grid may have changed with --min-budget)

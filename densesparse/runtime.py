@@ -252,10 +252,15 @@ class SparseMLP(nn.Module):
         shared = expert_mask.new_ones(expert_mask.shape[0], self.n_shared)
         return torch.cat([shared, expert_mask.repeat_interleave(self.expert_size, dim=1)], dim=1)
 
+    def up_projection(self, x2: torch.Tensor) -> torch.Tensor:
+        """The up projection of x2 [T, d] for all m neurons (before any activation)."""
+        _, w_up, _, b_up, _, _ = self.canonical()
+        return F.linear(x2, w_up, b_up)
+
     def gate_and_up(self, x2: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(act(gate), up) for gated FFNs, (None, act(up)) otherwise; all m neurons, dense."""
-        w_gate, w_up, b_gate, b_up, _, _ = self.canonical()
-        u = F.linear(x2, w_up, b_up)
+        w_gate, _, b_gate, _, _, _ = self.canonical()
+        u = self.up_projection(x2)
         return (self.act(F.linear(x2, w_gate, b_gate)), u) if self.gated else (None, self.act(u))
 
     def hidden_states(self, x2: torch.Tensor) -> torch.Tensor:
@@ -269,8 +274,7 @@ class SparseMLP(nn.Module):
         search minimises) or mean |up| ("mean_abs") over calibration inputs x, times each neuron's down-row norm."""
         if self.gated:
             power = 2 if statistic == "rms" else 1
-            _, w_up, _, b_up, _, _ = self.canonical()
-            total = sum(F.linear(xb.to(self.gate_scale.dtype), w_up, b_up).float().abs().pow(power).sum(0)
+            total = sum(self.up_projection(xb.to(self.gate_scale.dtype)).float().abs().pow(power).sum(0)
                         for xb in x.split(chunk))
             self.gate_scale.copy_((total / x.shape[0]).pow(1 / power) * self.down_norms())
 
