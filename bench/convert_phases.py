@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,12 +20,16 @@ from pathlib import Path
 import torch
 import transformers
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from quality import git_commit
+
 from densesparse import __version__
 from densesparse.config import ConvertConfig
 from densesparse.io import read_spec
 from densesparse.pipeline import convert
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main():
@@ -37,10 +41,13 @@ def main():
     args = ap.parse_args()
     if bool(args.sparse) != bool(args.commit):
         raise SystemExit("--sparse and --commit go together")
-    commit = args.commit or subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+    commit = args.commit or git_commit()
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="densesparse-phases-") as tmp:
-        spec = read_spec(Path(args.sparse)) if args.sparse else convert(ConvertConfig(out=str(Path(tmp) / "sparse")))
+    if args.sparse:
+        spec = read_spec(Path(args.sparse))
+    else:
+        with tempfile.TemporaryDirectory(prefix="densesparse-phases-") as tmp:
+            spec = convert(ConvertConfig(out=str(Path(tmp) / "sparse")))
     run = {
         "command": "python bench/convert_phases.py" + (f" --sparse {args.sparse} --commit {args.commit}"
                                                         if args.sparse else ""),

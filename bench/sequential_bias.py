@@ -34,30 +34,28 @@ from densesparse.data import calibration_windows
 from densesparse.evaluate import evaluate_windows
 from densesparse.io import load, load_tokenizer
 from densesparse.report import write_json
-from densesparse.runtime import apply_budget, sparse_mlps
-
-DIALS = ("threshold", "input_tau", "gate_tau", "down_tau", "decide_tau")
+from densesparse.runtime import DIALS, apply_budget, sparse_mlps
 
 
 def fit_biases(model, mlps, budgets, row: int, target: float, ids: torch.Tensor, sequential: bool) -> None:
     """Set every layer's bias row `row` from one forward over ids: the layer's error at the target's dials on its
     input, with the earlier layers sparse at the target (sequential) or dense."""
     apply_budget(mlps, budgets, target)
-    dials = [{k: getattr(m, k) for k in DIALS} for m in mlps]
+    dials = [m.dials() for m in mlps]
     mixes = [m.bias_mix for m in mlps]
     if not sequential:
         apply_budget(mlps, budgets, 1.0)
 
     def pre(mod, args, i):
         x = args[0].reshape(-1, args[0].shape[-1])
-        own = {k: getattr(mod, k) for k in DIALS}
-        for k, v in dials[i].items():
+        own = mod.dials()
+        for k, v in zip(DIALS, dials[i]):
             setattr(mod, k, v)
         mod.bias_mix = None  # the error of the uncorrected sparse forward
         mod.budget_bias[row] = shrunk_mean(mod._dense_forward(x) - mod._torch_forward(x))
         mod.bias_mix = mixes[i]
         if not sequential:  # the layer stays dense for the layers after it
-            for k, v in own.items():
+            for k, v in zip(DIALS, own):
                 setattr(mod, k, v)
             mod.bias_mix = None
     hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: pre(mod, args, i)) for i, m in enumerate(mlps)]

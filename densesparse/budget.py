@@ -375,7 +375,7 @@ def set_budget_biases(mlps: list[SparseMLP], held: list[torch.Tensor], budgets: 
     for i, b in enumerate(budgets):
         apply_budget(mlps, budgets, b["target"])
         for m, x, y, seen in zip(mlps, held, dense, done):
-            dials = (m.threshold, m.input_tau, m.gate_tau, m.down_tau, m.decide_tau)
+            dials = m.dials()
             if dials not in seen:
                 m.bias_mix = None  # the error of the uncorrected sparse forward
                 seen[dials] = shrunk_mean(y - m._torch_forward(x.float()))

@@ -114,6 +114,15 @@ def _probed(model, layout, mlps, points, batches, spec: dict, progress):
     return reweight(points, factors)
 
 
+def _calibrated_budgets(mlps, points, helds, spec: dict, min_budget: float, bias_correction: bool, phases: Phases):
+    """spec["budgets"]: per-layer settings at every grid budget down to min_budget, and their bias corrections."""
+    with phases("budgets"):
+        spec["budgets"] = calibrate_budgets(points, min_budget)
+    if bias_correction:
+        with phases("bias_correction"):
+            set_budget_biases(mlps, helds, spec["budgets"])
+
+
 def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: bool, spec: dict, phases: Phases):
     """Per layer: group (regroup), gate scale, router (refit) and the dials' trade-off points; returns (points,
     router losses, held-out calibration inputs)."""
@@ -174,12 +183,8 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
                                             spec=spec, phases=phases)
         with phases("loss_probe"):
             points = _probed(model, layout, mlps, points, batches, spec, progress)
-    with phases("budgets"):
-        spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
     spec["bias_correction"] = cfg.bias_correction
-    if cfg.bias_correction:
-        with phases("bias_correction"):
-            set_budget_biases(mlps, helds, spec["budgets"])
+    _calibrated_budgets(mlps, points, helds, spec, cfg.min_budget, cfg.bias_correction, phases)
     spec["router_kl"] = [round(v, 5) for v in losses]
     with phases("quality_budget"):
         spec["default_mlp_flops"] = _default_budget(model, tokenizer, spec, cfg, heldout, cfg.mlp_flops)
@@ -211,11 +216,8 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
                                             refit=cfg.refit_routers, spec=spec, phases=phases)
         with phases("loss_probe"):
             points = _probed(model, layout, mlps, points, batches, spec, progress)
-    with phases("budgets"):
-        spec["budgets"] = calibrate_budgets(points, cfg.min_budget)
-    if spec.get("bias_correction"):  # the new budgets' biases (the grid may have changed with --min-budget)
-        with phases("bias_correction"):
-            set_budget_biases(mlps, helds, spec["budgets"])
+    # the new budgets' biases (the grid may have changed with --min-budget)
+    _calibrated_budgets(mlps, points, helds, spec, cfg.min_budget, bool(spec.get("bias_correction")), phases)
     if losses:
         spec["router_kl"] = [round(v, 5) for v in losses]
     spec.pop("quality_target", None)

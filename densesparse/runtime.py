@@ -109,6 +109,9 @@ DENSE_ABOVE_TOKENS = 2
 # spread). With the gate dial it wins further (+4% at 0.425). Expert size 32 crosses earlier (+2.8% at 0.325,
 # +0.9% at 0.35, -0.8% at 0.375): up to ~1% lost there between 0.35 and 0.375.
 COMPACT_BELOW = 0.375
+# The attributes that decide what a SparseMLP computes at a budget (bias correction aside); expert_frac only picks
+# CUDA kernels
+DIALS = ("threshold", "input_tau", "gate_tau", "down_tau", "decide_tau")
 
 
 class SparseMLP(nn.Module):
@@ -203,6 +206,10 @@ class SparseMLP(nn.Module):
     @property
     def intermediate(self) -> int:
         return self.n_shared + self.n_experts * self.expert_size
+
+    def dials(self) -> tuple:
+        """The current values of DIALS: with the weights unchanged, equal dials compute the same function."""
+        return tuple(getattr(self, name) for name in DIALS)
 
     @property
     def dense(self) -> bool:
