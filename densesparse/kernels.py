@@ -252,6 +252,29 @@ def _early(xv, dec_tau):
 
 
 @triton.jit
+def _gate_keep(sel, a, g_dec, gs, gate_tau, HAS_DEC: tl.constexpr, ACT: tl.constexpr):
+    """The gate dial: the selected neurons whose |act(gate)| * gate_scale reaches gate_tau; deciding early, it
+    judges the partial gate g_dec (bias included) instead of a = act(gate)."""
+    a_dec = a
+    if HAS_DEC:
+        a_dec = _act(g_dec, ACT)
+    return sel & (tl.abs(a_dec) * gs >= gate_tau)
+
+
+@triton.jit
+def _down_keep(keep, h, a, u_dec, tau, GATED: tl.constexpr, HAS_DEC: tl.constexpr, ACT: tl.constexpr):
+    """The down skip: the kept neurons whose |h| reaches tau; deciding early, h is taken with the partial up u_dec
+    (bias included): a * u_dec, or act(u_dec) in an FFN without a gate."""
+    crit = h
+    if HAS_DEC:
+        if GATED:
+            crit = a * u_dec
+        else:
+            crit = _act(u_dec, ACT)
+    return keep & (tl.abs(crit) >= tau)
+
+
+@triton.jit
 def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
                   n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau, dec_tau,
                   GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
@@ -287,13 +310,10 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
             if HAS_BG:
                 acc_g += bg
             a = _act(acc_g, ACT)
-            a_dec = a
-            if HAS_DEC:
-                if HAS_BG:
-                    dec_g += bg
-                a_dec = _act(dec_g, ACT)
+            if HAS_DEC and HAS_BG:
+                dec_g += bg
             gs = tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-            keep_u = sel & (tl.abs(a_dec) * gs[None, :] >= gate_tau)
+            keep_u = _gate_keep(sel, a, dec_g, gs[None, :], gate_tau, HAS_DEC, ACT)
             up_any = tl.max(keep_u.to(tl.int32), axis=0) > 0
             if tl.max(up_any.to(tl.int32), axis=0) > 0:
                 for k0 in range(0, d, BK):
@@ -327,13 +347,10 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
                     acc_g += bg
                 a = _act(acc_g, ACT)
                 if GATE_DIAL:
-                    a_dec = a
-                    if HAS_DEC:
-                        if HAS_BG:
-                            dec_g += bg
-                        a_dec = _act(dec_g, ACT)
+                    if HAS_DEC and HAS_BG:
+                        dec_g += bg
                     gs = tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-                    keep_u = sel & (tl.abs(a_dec) * gs[None, :] >= gate_tau)
+                    keep_u = _gate_keep(sel, a, dec_g, gs[None, :], gate_tau, HAS_DEC, ACT)
         if HAS_BU:
             bu = tl.load(bu_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
             acc_u += bu
@@ -344,15 +361,9 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
         keep = keep_u
         if HAS_TAU:
             tau = tl.load(tau_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-            crit = h
-            if HAS_DEC:
-                if HAS_BU:
-                    dec_u += bu
-                if GATED:
-                    crit = a * dec_u
-                else:
-                    crit = _act(dec_u, ACT)
-            keep = keep & (tl.abs(crit) >= tau[None, :])
+            if HAS_DEC and HAS_BU:
+                dec_u += bu
+            keep = _down_keep(keep, h, a if GATED else h, dec_u, tau[None, :], GATED, HAS_DEC, ACT)
         h = tl.where(keep, h, 0.0)
     tl.store(h_ptr + offs_t[:, None] * m + col[None, :], h, mask=tok_ok[:, None] & nmask[None, :])
     if COUNT:
@@ -487,29 +498,25 @@ def _mask_act_kernel(g_ptr, u_ptr, gd_ptr, ud_ptr, bg_ptr, bu_ptr, mask_ptr, tau
             g += bg
         a = _act(g, ACT)
         if GATE_DIAL:
-            a_dec = a
+            g_dec = g
             if HAS_DEC:
                 g_dec = tl.load(gd_ptr + t * m + n, mask=sel, other=0.0).to(tl.float32)
                 if HAS_BG:
                     g_dec += bg
-                a_dec = _act(g_dec, ACT)
-            keep_u = sel & (tl.abs(a_dec) * tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32) >= gate_tau)
+            gs = tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+            keep_u = _gate_keep(sel, a, g_dec, gs, gate_tau, HAS_DEC, ACT)
         h = a * u
     else:
         h = _act(u, ACT)
     keep = keep_u
     if HAS_TAU:
         tau = tl.load(tau_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-        crit = h
+        u_dec = u
         if HAS_DEC:
             u_dec = tl.load(ud_ptr + t * m + n, mask=sel, other=0.0).to(tl.float32)
             if HAS_BU:
                 u_dec += bu
-            if GATED:
-                crit = a * u_dec
-            else:
-                crit = _act(u_dec, ACT)
-        keep = keep & (tl.abs(crit) >= tau)
+        keep = _down_keep(keep, h, a if GATED else h, u_dec, tau, GATED, HAS_DEC, ACT)
     h = tl.where(keep, h, 0.0)
     tl.store(h_ptr + t * m + n, h.to(h_ptr.dtype.element_ty), mask=nmask)
     if COUNT:
