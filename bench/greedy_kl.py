@@ -1,0 +1,195 @@
+"""Experiment, not in the product: refine one budget's per-layer allocation greedily on the whole model's KL.
+
+    python bench/greedy_kl.py --sparse DIR [--target 0.5] [--rounds 5] [--windows 16]
+
+`convert` allocates the budget across layers with each layer's output error, weighted by the loss probe (each layer
+alone sparse). This measures what is left when the allocation is searched on the real objective with every layer
+sparse at once: each layer may take its own settings from any calibrated budget row of the spec (its dials and bias
+row, as `apply_budget` sets them). A round measures, for every layer, the KL(dense || sparse) on held-out
+calibration tokens with that layer one row denser and one row sparser; it then moves the layers with the largest
+KL drop per multiply-add one row denser, paid for by the cheapest sparser moves, and keeps the exchange if the
+KL falls. Multiply-adds per layer and row come from one counted forward per row. The search sees only calibration
+windows the conversion did not sample; a second, disjoint set checks it; WikiText is evaluated once at the start
+and once at the end, never searched on.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from quality import git_commit, wt2_windows
+
+from densesparse import __version__
+from densesparse.budget import kl_per_token, log_probs
+from densesparse.data import calibration_windows
+from densesparse.evaluate import _mlp_macs, evaluate_windows
+from densesparse.io import load, load_tokenizer
+from densesparse.report import write_json
+from densesparse.runtime import LayerStats, apply_budget, sparse_mlps
+
+
+def layer_view(budgets: list[dict], i: int) -> list[dict]:
+    """The spec's budget rows seen by layer i alone (apply_budget on a one-layer list)."""
+    return [{k: ([v[i]] if isinstance(v, list) else v) for k, v in b.items()} for b in budgets]
+
+
+class Allocation:
+    def __init__(self, model, mlps, budgets, grid):
+        self.model, self.mlps, self.grid = model, mlps, grid
+        self.views = [layer_view(budgets, i) for i in range(len(mlps))]
+
+    def set(self, idx: list[int]) -> None:
+        for m, view, k in zip(self.mlps, self.views, idx):
+            apply_budget([m], view, self.grid[k])
+
+    def kl(self, idx, wins, dense) -> float:
+        self.set(idx)
+        return kl_per_token(self.model, wins, dense)
+
+    def macs(self, idx, wins) -> tuple[list[float], float]:
+        """Per-layer multiply-adds per token at idx, and the MLP FLOPs kept."""
+        self.set(idx)
+        stats = [LayerStats(m.n_experts) for m in self.mlps]
+        for m, s in zip(self.mlps, stats):
+            m.stats = s
+        with torch.no_grad():
+            for w in wins:
+                self.model(input_ids=w[None], use_cache=False)
+        per = [_mlp_macs([m], [s]) for m, s in zip(self.mlps, stats)]
+        for m in self.mlps:
+            m.stats = None
+        return per, sum(per) / _mlp_macs(self.mlps, None)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sparse", required=True)
+    ap.add_argument("--target", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--moves", type=int, default=3, help="layers moved denser per round at most")
+    ap.add_argument("--search-tokens", type=int, default=1024)
+    ap.add_argument("--check-tokens", type=int, default=2048)
+    ap.add_argument("--windows", type=int, default=16, help="WikiText-2 test windows (wt2-64k cut), start and end only")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "greedy-kl-smollm2.json"))
+    args = ap.parse_args()
+    started, commit = time.time(), git_commit()
+    torch.set_grad_enabled(False)
+    model, tok = load(args.sparse, mlp_flops=1.0), load_tokenizer(args.sparse)
+    spec = model.config.densesparse
+    cal = spec["calibration"]
+    _, _, held = calibration_windows(tok, None, cal["tokens"], cal["seq_len"],
+                                     torch.Generator().manual_seed(spec["seed"]),
+                                     heldout_tokens=args.search_tokens + args.check_tokens)
+    n_search = max(1, args.search_tokens // cal["seq_len"])
+    search, check = held[:n_search], held[n_search:]
+    mlps = sparse_mlps(model)
+    budgets = spec["budgets"]
+    grid = sorted(b["target"] for b in budgets) + [1.0]
+    start = grid.index(min(grid, key=lambda t: abs(t - args.target)))
+    alloc = Allocation(model, mlps, budgets, grid)
+    apply_budget(mlps, budgets, 1.0)
+    dense_s = [log_probs(model, w) for w in search]
+    dense_c = [log_probs(model, w) for w in check]
+    table = []  # table[k][i]: layer i's multiply-adds per token at grid row k (every layer at row k)
+    for k in range(len(grid)):
+        table.append(alloc.macs([k] * len(mlps), search)[0])
+        print(f"macs row {grid[k]}: {sum(table[-1]):.3e}", flush=True)
+    budget_macs = sum(table[start])
+    idx = [start] * len(mlps)
+    kl0 = alloc.kl(idx, search, dense_s)
+    history = [{"round": 0, "kl_search": round(kl0, 5), "rows": [grid[k] for k in idx]}]
+    print(f"start kl {kl0:.5f}", flush=True)
+    n = len(mlps)
+    for r in range(1, args.rounds + 1):
+        gain, cost = [], []
+        for i in range(n):
+            for step, out in ((1, gain), (-1, cost)):
+                k = idx[i] + step
+                if not 0 <= k < len(grid):
+                    continue
+                trial = list(idx)
+                trial[i] = k
+                d_macs = table[k][i] - table[idx[i]][i]
+                if abs(d_macs) < 1e-9:
+                    continue
+                d_kl = alloc.kl(trial, search, dense_s) - kl0
+                out.append(((-d_kl / d_macs) if step == 1 else (d_kl / -d_macs), i, k, d_macs, d_kl))
+        gain.sort(reverse=True)
+        cost.sort()
+        accepted = False
+        for moves in range(min(args.moves, len(gain)), 0, -1):
+            trial, spent, used = list(idx), 0.0, set()
+            for _, i, k, d_macs, _ in gain[:moves]:
+                trial[i], spent = k, spent + d_macs
+                used.add(i)
+            for _, j, k, d_macs, _ in cost:
+                if spent <= 0:
+                    break
+                if j in used:
+                    continue
+                trial[j], spent = k, spent + d_macs
+                used.add(j)
+            if spent > 0 or sum(table[trial[i]][i] for i in range(n)) > budget_macs * 1.002:
+                continue
+            kl = alloc.kl(trial, search, dense_s)
+            if kl < kl0:
+                idx, kl0, accepted = trial, kl, True
+                break
+        history.append({"round": r, "kl_search": round(kl0, 5), "accepted": accepted,
+                        "rows": [grid[k] for k in idx]})
+        print(f"round {r}: kl {kl0:.5f} accepted {accepted}", flush=True)
+        if not accepted:
+            break
+    result = {}
+    for name, rows in (("start", [start] * n), ("greedy", idx)):
+        alloc.set(rows)
+        kl_check = kl_per_token(model, check, dense_c)
+        _, kept = alloc.macs(rows, check)
+        wins, bos = wt2_windows(tok, args.windows)
+        alloc.set(rows)
+        stats_rows = evaluate_windows_at_current(model, wins, bos)
+        result[name] = {"kl_search": history[0]["kl_search"] if name == "start" else round(kl0, 5),
+                        "kl_check": round(kl_check, 5), "mlp_flops_kept_check": round(kept, 4),
+                        "wikitext": stats_rows, "rows": [grid[k] for k in rows]}
+        print(name, result[name], flush=True)
+    write_json({"what": __doc__.splitlines()[0], "sparse": args.sparse, "target": args.target,
+                "search_tokens": sum(w.numel() for w in search), "check_tokens": sum(w.numel() for w in check),
+                "protocol": f"wt2-64k cut to its first {args.windows} windows (start and end only)",
+                "command": "python " + " ".join(sys.argv), "commit": commit,
+                "versions": {"densesparse": __version__, "torch": torch.__version__,
+                             "python": platform.python_version()},
+                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+                "seconds": round(time.time() - started, 1), "history": history, "result": result}, args.out)
+
+
+def evaluate_windows_at_current(model, wins, bos) -> dict:
+    """PPL and MLP FLOPs kept with the layers' dials as they are now (evaluate_windows sets a global budget, so the
+    current per-layer settings are read back and restored by a one-row table)."""
+    mlps = sparse_mlps(model)
+    current = {"target": 0.5, "thresholds": [m.threshold for m in mlps], "down_tau": [m.down_tau for m in mlps],
+               "input_tau": [m.input_tau for m in mlps], "gate_tau": [m.gate_tau for m in mlps],
+               "decide_tau": [m.decide_tau for m in mlps], "expert_frac": [m.expert_frac for m in mlps]}
+    mixes = [m.bias_mix for m in mlps]
+    saved = [m.budget_bias for m in mlps]
+    for m, mix in zip(mlps, mixes):  # one bias row per layer: the bias the current mix gives
+        row = m.bias_now(torch.zeros(1)) if mix is not None else torch.zeros(m.hidden)
+        m.budget_bias = torch.nn.Parameter(row.detach().reshape(1, -1).clone(), requires_grad=False)
+    try:
+        r = evaluate_windows(model, wins, bos, [0.5], [current])["rows"][0]
+    finally:
+        for m, b in zip(mlps, saved):
+            m.budget_bias = b
+    return {"ppl": round(r["ppl"], 4), "mlp_flops_kept": round(r["mlp_flops_kept"], 4)}
+
+
+if __name__ == "__main__":
+    main()
