@@ -33,12 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality import git_commit
+from quality import git_commit, load_conversion, unsampled_windows
 
 from densesparse import __version__
 from densesparse.arch import decoder_layers, resolve_layout
-from densesparse.data import calibration_windows
-from densesparse.io import load, load_tokenizer
 from densesparse.report import write_json
 from densesparse.runtime import apply_budget, sparse_mlps
 
@@ -195,11 +193,8 @@ def main():
     args = ap.parse_args()
     started, commit = time.time(), git_commit()
     gen = torch.Generator().manual_seed(0)
-    model, tok = load(args.sparse, mlp_flops=args.budget), load_tokenizer(args.sparse)
-    spec = model.config.densesparse
-    cal = spec["calibration"]
-    _, _, held = calibration_windows(tok, None, cal["tokens"], cal["seq_len"],
-                                     torch.Generator().manual_seed(spec["seed"]), heldout_tokens=args.tokens)
+    model, tok, spec = load_conversion(args.sparse, args.budget)
+    held = unsampled_windows(tok, spec, args.tokens)
     mlps = sparse_mlps(model)
     xs = [[] for _ in mlps]
     hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: xs[i].append(a[0].reshape(-1, a[0].shape[-1])))

@@ -26,13 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality import git_commit, wt2_windows
+from quality import git_commit, load_conversion, unsampled_windows, wt2_windows
 
 from densesparse import __version__
 from densesparse.budget import kl_per_token, log_probs
-from densesparse.data import calibration_windows
 from densesparse.evaluate import _mlp_macs, evaluate_windows
-from densesparse.io import load, load_tokenizer
 from densesparse.report import write_json
 from densesparse.runtime import LayerStats, apply_budget, sparse_mlps
 
@@ -83,13 +81,9 @@ def main():
     args = ap.parse_args()
     started, commit = time.time(), git_commit()
     torch.set_grad_enabled(False)
-    model, tok = load(args.sparse, mlp_flops=1.0), load_tokenizer(args.sparse)
-    spec = model.config.densesparse
-    cal = spec["calibration"]
-    _, _, held = calibration_windows(tok, None, cal["tokens"], cal["seq_len"],
-                                     torch.Generator().manual_seed(spec["seed"]),
-                                     heldout_tokens=args.search_tokens + args.check_tokens)
-    n_search = max(1, args.search_tokens // cal["seq_len"])
+    model, tok, spec = load_conversion(args.sparse)
+    held = unsampled_windows(tok, spec, args.search_tokens + args.check_tokens)
+    n_search = max(1, args.search_tokens // spec["calibration"]["seq_len"])
     search, check = held[:n_search], held[n_search:]
     mlps = sparse_mlps(model)
     budgets = spec["budgets"]

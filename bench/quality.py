@@ -32,7 +32,7 @@ from densesparse.arch import activation_name, resolve_layout  # noqa: E402
 from densesparse.config import ConvertConfig  # noqa: E402
 from densesparse.data import adds_bos, calibration_windows, tokenize  # noqa: E402
 from densesparse.evaluate import evaluate_windows, nll_sum  # noqa: E402
-from densesparse.io import load, load_dense, read_spec  # noqa: E402
+from densesparse.io import load, load_dense, load_tokenizer, read_spec  # noqa: E402
 from densesparse.pipeline import _intermediate_size, convert  # noqa: E402
 from densesparse.report import plot_curves, write_json  # noqa: E402
 from densesparse.runtime import install, sparse_mlps  # noqa: E402
@@ -68,6 +68,19 @@ def measure(model, mlps, wins, bos):
     total, count = nll_sum(model, wins, bos)
     kept = sum(m.macs_sum / max(m.tokens, 1) for m in mlps) / sum(m.dense_macs() for m in mlps)
     return math.exp(total / count), kept
+
+
+def load_conversion(path: str, mlp_flops: float = 1.0):
+    """A converted directory's model, tokenizer and densesparse spec, for the experiments that read one."""
+    model = load(path, mlp_flops=mlp_flops)
+    return model, load_tokenizer(path), model.config.densesparse
+
+
+def unsampled_windows(tokenizer, spec: dict, tokens: int) -> list[torch.Tensor]:
+    """`tokens` of calibration windows the conversion did not sample (its seed; the far end of its shuffled order)."""
+    cal = spec["calibration"]
+    return calibration_windows(tokenizer, None, cal["tokens"], cal["seq_len"],
+                               torch.Generator().manual_seed(spec["seed"]), heldout_tokens=tokens)[2]
 
 
 def git_commit() -> str:
