@@ -15,6 +15,7 @@ and once at the end, never searched on.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 import time
@@ -30,7 +31,7 @@ from quality import git_commit, load_conversion, unsampled_windows, wt2_windows
 
 from densesparse import __version__
 from densesparse.budget import kl_per_token, log_probs
-from densesparse.evaluate import _mlp_macs, evaluate_windows
+from densesparse.evaluate import _mlp_macs, nll_sum
 from densesparse.report import write_json
 from densesparse.runtime import LayerStats, apply_budget, sparse_mlps
 
@@ -53,19 +54,19 @@ class Allocation:
         self.set(idx)
         return kl_per_token(self.model, wins, dense)
 
-    def macs(self, idx, wins) -> tuple[list[float], float]:
-        """Per-layer multiply-adds per token at idx, and the MLP FLOPs kept."""
+    def counted(self, idx, wins, bos: bool = False) -> tuple[list[float], float, float]:
+        """One pass over wins at idx, counted: per-layer multiply-adds per token, the MLP FLOPs kept and the PPL."""
         self.set(idx)
         stats = [LayerStats(m.n_experts) for m in self.mlps]
         for m, s in zip(self.mlps, stats):
             m.stats = s
-        with torch.no_grad():
-            for w in wins:
-                self.model(input_ids=w[None], use_cache=False)
+        try:
+            total, count = nll_sum(self.model, wins, bos)
+        finally:
+            for m in self.mlps:
+                m.stats = None
         per = [_mlp_macs([m], [s]) for m, s in zip(self.mlps, stats)]
-        for m in self.mlps:
-            m.stats = None
-        return per, sum(per) / _mlp_macs(self.mlps, None)
+        return per, sum(per) / _mlp_macs(self.mlps, None), math.exp(total / count)
 
 
 def main():
@@ -95,7 +96,7 @@ def main():
     dense_c = [log_probs(model, w) for w in check]
     table = []  # table[k][i]: layer i's multiply-adds per token at grid row k (every layer at row k)
     for k in range(len(grid)):
-        table.append(alloc.macs([k] * len(mlps), search)[0])
+        table.append(alloc.counted([k] * len(mlps), search)[0])
         print(f"macs row {grid[k]}: {sum(table[-1]):.3e}", flush=True)
     budget_macs = sum(table[start])
     idx = [start] * len(mlps)
@@ -144,16 +145,15 @@ def main():
         if not accepted:
             break
     result = {}
+    wins, bos = wt2_windows(tok, args.windows)
     for name, rows in (("start", [start] * n), ("greedy", idx)):
-        alloc.set(rows)
-        kl_check = kl_per_token(model, check, dense_c)
-        _, kept = alloc.macs(rows, check)
-        wins, bos = wt2_windows(tok, args.windows)
-        alloc.set(rows)
-        stats_rows = evaluate_windows_at_current(model, wins, bos)
+        kl_check = alloc.kl(rows, check, dense_c)
+        _, kept, _ = alloc.counted(rows, check)
+        _, wt_kept, wt_ppl = alloc.counted(rows, wins, bos)
         result[name] = {"kl_search": history[0]["kl_search"] if name == "start" else round(kl0, 5),
                         "kl_check": round(kl_check, 5), "mlp_flops_kept_check": round(kept, 4),
-                        "wikitext": stats_rows, "rows": [grid[k] for k in rows]}
+                        "wikitext": {"ppl": round(wt_ppl, 4), "mlp_flops_kept": round(wt_kept, 4)},
+                        "rows": [grid[k] for k in rows]}
         print(name, result[name], flush=True)
     write_json({"what": __doc__.splitlines()[0], "sparse": args.sparse, "target": args.target,
                 "search_tokens": sum(w.numel() for w in search), "check_tokens": sum(w.numel() for w in check),
@@ -163,26 +163,6 @@ def main():
                              "python": platform.python_version()},
                 "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
                 "seconds": round(time.time() - started, 1), "history": history, "result": result}, args.out)
-
-
-def evaluate_windows_at_current(model, wins, bos) -> dict:
-    """PPL and MLP FLOPs kept with the layers' dials as they are now (evaluate_windows sets a global budget, so the
-    current per-layer settings are read back and restored by a one-row table)."""
-    mlps = sparse_mlps(model)
-    current = {"target": 0.5, "thresholds": [m.threshold for m in mlps], "down_tau": [m.down_tau for m in mlps],
-               "input_tau": [m.input_tau for m in mlps], "gate_tau": [m.gate_tau for m in mlps],
-               "decide_tau": [m.decide_tau for m in mlps], "expert_frac": [m.expert_frac for m in mlps]}
-    mixes = [m.bias_mix for m in mlps]
-    saved = [m.budget_bias for m in mlps]
-    for m, mix in zip(mlps, mixes):  # one bias row per layer: the bias the current mix gives
-        row = m.bias_now(torch.zeros(1)) if mix is not None else torch.zeros(m.hidden)
-        m.budget_bias = torch.nn.Parameter(row.detach().reshape(1, -1).clone(), requires_grad=False)
-    try:
-        r = evaluate_windows(model, wins, bos, [0.5], [current])["rows"][0]
-    finally:
-        for m, b in zip(mlps, saved):
-            m.budget_bias = b
-    return {"ppl": round(r["ppl"], 4), "mlp_flops_kept": round(r["mlp_flops_kept"], 4)}
 
 
 if __name__ == "__main__":

@@ -26,13 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality import git_commit, wt2_windows
+from quality import git_commit, load_conversion, wt2_windows
 
 from densesparse import __version__
 from densesparse.budget import shrunk_mean
 from densesparse.data import calibration_windows
 from densesparse.evaluate import evaluate_windows
-from densesparse.io import load, load_tokenizer
 from densesparse.report import write_json
 from densesparse.runtime import DIALS, apply_budget, sparse_mlps
 
@@ -76,8 +75,7 @@ def main():
     args = ap.parse_args()
     started, commit = time.time(), git_commit()
     torch.set_grad_enabled(False)
-    model, tok = load(args.sparse, mlp_flops=1.0), load_tokenizer(args.sparse)
-    spec = model.config.densesparse
+    model, tok, spec = load_conversion(args.sparse)
     mlps = sparse_mlps(model)
     cal = spec["calibration"]
     batches, _, _ = calibration_windows(tok, None, cal["tokens"], cal["seq_len"],
