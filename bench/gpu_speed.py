@@ -793,7 +793,7 @@ def decide_trials(e=8, shape="llama3-8b", Ts=(1, 2), input_q=0.3, decide_qs=(0.5
             score = g_dec.abs() * gs.float()
             gate_tau = float(torch.quantile(score.flatten(), 1 - up_kept))
             keep = score >= gate_tau
-            crit = (g * (xd @ wu.float().t())).abs() * norms
+            crit = (g_dec * (xd @ wu.float().t())).abs() * norms  # the down skip judges both partial sums
             down_tau = float(torch.quantile(crit[keep], 1 - down_kept / up_kept))
             variants.append((q, dec, gate_tau, (down_tau / norms.clamp_min(1e-12)).float()))
 

@@ -113,7 +113,7 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
         options = [(x_tau, g, u, n_in)] + [(decide_taus[q], *partial[q]) for q in decide_qs if q > x_q + 0.05]
         for dec_tau, g_dec, u_dec, n_dec in options:
             gate_score = None if g is None else g_dec.abs() * mlp.gate_scale.float()
-            down_score = (u_dec if g is None else g * u_dec).abs() * norms
+            down_score = (u_dec if g is None else g_dec * u_dec).abs() * norms
             cache[(x_tau, dec_tau)] = (h, gate_score, down_score)
             screened += _screen(n, d, n_in, n_dec, contrib, gate_score, down_score, born, rows, router,
                                 input_err + dropped_err, recall, masses, x_tau, dec_tau, down_skip)
@@ -157,14 +157,15 @@ def _screen(n, d, n_in, n_dec, contrib, gate_score, down_score, born, rows, rout
         cum = binned.view(len(masses), buckets, 4).cumsum(0).transpose(1, 2).cumsum(2) / n  # [mass, 4, bucket]
         kept = cum[:, :, -1:] - cum[:, :, :1]  # what the gate dial keeps (every bucket but 0), per token
         after = cum[:, :, -1:] - cum[:, :, 1:-1]  # what down tau i keeps (buckets > i + 1)
+        down_on = torch.tensor(taus, dtype=torch.float64) > 0
         if gate_score is None:
             gate_cells = torch.zeros(len(masses), 1, dtype=torch.float64)
-        elif g_tau > 0:
-            gate_cells = (rows * n_dec).mean(1, keepdim=True) + kept[:, 2]
         else:
-            gate_cells = (rows * n_in).mean(1, keepdim=True)
-        up_cells = torch.where(torch.tensor(taus, dtype=torch.float64) > 0, kept[:, 1] + after[:, 2],
-                               kept[:, 1] + kept[:, 2])
+            # gate rows are completed for the neurons the last dial keeps (the down skip judges the partial gate)
+            decided = (rows * n_dec).mean(1, keepdim=True)
+            dial = decided + kept[:, 2] if g_tau > 0 else (rows * n_in).mean(1, keepdim=True)
+            gate_cells = torch.where(down_on, decided + after[:, 2], dial)
+        up_cells = torch.where(down_on, kept[:, 1] + after[:, 2], kept[:, 1] + kept[:, 2])
         macs = mlp_macs_sparse(d, gate_cells, up_cells, after[:, 0], router[:, None])
         err = base_err[:, None] + cum[:, 3, 1:-1]
         for a, t in enumerate(masses):

@@ -262,13 +262,13 @@ def _gate_keep(sel, a, g_dec, gs, gate_tau, HAS_DEC: tl.constexpr, ACT: tl.const
 
 
 @triton.jit
-def _down_keep(keep, h, a, u_dec, tau, GATED: tl.constexpr, HAS_DEC: tl.constexpr, ACT: tl.constexpr):
-    """The down skip: the kept neurons whose |h| reaches tau; deciding early, h is taken with the partial up u_dec
-    (bias included): a * u_dec, or act(u_dec) in an FFN without a gate."""
+def _down_keep(keep, h, g_dec, u_dec, tau, GATED: tl.constexpr, HAS_DEC: tl.constexpr, ACT: tl.constexpr):
+    """The down skip: the kept neurons whose |h| reaches tau; deciding early, h is taken from the partial sums
+    g_dec and u_dec (biases included): act(g_dec) * u_dec, or act(u_dec) in an FFN without a gate."""
     crit = h
     if HAS_DEC:
         if GATED:
-            crit = a * u_dec
+            crit = _act(g_dec, ACT) * u_dec
         else:
             crit = _act(u_dec, ACT)
     return keep & (tl.abs(crit) >= tau)
@@ -340,15 +340,15 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
                 if GATED:
                     wg = tl.load(wg_ptr + row[:, None] + k[None, :], mask=wm, other=0.0)
                     acc_g += tl.dot(xv, tl.trans(wg))
-                    if HAS_DEC and GATE_DIAL:
+                    if HAS_DEC:
                         dec_g += tl.dot(x_dec, tl.trans(wg))
             if GATED:
                 if HAS_BG:
                     acc_g += bg
+                    if HAS_DEC:
+                        dec_g += bg
                 a = _act(acc_g, ACT)
                 if GATE_DIAL:
-                    if HAS_DEC and HAS_BG:
-                        dec_g += bg
                     gs = tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32)
                     keep_u = _gate_keep(sel, a, dec_g, gs[None, :], gate_tau, HAS_DEC, ACT)
         if HAS_BU:
@@ -363,7 +363,7 @@ def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_p
             tau = tl.load(tau_ptr + n, mask=nmask, other=0.0).to(tl.float32)
             if HAS_DEC and HAS_BU:
                 dec_u += bu
-            keep = _down_keep(keep, h, a if GATED else h, dec_u, tau[None, :], GATED, HAS_DEC, ACT)
+            keep = _down_keep(keep, h, dec_g, dec_u, tau[None, :], GATED, HAS_DEC, ACT)
         h = tl.where(keep, h, 0.0)
     tl.store(h_ptr + offs_t[:, None] * m + col[None, :], h, mask=tok_ok[:, None] & nmask[None, :])
     if COUNT:
@@ -497,12 +497,12 @@ def _mask_act_kernel(g_ptr, u_ptr, gd_ptr, ud_ptr, bg_ptr, bu_ptr, mask_ptr, tau
             bg = tl.load(bg_ptr + n, mask=nmask, other=0.0).to(tl.float32)
             g += bg
         a = _act(g, ACT)
+        g_dec = g
+        if HAS_DEC:
+            g_dec = tl.load(gd_ptr + t * m + n, mask=sel, other=0.0).to(tl.float32)
+            if HAS_BG:
+                g_dec += bg
         if GATE_DIAL:
-            g_dec = g
-            if HAS_DEC:
-                g_dec = tl.load(gd_ptr + t * m + n, mask=sel, other=0.0).to(tl.float32)
-                if HAS_BG:
-                    g_dec += bg
             gs = tl.load(gs_ptr + n, mask=nmask, other=0.0).to(tl.float32)
             keep_u = _gate_keep(sel, a, g_dec, gs, gate_tau, HAS_DEC, ACT)
         h = a * u
@@ -516,7 +516,7 @@ def _mask_act_kernel(g_ptr, u_ptr, gd_ptr, ud_ptr, bg_ptr, bu_ptr, mask_ptr, tau
             u_dec = tl.load(ud_ptr + t * m + n, mask=sel, other=0.0).to(tl.float32)
             if HAS_BU:
                 u_dec += bu
-        keep = _down_keep(keep, h, a if GATED else h, u_dec, tau, GATED, HAS_DEC, ACT)
+        keep = _down_keep(keep, h, g_dec if GATED else h, u_dec, tau, GATED, HAS_DEC, ACT)
     h = tl.where(keep, h, 0.0)
     tl.store(h_ptr + t * m + n, h.to(h_ptr.dtype.element_ty), mask=nmask)
     if COUNT:
@@ -1114,8 +1114,8 @@ def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional
     g_dec = u_dec = None
     if decide_tau > 0:
         x_dec = x * (x.abs() >= decide_tau)
-        # the partial sums each dial judges (the gate dial: gate; tau: up)
-        g_dec = None if w_gate is None or gate_scale is None or gate_tau <= 0 else x_dec @ w_gate.t()
+        # the partial sums the dials judge (the gate dial: gate; the down skip: gate and up)
+        g_dec = None if w_gate is None else x_dec @ w_gate.t()
         u_dec = None if tau is None else x_dec @ w_up.t()
     head = (g, u, g_dec, u_dec, b_gate, b_up, mask, tau, gate_scale, float(gate_tau))
     tail = (p["e"], p["n_shared"], act)

@@ -340,8 +340,9 @@ class SparseMLP(nn.Module):
         gate, up = rows * n_in, up_rows * n_in
         n_dec = (x2.abs() >= self.decide_tau).sum(1) if self.deciding else n_in
         if self.deciding:
-            if self.gate_tau > 0:
-                gate = rows * n_dec + up_rows * (n_in - n_dec)
+            # a gate row is completed only for the neurons the last dial keeps: the down skip judges the partial
+            # gate too
+            gate = rows * n_dec + (n_down if self.down_tau > 0 else up_rows) * (n_in - n_dec)
             if self.down_tau > 0:
                 up = up_rows * n_dec + n_down * (n_in - n_dec)
         self.stats.update(n_sel, gate, up, n_down, self.threshold < 1.0, up_rows, n_in, n_dec)
@@ -358,7 +359,7 @@ class SparseMLP(nn.Module):
             up_rows = keep.sum(1)
         h = u if g is None else g * u
         if self.down_tau > 0:
-            h_dec = u_dec if g is None else g * u_dec
+            h_dec = u_dec if g is None else g_dec * u_dec
             keep = keep & (h_dec.abs() * self.down_norms().to(h.dtype) >= self.down_tau)
         if self.stats is not None:
             self._record(x2, expert_mask, keep.sum(1), up_rows)

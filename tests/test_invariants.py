@@ -260,6 +260,28 @@ def test_counted_flops_follow_the_real_masks():
 
 
 @torch.no_grad()
+def test_early_down_skip_judges_partial_sums_and_completes_only_kept_rows():
+    """Deciding early, the down skip keeps a neuron by |act(partial gate) * partial up| * ||down row||, and only the
+    neurons it keeps pay for completing their gate and up rows beyond the decision channels."""
+    model = tiny_model("LlamaForCausalLM")
+    mlp = install(model, _spec(model))[0]
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(4))
+    dec = x.abs() >= x.abs().median()
+    g, u = mlp.gate_and_up(x)
+    g_dec, u_dec = mlp.gate_and_up(x * dec)
+    crit = (g_dec * u_dec).abs() * mlp.down_norms()
+    mlp.decide_tau, mlp.down_tau = float(x.abs().median()), float(crit.median())
+    keep = crit >= mlp.down_tau
+    assert (keep != ((g * u_dec).abs() * mlp.down_norms() >= mlp.down_tau)).any(), "the partial gate changed nothing"
+    mlp.stats = LayerStats(mlp.n_experts)
+    y = mlp(x)
+    assert torch.allclose(y, mlp.down(g * u * keep), atol=1e-6)
+    n_dec, n_kept, m = dec.sum(1), keep.sum(1), mlp.intermediate
+    assert mlp.stats.gate_cells == mlp.stats.up_cells == int((m * n_dec + n_kept * (32 - n_dec)).sum())
+    mlp.stats = None
+
+
+@torch.no_grad()
 def test_budget_points_are_the_layers_real_cost_and_error():
     """Every (MACs, error) point the allocator trades is what the layer really costs and really errs with those
     dials: MACs as the runtime counts them, error = mean squared distance of the output from the dense output."""

@@ -66,7 +66,7 @@ def ref_route(x, r_w1, r_b1, r_w2, r_b2, t):
 def ref_mlp(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, mask, tau, e, n_shared, act, gate_scale=None,
             gate_tau=0.0, counts=False, decide_tau=0.0):
     """counts=True: also the per-token (up rows computed, neurons kept for down) [2, T] the kernels report.
-    decide_tau > 0: the gate dial and tau judge gate / up summed over the channels with |x| >= decide_tau only."""
+    decide_tau > 0: the gate dial and tau judge gate and up summed over the channels with |x| >= decide_tau only."""
     def gate_up(xs):
         x64 = xs.double()
         u = x64 @ w_up.double().T + (0 if b_up is None else b_up.double())
@@ -77,7 +77,7 @@ def ref_mlp(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, mask, tau, e, n_sha
     g_dec, u_dec = gate_up(x * (x.abs() >= decide_tau)) if decide_tau > 0 else (g, u)
     if w_gate is not None:
         h = ref_act(g, act) * u
-        h_dec = ref_act(g, act) * u_dec
+        h_dec = ref_act(g_dec, act) * u_dec
     else:
         h = ref_act(u, act)
         h_dec = ref_act(u_dec, act)
@@ -423,6 +423,11 @@ def test_early_decisions_match_reference(gated, act, T, path, two_phase, compact
                             decide_tau=dec_tau, **kw)
             y_g = K.sparse_mlp(x, packed, *args[:4], None, act, path=path, input_tau=in_tau, decide_tau=dec_tau, **kw)
             assert rel_err(y_g, ref_g) < 1e-2, (biases, rel_err(y_g, ref_g))
+            # tau alone deciding early (no gate dial): it judges act(partial gate) * partial up
+            ref_t = ref_mlp(x_in, L["w_gate"], L["w_up"], L["w_down_t"], *args[:5], e, n_shared, act,
+                            decide_tau=dec_tau)
+            y_t = K.sparse_mlp(x, packed, *args, path=path, input_tau=in_tau, decide_tau=dec_tau)
+            assert rel_err(y_t, ref_t) < 1e-2, (biases, rel_err(y_t, ref_t))
 
 
 @pytest.mark.parametrize("T", [3, 5, 24])
