@@ -1574,13 +1574,13 @@ def _dial_case(L, gss, dn, gen, f, T, e):
     masks = [K.route(x, *L.router[c], thrs[c]) if routed else torch.ones(T, L.m // e, dtype=torch.bool, device=DEV)
              for c in range(L.nc)]
     wg, wu, _ = L.dense[0]
-    g = torch.nn.functional.silu(xi.float() @ wg.float().t())
     sel = masks[0].repeat_interleave(e, dim=1)
-    score = torch.nn.functional.silu(xd.float() @ wg.float().t()).abs() * gss[0].float()
+    a_dec = torch.nn.functional.silu(xd.float() @ wg.float().t())  # = g where the layer does not decide early
+    score = a_dec.abs() * gss[0].float()
     keep_up = min(1.0, f["up_rows"] / max(f["gate_rows"], 1e-9))
     gate_tau = torch.quantile(score[sel], 1 - keep_up).item() if keep_up < 0.999 else 0.0
     kept = sel & (score >= gate_tau)
-    hs = (g * (xd.float() @ wu.float().t())).abs() * dn[0]
+    hs = (a_dec * (xd.float() @ wu.float().t())).abs() * dn[0]  # the down skip judges both partial sums
     keep_dn = min(1.0, f["down"] / max(f["up_rows"], 1e-9))
     down_tau = torch.quantile(hs[kept], 1 - keep_dn).item() if keep_dn < 0.999 and kept.any() else 0.0
     return x, tin, routed, thrs, masks, gate_tau, down_tau, tdec if (gate_tau > 0 or down_tau > 0) else 0.0
