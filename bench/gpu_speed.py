@@ -30,6 +30,7 @@ Sections (each a function; main() strings them together, so a section can be add
                        and 2048-token prefill, dense vs sparse at ~50% / ~25% kept MLP FLOPs; --compile B,..:
                        the same decode step with the model torch.compile'd (decode_compiled)
   profile_layer()      (--profile-layer) per-kernel device times of a batch-1 layer (router + MLP) vs its graph time
+  routed_trials()      (--routed-trials) the selection in the gate/up tiles vs the select kernel's mask, side by side
 All times: CUDA-graph replays (each graph runs the op over several weight copies so L2 does not flatter),
 CUDA events, median of repeated replays, per call in microseconds.
 """
@@ -301,13 +302,21 @@ def bench_mlp(shapes, expert_sizes, kepts, batches, copy_gbps):
                 x = xs[T]
                 router_us = time_router(L, x)
                 for kept in kepts:
-                    mask = random_mask(T, n_e, kept, gen)
+                    decode = T <= K.DECODE_MAX_T
+                    # decode calls: each copy's router threshold bisected to `kept` (the routed selection needs
+                    # the router's own decisions); larger calls: a random mask of `kept`, the router timed too
+                    thrs = copy_thresholds(L, x, kept) if decode else None
+                    mask = K.route(x, *L.router[0], thrs[0]) if decode else random_mask(T, n_e, kept, gen)
                     union = mask.any(0).float().mean().item()
                     # SparseMLP's rule (runtime.COMPACT_BELOW): a one-token call of a layer whose measured expert
                     # fraction (here the mask's: union at T=1) is <= COMPACT_BELOW takes the compacted kernels
                     compact = T == 1 and union <= COMPACT_BELOW
-                    tri = time_sparse(L, x, mask, "triton", compact=True if compact else None) if T <= 16 else None
-                    tri_old = time_sparse(L, x, mask, "triton", compact=False) if compact else None
+                    if decode:  # what SparseMLP runs (layer_step), and the non-compacted path where it compacts
+                        tri = time_graph(lambda i: layer_step(L, x, thrs, compact, i), 2 * L.nc)
+                        tri_old = time_graph(lambda i: layer_step(L, x, thrs, False, i), 2 * L.nc) if compact else None
+                    else:
+                        tri = time_sparse(L, x, mask, "triton") if T <= 16 else None
+                        tri_old = None
                     dm = time_sparse(L, x, mask, "dense")
                     if T > DENSE_ABOVE:
                         auto, how = dispatch_cache[T], "dense-dispatch"
@@ -689,13 +698,72 @@ def select_trials(e=8, shape="llama3-8b", kept=0.5,
     return {"shape": shape, "expert_size": e, "batch": 1, "target": kept, "rows": rows}
 
 
-def layer_step(L, x, thr, compact, i, mlp=True):
-    """What SparseMLP runs for a batch-1 call on weight copy i: the router, then (mlp) the Triton MLP."""
-    mk = K.route(x, *L.router[i % L.nc], thr)
+def layer_step(L, x, thr, compact, i, mlp=True, routed=None):
+    """What SparseMLP runs for a decode call on weight copy i (thr: a float, or one per copy): where
+    kernels.routed_select_ok allows it (routed None) or routed=True, the router's logits and the Triton MLP whose
+    gate/up tiles select; else (routed=False) the router with its select kernel, then the MLP on that mask.
+    mlp=False: the router part alone."""
+    c = i % L.nc
+    t = thr[c] if isinstance(thr, (list, tuple)) else thr
+    if routed is None:
+        routed = K.routed_select_ok(x.shape[0], compact)
+    if routed:
+        lg = K.route_logits(x, *L.router[c])
+        if not mlp:
+            return lg
+        return K.sparse_mlp(x, L.packed[c], None, None, None, None, None, "silu", path="triton", compact=False,
+                            logits=lg, threshold=t)
+    mk = K.route(x, *L.router[c], t)
     if mlp:
-        return K.sparse_mlp(x, L.packed[i % L.nc], None, None, None, mk, None, "silu", path="triton",
-                            compact=compact)
+        return K.sparse_mlp(x, L.packed[c], None, None, None, mk, None, "silu", path="triton", compact=compact)
     return mk
+
+
+def copy_thresholds(L, x, kept, steps=14):
+    """Per weight copy: the router threshold at which it selects `kept` of the experts on x (bisected)."""
+    return [bisect_threshold(copy_frac(L, c, x), kept, steps=steps) for c in range(L.nc)]
+
+
+def routed_trials(es=(8, 32), kepts=(0.5, 0.25), Ts=(1, 2), shape="llama3-8b"):
+    """The selection in the gate/up tiles (route_logits + sparse_mlp(logits=)) against route() + sparse_mlp(mask),
+    side by side in interleaved graphs: a decode layer (router + MLP) with every copy's router threshold bisected
+    to `kept` of the experts; at T=1 also the compacted path (route() + compacted kernels: what SparseMLP takes for
+    layers calibrated to <= COMPACT_BELOW of the experts), dense, the pre-sliced ideal, and each router part
+    alone. Outputs of the two selections compared on every copy (equal: bit for bit). Per-kernel device times of
+    the routed call at T=1 (kernels_us)."""
+    L = Layer(shape)
+    gen = torch.Generator(device=DEV).manual_seed(23)
+    rows = []
+    for e in es:
+        L.pack_for(e)
+        for T in Ts:
+            x = torch.randn(T, L.d, device=DEV, dtype=DT, generator=gen)
+            for kept in kepts:
+                thrs = copy_thresholds(L, x, kept)
+                variants = {
+                    "routed": lambda i: layer_step(L, x, thrs, False, i, routed=True),
+                    "mask": lambda i: layer_step(L, x, thrs, False, i, routed=False),
+                    "logits_only": lambda i: layer_step(L, x, thrs, False, i, mlp=False, routed=True),
+                    "route_only": lambda i: layer_step(L, x, thrs, False, i, mlp=False, routed=False),
+                    "dense": lambda i: dense_mlp(x, *L.dense[i % L.nc]),
+                }
+                if T == 1:
+                    variants["compact"] = lambda i: layer_step(L, x, thrs, True, i, routed=False)
+                us = dict(zip(variants, time_graphs(list(variants.values()), 2 * L.nc)))
+                same = [torch.equal(layer_step(L, x, thrs, False, c, routed=True),
+                                    layer_step(L, x, thrs, False, c, routed=False)) for c in range(L.nc)]
+                row = {"shape": shape, "expert_size": e, "batch": T, "target": kept,
+                       "experts_kept": round(sum(copy_frac(L, c, x)(thrs[c]) for c in range(L.nc)) / L.nc, 4),
+                       "ideal_us": round(time_ideal(L, x, kept), 2),
+                       **{f"{k}_us": round(v, 2) for k, v in us.items()},
+                       "outputs_equal": sum(same), "copies": L.nc}
+                if T == 1 and kept == kepts[0]:
+                    row["kernels_us"] = kernel_times(lambda i: layer_step(L, x, thrs, False, i, routed=True))
+                rows.append(row)
+                print(f"routed_trials {row}", flush=True)
+    del L
+    torch.cuda.empty_cache()
+    return rows
 
 
 def profile_layer(cases=((0.5, False), (0.25, True)), e=8, shape="llama3-8b", n=20):
@@ -1811,6 +1879,9 @@ def main(argv=None):
     ap.add_argument("--decide-cfgs", default="{}",
                     help="JSON list of kernel CONFIG overrides the deciding variants of --decide-trials are also "
                          "timed with, e.g. '[{}, {\"gd_BN\": 32}]'")
+    ap.add_argument("--routed-trials", action="store_true",
+                    help="routed_trials() alone (selection in the gate/up tiles vs the select kernel's mask) into a "
+                         "new record")
     ap.add_argument("--dial-mix", default=None,
                     help="a bench/dial_mix.py record: bench_dial_mix alone into a new record at --out")
     a = ap.parse_args(argv)
@@ -1850,6 +1921,16 @@ def main(argv=None):
         print(json.dumps(res["compact_crossover"]["summary"], indent=1))
         return
 
+    if a.routed_trials:
+        t0 = time.time()
+        res = {**run_info(a.note), "config": dict(K.CONFIG), "routed_trials": routed_trials()}
+        res["wall_s"] = round(time.time() - t0, 1)
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        for r in res["routed_trials"]:
+            print({k: v for k, v in r.items() if k != "kernels_us"})
+        return
     if a.decide_trials:
         cfgs = json.loads(a.decide_cfgs)
         res = {**run_info(a.note), "config": dict(K.CONFIG),

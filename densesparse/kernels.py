@@ -58,8 +58,8 @@ Tensor = torch.Tensor
 _ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 
 # What this version takes beyond the first API, for runtime.py (copied into every saved model directory, so it may
-# meet older kernels): sparse_mlp(input_tau=), sparse_mlp(decide_tau=).
-FEATURES = frozenset({"input_tau", "decide_tau"})
+# meet older kernels): sparse_mlp(input_tau=), sparse_mlp(decide_tau=), route_logits() + sparse_mlp(logits=).
+FEATURES = frozenset({"input_tau", "decide_tau", "routed_select"})
 
 # Largest token count that takes the Triton decode kernels (they accept up to 16). Above it the union of the
 # tokens' experts is nearly everything and cuBLAS over all rows is faster (see bench/GPU_NOTES.md).
@@ -83,6 +83,9 @@ CONFIG = {
     #     slower on the H100 (run 7: 16.1 vs 11.1 us at T=1, 49.8 vs 20.2 at T=16: the barriers cost more than
     #     the launches they save).
     "router": os.environ.get("DS_ROUTER", "three"),
+    # SparseMLP's decode calls (not counting, not compacted): R1 and R2 only, the gate/up tiles apply the XMoE rule
+    # to the logits themselves (routed_select_ok; env DS_ROUTED_SELECT=0 opts out): the select launch is gone.
+    "routed_select": os.environ.get("DS_ROUTED_SELECT", "1") == "1",
     # Decode down kernel: per-program partials summed in a fixed order by the last program (bit-identical calls)
     # instead of fp32 atomics (DS_DOWN_DET=0 opts out). On: same speed on the H100 (run B, e=8 router + MLP, T=1:
     # 89.7 vs 90.1 us at kept 0.5, 75.9 vs 75.3 at 0.25), and the atomics' last-bit noise was what made two equal
@@ -163,8 +166,31 @@ def _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e):
 
 
 @triton.jit
+def _routed_selection(s_ptr, thr, offs_t, n, T, m, e, n_shared, n_e, ALL: tl.constexpr, BJ: tl.constexpr,
+                      SBK: tl.constexpr):
+    """[BT, BN] bool as _selection, with the XMoE rule decided here from the router logits s [T, n_e] (fp32) for
+    the at most BJ experts this tile's neurons belong to (_pairwise_keep, the select kernel's rule): no select
+    launch, no mask written or read."""
+    b = n // e
+    ex = b - n_shared
+    valid_n = n < m
+    routed = valid_n & (ex >= 0)
+    offs_j = tl.min(tl.where(routed, ex, n_e), axis=0) + tl.arange(0, BJ)
+    jmask = offs_j < n_e
+    sel = (offs_t[:, None] < 0) & routed[None, :]  # all False, [BT, BN]
+    for t in range(T):
+        keep = _pairwise_keep(s_ptr + t * n_e, offs_j, jmask, n_e, thr, ALL, BJ, SBK, "")
+        hit = (ex[:, None] == offs_j[None, :]) & keep[None, :]
+        mine = tl.max(hit.to(tl.int32), axis=1) > 0  # [BN]: the bit of each neuron's expert
+        sel = sel | ((offs_t[:, None] == t) & mine[None, :])
+    shared = (b < n_shared) & valid_n
+    return sel | ((offs_t < T)[:, None] & shared[None, :])
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
-                    blk_ptr, T, d, m, e, n_shared, n_e, in_tau, dec_tau,
+                    blk_ptr, T, d, m, e, n_shared, n_e, in_tau, dec_tau, thr,
+                    ROUTED: tl.constexpr, ALL: tl.constexpr, BJ: tl.constexpr, SBK: tl.constexpr,
                     GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
                     GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr, COMPACT: tl.constexpr,
                     FUSED: tl.constexpr, MT: tl.constexpr, CBLK: tl.constexpr,
@@ -182,7 +208,8 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
     the list). Else program p takes neurons [p*BN, (p+1)*BN) and h is in neuron order (tiles with no selected row
     store zeros). HAS_IN: x is cut as it is loaded (|x| < in_tau -> 0, input skip). HAS_DEC: early decisions, the
     gate dial and tau judge partial sums over the channels with |x| >= dec_tau (second accumulators on the same
-    loads); the kept neurons' values are the full sums."""
+    loads); the kept neurons' values are the full sums. ROUTED: mask_ptr holds the router's logits [T, n_e] (fp32)
+    and each tile decides its own experts' selection at threshold thr (_routed_selection; not with COMPACT)."""
     pid = tl.program_id(0)
     offs_t = tl.arange(0, BT)
     tok_ok = offs_t < T
@@ -201,7 +228,7 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
         col = n
     if pid * BN < R:
         _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
-                      n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau, dec_tau,
+                      n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau, dec_tau, thr, ROUTED, ALL, BJ, SBK,
                       GATED, HAS_BG, HAS_BU, HAS_TAU, GATE_DIAL, TWO_PHASE, COUNT, HAS_IN, HAS_DEC, ACT, BT, BN, BK)
 
 
@@ -276,13 +303,17 @@ def _down_keep(keep, h, g_dec, u_dec, tau, GATED: tl.constexpr, HAS_DEC: tl.cons
 
 @triton.jit
 def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
-                  n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau, dec_tau,
+                  n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau, dec_tau, thr,
+                  ROUTED: tl.constexpr, ALL: tl.constexpr, BJ: tl.constexpr, SBK: tl.constexpr,
                   GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
                   GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr,
                   HAS_IN: tl.constexpr, HAS_DEC: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr):
     """One tile of BN neurons n (n == m: no row); h goes to columns col of h_ptr [T, m]."""
-    sel = _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e)
+    if ROUTED:
+        sel = _routed_selection(mask_ptr, thr, offs_t, n, T, m, e, n_shared, n_e, ALL, BJ, SBK)
+    else:
+        sel = _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e)
     row_any = tl.max(sel.to(tl.int32), axis=0) > 0
     nmask = n < m
     h = tl.zeros([BT, BN], dtype=tl.float32)  # tiles with no selected row store zeros (the down kernel reads h)
@@ -615,24 +646,21 @@ def _r2_big_kernel(h1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e,
 
 
 @triton.jit
-def _select_block(s_ptr, out_ptr, t, jb, n_e, thr, ALL: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
-                  CACHE: tl.constexpr):
-    """XMoE rule on softmax(logits[t]) for the experts j of block jb: keep j iff the mass of the experts with larger
-    p is < thr.
+def _pairwise_keep(row, offs_j, jmask, n_e, thr, ALL: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+                   CACHE: tl.constexpr):
+    """XMoE rule on softmax(row[0:n_e]) for the experts offs_j: keep j iff the mass of the experts with larger p is
+    < thr.
 
     Sort-free and exact: q = exp(s - max) (monotone in p); sums, over all k, q_k where q_k > q_j (pairwise,
     accumulated elementwise, one reduction at the end); keep j iff that mass < thr * sum(q). Ties: experts with
     equal p do not count as ranked before each other. CACHE ".cg": logits written by other programs of the same
     launch are read from L2."""
-    row = s_ptr + t * n_e
     offs_k = tl.arange(0, BK)
     mx = tl.full([BK], float("-inf"), tl.float32)
     for c in range(0, n_e, BK):
         v = tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf"), cache_modifier=CACHE)
         mx = tl.maximum(mx, v)
     smax = tl.max(mx, axis=0)
-    offs_j = jb * BJ + tl.arange(0, BJ)
-    jmask = offs_j < n_e
     qj = tl.exp(tl.load(row + offs_j, mask=jmask, other=float("-inf"), cache_modifier=CACHE) - smax)
     zacc = tl.zeros([BK], dtype=tl.float32)
     macc = tl.zeros([BJ, BK], dtype=tl.float32)
@@ -645,8 +673,17 @@ def _select_block(s_ptr, out_ptr, t, jb, n_e, thr, ALL: tl.constexpr, BJ: tl.con
     if ALL:
         keep = jmask
     else:
-        mass = tl.sum(macc, axis=1)
-        keep = mass < thr * tl.sum(zacc, axis=0)
+        keep = jmask & (tl.sum(macc, axis=1) < thr * tl.sum(zacc, axis=0))
+    return keep
+
+
+@triton.jit
+def _select_block(s_ptr, out_ptr, t, jb, n_e, thr, ALL: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+                  CACHE: tl.constexpr):
+    """_pairwise_keep for the experts of block jb of token t, stored as mask bits."""
+    offs_j = jb * BJ + tl.arange(0, BJ)
+    jmask = offs_j < n_e
+    keep = _pairwise_keep(s_ptr + t * n_e, offs_j, jmask, n_e, thr, ALL, BJ, BK, CACHE)
     tl.store(out_ptr + t * n_e + offs_j, keep.to(tl.uint8), mask=jmask)
 
 
@@ -790,6 +827,41 @@ def _router_bar(dev):
 # ----------------------------------------------------------------------------------------------------------------
 # Host wrappers (raw, not registered)
 # ----------------------------------------------------------------------------------------------------------------
+def _r1_slices(d: int) -> tuple[int, int, int]:
+    """R1's split of d: (slices, slice length, K step)."""
+    bk = 128
+    klen = triton.cdiv(triton.cdiv(d, CONFIG["r1_SPLIT"]), bk) * bk
+    return triton.cdiv(d, klen), klen, bk
+
+
+def _r1_launch(x, w1, part, klen, bk):
+    T, d = x.shape
+    r = w1.shape[0]
+    _r1_kernel[(triton.cdiv(r, CONFIG["r1_BR"]), part.shape[0])](x, w1, part, T, d, r, klen,
+                                                                BT=_BT, BR=CONFIG["r1_BR"], BK=bk, num_warps=4)
+
+
+def _logits_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r_b2: Optional[Tensor]) -> Tensor:
+    """The router's logits [T, n_e] fp32 at T <= 16: R1, then R2 (the three-launch router's first two launches)."""
+    x = x.contiguous()
+    T, d = x.shape
+    if T > _BT:
+        raise ValueError(f"router logits: at most {_BT} tokens")
+    r = r_w1.shape[0]
+    n_e = r_w2.shape[0]
+    split, klen, bk = _r1_slices(d)
+    part = torch.empty((split, T, r), device=x.device, dtype=torch.float32)
+    logits = torch.empty((T, n_e), device=x.device, dtype=torch.float32)
+    _r1_launch(x, r_w1.contiguous().to(x.dtype), part, klen, bk)
+    be = CONFIG["r2_BE"]
+    rp = max(16, triton.next_power_of_2(r))
+    _r2_kernel[(triton.cdiv(n_e, be), T)](
+        part, r_b1 if r_b1 is not None else part, r_w2.contiguous(), r_b2 if r_b2 is not None else part,
+        logits, T, r, n_e, split, HAS_B1=r_b1 is not None, HAS_B2=r_b2 is not None,
+        BE=be, RP=rp, SP=triton.next_power_of_2(split), num_warps=4 if be * rp >= 4096 else 2)
+    return logits
+
+
 def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r_b2: Optional[Tensor],
                 threshold: float) -> Tensor:
     x = x.contiguous()
@@ -799,31 +871,28 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
     dev = x.device
     w2 = r_w2.contiguous()
     rp = max(16, triton.next_power_of_2(r))
-    logits = torch.empty((T, n_e), device=dev, dtype=torch.float32)
-    if T <= _BT:
+    mode = CONFIG["router"]
+    if mode not in ("three", "r2sel", "persistent"):
+        raise ValueError(f"CONFIG['router'] = {mode!r}: use 'three', 'r2sel' or 'persistent'")
+    if mode == "r2sel" and n_e > _BISECT_MAX:
+        mode = "three"
+    bar, n_sm = _router_bar(x.device) if T <= _BT and mode != "three" else (None, 0)
+    if T <= _BT and bar is None:
+        logits = _logits_impl(x, r_w1, r_b1, r_w2, r_b2)
+    elif T <= _BT:
         cfg = CONFIG
-        split = cfg["r1_SPLIT"]
-        bk = 128
-        klen = triton.cdiv(triton.cdiv(d, split), bk) * bk
-        split = triton.cdiv(d, klen)
+        split, klen, bk = _r1_slices(d)
         part = torch.empty((split, T, r), device=dev, dtype=torch.float32)
-        w1 = r_w1.contiguous()
-        if w1.dtype != x.dtype:
-            w1 = w1.to(x.dtype)
+        logits = torch.empty((T, n_e), device=dev, dtype=torch.float32)
+        w1 = r_w1.contiguous().to(x.dtype)
         dummy = part
         be = cfg["r2_BE"]
-        mode = cfg["router"]
-        if mode not in ("three", "r2sel", "persistent"):
-            raise ValueError(f"CONFIG['router'] = {mode!r}: use 'three', 'r2sel' or 'persistent'")
-        if mode == "r2sel" and n_e > _BISECT_MAX:
-            mode = "three"
-        bar, n_sm = _router_bar(x.device) if mode != "three" else (None, 0)
-        if bar is not None and mode == "persistent":
+        out = torch.empty((T, n_e), device=dev, dtype=torch.uint8)
+        if mode == "persistent":
             bj = min(64, max(16, triton.next_power_of_2(n_e)))
             bks = min(128, max(16, triton.next_power_of_2(n_e)))
             n_work = max(triton.cdiv(r, cfg["r1_BR"]) * split, triton.cdiv(n_e, be) * T, T * triton.cdiv(n_e, bj))
             n_prog = max(1, min(n_work, n_sm))  # persistent grid: at most one program per SM, all co-resident
-            out = torch.empty((T, n_e), device=dev, dtype=torch.uint8)
             _route_fused_kernel[(n_prog,)](
                 x, w1, r_b1 if r_b1 is not None else dummy, w2, r_b2 if r_b2 is not None else dummy, part, logits,
                 out, bar, T, d, r, n_e, klen, split, float(threshold), n_prog,
@@ -831,23 +900,17 @@ def _route_impl(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r
                 BT=_BT, BR=cfg["r1_BR"], BK1=bk, BE=be, RP=rp, SP=triton.next_power_of_2(split), BJ=bj, BK=bks,
                 MAX_SPIN=1 << 18, num_warps=4)
             return out.view(torch.bool)
-        _r1_kernel[(triton.cdiv(r, cfg["r1_BR"]), split)](x, w1, part, T, d, r, klen,
-                                                           BT=_BT, BR=cfg["r1_BR"], BK=bk, num_warps=4)
-        if bar is not None:  # r2sel
-            out = torch.empty((T, n_e), device=dev, dtype=torch.uint8)
-            blk = max(16, triton.next_power_of_2(n_e))
-            _r2_select_kernel[(triton.cdiv(n_e, be), T)](
-                part, r_b1 if r_b1 is not None else dummy, w2, r_b2 if r_b2 is not None else dummy,
-                logits, out, bar[4:], T, r, n_e, split, float(threshold),
-                HAS_B1=r_b1 is not None, HAS_B2=r_b2 is not None, ALL=bool(threshold >= 1.0),
-                BE=be, RP=rp, SP=triton.next_power_of_2(split), BLOCK=blk,
-                num_warps=max(4, min(16, blk // 256)))
-            return out.view(torch.bool)
-        _r2_kernel[(triton.cdiv(n_e, be), T)](
+        _r1_launch(x, w1, part, klen, bk)
+        blk = max(16, triton.next_power_of_2(n_e))
+        _r2_select_kernel[(triton.cdiv(n_e, be), T)](
             part, r_b1 if r_b1 is not None else dummy, w2, r_b2 if r_b2 is not None else dummy,
-            logits, T, r, n_e, split, HAS_B1=r_b1 is not None, HAS_B2=r_b2 is not None,
-            BE=be, RP=rp, SP=triton.next_power_of_2(split), num_warps=4 if be * rp >= 4096 else 2)
+            logits, out, bar[4:], T, r, n_e, split, float(threshold),
+            HAS_B1=r_b1 is not None, HAS_B2=r_b2 is not None, ALL=bool(threshold >= 1.0),
+            BE=be, RP=rp, SP=triton.next_power_of_2(split), BLOCK=blk,
+            num_warps=max(4, min(16, blk // 256)))
+        return out.view(torch.bool)
     else:
+        logits = torch.empty((T, n_e), device=dev, dtype=torch.float32)
         h1 = torch.nn.functional.linear(x, r_w1.to(x.dtype), None if r_b1 is None else r_b1.to(x.dtype))
         bt, be = 64, 128
         _r2_big_kernel[(triton.cdiv(T, bt), triton.cdiv(n_e, be))](
@@ -891,18 +954,37 @@ def _in_dtype(v: float, dtype) -> float:
     return float(torch.tensor(v, dtype=dtype))
 
 
+def _tile_experts(bn: int, e: int) -> int:
+    """A power of two >= the experts a tile of bn consecutive neurons (starting at a multiple of bn) meets."""
+    if bn % e == 0:
+        n = bn // e
+    elif e % bn == 0:
+        n = 1
+    else:
+        n = (bn - 1) // e + 2
+    return max(2, triton.next_power_of_2(n))
+
+
 def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, counts, acc, cnt, e,
-                 n_shared, act, compact, input_tau, decide_tau):
+                 n_shared, act, compact, input_tau, decide_tau, logits=None, threshold=1.0):
+    """mask [T, n_e] selects the experts; or mask None and logits [T, n_e] (fp32, route_logits): the gate/up tiles
+    apply the XMoE rule at threshold themselves (not with compact, whose block list needs the mask)."""
     T, d = x.shape
     m = w_dt.shape[0]
-    n_e = mask.shape[1]
+    routed = logits is not None
+    n_e = (logits if routed else mask).shape[1]
     cfg = CONFIG
     h = torch.empty((T, m), device=x.device, dtype=torch.float32)
     dummy = h
-    mk = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    if routed:
+        mk = logits
+    else:
+        mk = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     gated = w_gate is not None
     dial = gated and gate_scale is not None and gate_tau > 0
     compact = bool(compact)
+    if routed and compact:
+        raise ValueError("the routed selection (logits=) runs on the non-compacted decode path only")
     pre = "c_" if compact else ""
     bn = cfg[pre + "gd_BN"] if dial else cfg[pre + "gu_BN"]
     fused = compact and bool(cfg["c_fused"])
@@ -919,8 +1001,9 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
         x, w_gate if gated else w_up, w_up, b_gate if b_gate is not None else dummy,
         b_up if b_up is not None else dummy, mk, tau if tau is not None else dummy,
         gate_scale if dial else dummy, float(gate_tau) if dial else 0.0, counts if counts is not None else dummy,
-        h, blk, T, d, m, e, n_shared, n_e, in_tau, dec_tau,
-        GATED=gated, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
+        h, blk, T, d, m, e, n_shared, n_e, in_tau, dec_tau, float(threshold),
+        ROUTED=routed, ALL=bool(threshold >= 1.0), BJ=_tile_experts(bn, e),
+        SBK=min(cfg["sel_BK"], max(16, triton.next_power_of_2(n_e))), GATED=gated, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
         GATE_DIAL=dial, TWO_PHASE=bool(cfg["gu_two_phase"]), COUNT=counts is not None, COMPACT=compact,
         FUSED=fused, MT=max(2, triton.next_power_of_2(T)), HAS_IN=has_in, HAS_DEC=has_dec,
         CBLK=min(cfg["c_BLOCK"], max(16, triton.next_power_of_2(nb))),
@@ -976,6 +1059,16 @@ def _(x, r_w1, r_b1, r_w2, r_b2, threshold):
     return x.new_empty((x.shape[0], r_w2.shape[0]), dtype=torch.bool)
 
 
+@torch.library.custom_op("densesparse::route_logits", mutates_args=())
+def route_logits_op(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r_b2: Optional[Tensor]) -> Tensor:
+    return _logits_impl(x, r_w1, r_b1, r_w2, r_b2)
+
+
+@route_logits_op.register_fake
+def _(x, r_w1, r_b1, r_w2, r_b2):
+    return x.new_empty((x.shape[0], r_w2.shape[0]), dtype=torch.float32)
+
+
 # acc / cnt are a per-layer workspace that every call leaves zeroed as it found it: declared non-mutated.
 # Each op comes twice: without counts (what inference and torch.compile run; inductor fails to lower an op whose
 # mutable argument is an optional None) and "_counted", which adds to counts ([2, T] int32: per token, up rows
@@ -997,6 +1090,16 @@ def sparse_mlp_decode_counted_op(x: Tensor, w_gate: Optional[Tensor], w_up: Tens
                                  compact: bool, input_tau: float, decide_tau: float) -> Tensor:
     return _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_scale, gate_tau, counts, acc,
                         cnt, e, n_shared, act, compact, input_tau, decide_tau)
+
+
+@torch.library.custom_op("densesparse::sparse_mlp_decode_routed", mutates_args=())
+def sparse_mlp_decode_routed_op(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_dt: Tensor,
+                                b_gate: Optional[Tensor], b_up: Optional[Tensor], b_down: Optional[Tensor],
+                                logits: Tensor, threshold: float, tau: Optional[Tensor], gate_scale: Optional[Tensor],
+                                gate_tau: float, acc: Tensor, cnt: Tensor, e: int, n_shared: int, act: str,
+                                input_tau: float, decide_tau: float) -> Tensor:
+    return _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, None, tau, gate_scale, gate_tau, None, acc,
+                        cnt, e, n_shared, act, False, input_tau, decide_tau, logits=logits, threshold=threshold)
 
 
 @torch.library.custom_op("densesparse::mask_act", mutates_args=())
@@ -1025,6 +1128,11 @@ def _(x, *args):
     return x.new_empty(x.shape)
 
 
+@sparse_mlp_decode_routed_op.register_fake
+def _(x, *args):
+    return x.new_empty(x.shape)
+
+
 @mask_act_op.register_fake
 def _(g, u, *args):
     return u.new_empty(u.shape)
@@ -1042,6 +1150,19 @@ def route(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r_b2: O
           threshold: float) -> Tensor:
     """Router MLP + softmax + XMoE threshold rule -> mask [T, n_e] bool, on device, no host sync."""
     return route_op(x, r_w1, r_b1, r_w2, r_b2, float(threshold))
+
+
+def routed_select_ok(T: int, compact: Optional[bool] = None) -> bool:
+    """Whether a call of T tokens with this compact argument takes the Triton decode path on which route_logits +
+    sparse_mlp(logits=) can replace route + sparse_mlp(mask) (CONFIG["routed_select"])."""
+    compact = CONFIG["compact"] if compact is None else compact
+    return bool(CONFIG["routed_select"]) and T <= DECODE_MAX_T and not compact
+
+
+def route_logits(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r_b2: Optional[Tensor]) -> Tensor:
+    """Router MLP -> logits [T, n_e] fp32 (T <= 16), for sparse_mlp(logits=, threshold=): the selection is then
+    decided inside the MLP's gate/up kernel, one launch fewer than route() + sparse_mlp(mask)."""
+    return route_logits_op(x, r_w1, r_b1, r_w2, r_b2)
 
 
 def pack(w_gate: Optional[Tensor], w_up: Tensor, w_down_t: Tensor, e: int, n_shared: int) -> dict:
@@ -1073,7 +1194,8 @@ def pack(w_gate: Optional[Tensor], w_up: Tensor, w_down_t: Tensor, e: int, n_sha
 def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional[Tensor], b_down: Optional[Tensor],
                mask: Tensor, tau: Optional[Tensor], act: str, path: Optional[str] = None,
                gate_scale: Optional[Tensor] = None, gate_tau: float = 0.0, counts: Optional[Tensor] = None,
-               compact: Optional[bool] = None, input_tau: float = 0.0, decide_tau: float = 0.0) -> Tensor:
+               compact: Optional[bool] = None, input_tau: float = 0.0, decide_tau: float = 0.0,
+               logits: Optional[Tensor] = None, threshold: float = 1.0) -> Tensor:
     """y [T, d] = sum over computed neurons of h * w_down_t + b_down. path: None (auto by T), 'triton', 'dense'.
 
     compact (Triton path only): True / False = the compacted / old decode kernels for this call; None = CONFIG
@@ -1085,11 +1207,24 @@ def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional
     adds to (up rows computed, neurons kept for down, per token), for the FLOPs stats. input_tau > 0: input skip,
     gate and up see x * (|x| >= input_tau) (compared in x's dtype, as torch compares; the Triton path cuts x as it
     loads it). decide_tau > input_tau: early decisions, the gate dial and tau judge each neuron on gate / up summed
-    over the channels with |x| >= decide_tau only; the neurons they keep get the full sums (SparseMLP.deciding)."""
+    over the channels with |x| >= decide_tau only; the neurons they keep get the full sums (SparseMLP.deciding).
+
+    mask None and logits [T, n_e] (route_logits) with threshold: the Triton path's gate/up tiles apply the XMoE
+    rule themselves (the same rule as route()); the other paths, counts and compact need the mask."""
     if act not in _ACTS:
         raise ValueError(f"unsupported activation {act!r}")
     x = x.contiguous()
     T = x.shape[0]
+    if mask is None:
+        if logits is None or counts is not None or (CONFIG["compact"] if compact is None else compact) or T > _BT or \
+                (path or ("triton" if T <= DECODE_MAX_T else "dense")) != "triton":
+            raise ValueError("sparse_mlp: pass mask; logits= (no mask) runs on the Triton decode path only, "
+                             f"at most {_BT} tokens, without counts or compact")
+        p = packed
+        return sparse_mlp_decode_routed_op(x, p["w_gate"], p["w_up"], p["w_down_t"], b_gate, b_up, b_down,
+                                           logits.contiguous(), float(threshold), tau, gate_scale, float(gate_tau),
+                                           p["acc"], p["cnt"], p["e"], p["n_shared"], act, float(input_tau),
+                                           float(decide_tau))
     if mask.dtype != torch.bool:
         mask = mask.bool()
     mask = mask.contiguous()

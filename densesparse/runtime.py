@@ -410,12 +410,6 @@ class SparseMLP(nn.Module):
         if self.down_tau > 0:
             tau = self._memo("tau", lambda: (self.down_tau, x2.dtype),
                              lambda: self.down_tau / norms.to(x2.dtype).clamp_min(1e-12))
-        r = self.router
-        if self.threshold >= 1.0:
-            T = x2.shape[0]
-            mask = self._memo(("all_on", T), lambda: x2.device, lambda: self.select(x2))
-        else:
-            mask = k.route(x2, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, self.threshold)
         _, _, b_gate, b_up, _, b_model = self.canonical()
         bias = self.bias_now(x2)
         b_down = b_model
@@ -431,6 +425,18 @@ class SparseMLP(nn.Module):
         # kernels' default (kernels.CONFIG["compact"], off unless a bench or DS_COMPACT=1 forces it). The argument
         # is passed only when set, so this file keeps working with kernels that predate it.
         extra = {"compact": True} if x2.shape[0] == 1 and self.expert_frac <= COMPACT_BELOW else {}
+        r = self.router
+        if self.threshold >= 1.0:
+            T = x2.shape[0]
+            mask = self._memo(("all_on", T), lambda: x2.device, lambda: self.select(x2))
+        elif (counts is None and "routed_select" in getattr(k, "FEATURES", ())
+              and k.routed_select_ok(x2.shape[0], extra.get("compact"))):
+            # the gate/up tiles apply the threshold rule to the logits themselves: one launch fewer
+            mask = None
+            extra.update(logits=k.route_logits(x2, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias),
+                         threshold=self.threshold)
+        else:
+            mask = k.route(x2, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, self.threshold)
         # input skip: applied by the kernels as they load x (no extra launch); kernels older than this file take
         # the cut input instead
         x_k = x2

@@ -588,6 +588,67 @@ def test_route_large_T_bisect(T, n_e):
         assert frac < 5e-3, frac
 
 
+def near_tie(p, t, tol):
+    """Whether some token's decision at threshold t sits on a tie: an expert whose mass before is within tol of t."""
+    for row in p:
+        ps = row.sort(descending=True).values
+        if ((ps.cumsum(0) - ps - t).abs() < tol).any():
+            return True
+    return False
+
+
+@pytest.mark.parametrize("dial", [False, True])
+@pytest.mark.parametrize("T", [1, 2, 5, 16])
+@pytest.mark.parametrize("e,n_shared,n_e", [(1, 0, 640), (3, 2, 150), (8, 0, 1792), (8, 2, 60), (16, 1, 40),
+                                            (32, 0, 20), (128, 1, 5)])
+def test_routed_select_equals_mask_path(e, n_shared, n_e, T, dial):
+    """route_logits + sparse_mlp(logits=, threshold=) (the gate/up tiles apply the XMoE rule themselves) gives the
+    output of route + sparse_mlp(mask): bit for bit unless a decision sits on a tie (the two kernels sum the
+    masses in different orders); and the float64 reference's within 1e-2. Every tile width meets whole and
+    partial experts (e 1 to 128, shared blocks before the routed ones), thresholds from 0.05 to 1."""
+    gen = torch.Generator().manual_seed(e * 1000 + n_e + T + 7 * n_shared + int(dial))
+    d, r = 256, 64
+    L = make_layer(gen, d, e, n_shared, n_e, torch.bfloat16, biases=True)
+    x = torch.randn(T, d, generator=gen).to(DEV, torch.bfloat16)
+    r_w1 = (torch.randn(r, d, generator=gen) * d ** -0.5).to(DEV, torch.bfloat16)
+    r_b1 = (torch.randn(r, generator=gen) * 0.1).to(DEV, torch.bfloat16)
+    r_w2 = (torch.randn(n_e, r, generator=gen) * r ** -0.5).to(DEV, torch.bfloat16)
+    packed = K.pack(L["w_gate"], L["w_up"], L["w_down_t"], e, n_shared)
+    gs = torch.rand(L["m"], generator=gen).to(DEV, torch.bfloat16) if dial else None
+    tau = (torch.rand(L["m"], generator=gen) * 0.05).to(DEV, torch.float32)
+    kw = {"gate_scale": gs, "gate_tau": 0.1 if dial else 0.0, "path": "triton", "compact": False}
+    logits = K.route_logits(x, r_w1, r_b1, r_w2, None)
+    for t in (0.05, 0.5, 0.9, 1.0):
+        mask = K.route(x, r_w1, r_b1, r_w2, None, t)
+        y_mask = K.sparse_mlp(x, packed, L["b_gate"], L["b_up"], L["b_down"], mask, tau, "silu", **kw)
+        poison_allocator()
+        y = K.sparse_mlp(x, packed, L["b_gate"], L["b_up"], L["b_down"], None, tau, "silu", logits=logits,
+                         threshold=t, **kw)
+        assert torch.isfinite(y).all()
+        assert torch.count_nonzero(packed["cnt"]).item() == 0, "decode counters not left zeroed"
+        ref_mask, p = ref_route(x, r_w1, r_b1, r_w2, None, t)
+        if not torch.equal(y, y_mask):
+            assert near_tie(p, t, 1e-5), (t, rel_err(y, y_mask.double()))
+        else:
+            ref = ref_mlp(x, L["w_gate"], L["w_up"], L["w_down_t"], L["b_gate"], L["b_up"], L["b_down"], mask,
+                          tau, e, n_shared, "silu", gs, kw["gate_tau"])
+            assert rel_err(y, ref) < 1e-2
+        check_route(mask, p, ref_mask, t, 1e-4)
+
+
+def test_routed_select_refuses_what_needs_a_mask():
+    gen = torch.Generator().manual_seed(5)
+    L = make_layer(gen, 64, 8, 0, 16, torch.bfloat16)
+    packed = K.pack(L["w_gate"], L["w_up"], L["w_down_t"], 8, 0)
+    x = torch.randn(1, 64, generator=gen).to(DEV, torch.bfloat16)
+    logits = torch.randn(1, 16, device=DEV)
+    for kw in ({"compact": True}, {"path": "dense"}, {"counts": torch.zeros(2, 1, dtype=torch.int32, device=DEV)}):
+        with pytest.raises(ValueError, match="logits="):
+            K.sparse_mlp(x, packed, None, None, None, None, None, "silu", logits=logits, threshold=0.5, **kw)
+    with pytest.raises(ValueError, match="pass mask"):
+        K.sparse_mlp(x, packed, None, None, None, None, None, "silu")
+
+
 def test_pack_makes_no_copy():
     gen = torch.Generator().manual_seed(9)
     L = make_layer(gen, 256, 8, 0, 32, torch.bfloat16)
@@ -691,17 +752,24 @@ def test_library_llama_cuda_matches_torch(B, S, compact, monkeypatch):
             mm.threshold = 0.7
             assert mm.input_tau > 0 and mm.down_tau > 0
 
-        # CUDA path, recording the router's inputs and masks
+        # CUDA path, recording the router's inputs and masks (decode calls route_logits and the gate/up tiles
+        # select by the rule route() applies: the mask is route()'s on the same input)
         rec = []
-        real_route = K.route
+        real_route, real_logits = K.route, K.route_logits
 
         def route_rec(x, *a):
             mk = real_route(x, *a)
             rec.append((x.clone(), mk.clone()))
             return mk
+
+        def logits_rec(x, *a):
+            rec.append((x.clone(), real_route(x, *a, 0.7).clone()))
+            return real_logits(x, *a)
         monkeypatch.setattr(K, "route", route_rec)
+        monkeypatch.setattr(K, "route_logits", logits_rec)
         y_cuda = model(input_ids=ids).logits
         monkeypatch.setattr(K, "route", real_route)
+        monkeypatch.setattr(K, "route_logits", real_logits)
         assert len(rec) == len(mlps)
         assert all(mm._kernel_cache is not None for mm in mlps), "the CUDA path did not run"
         assert torch.isfinite(y_cuda).all()
@@ -1115,6 +1183,40 @@ def test_module_compact_rule_matches_torch(dial, monkeypatch):
                 # kernels (one neuron's whole output: 2.9% once on the H100), as with down tau above
                 assert rel_err(y_cuda, y_torch.double()) < (5e-2 if dial else 2e-2), (T, frac)
                 _same_stats(st_cuda, st_torch, band=0.01 if dial else 0.0, hidden=mm.hidden)
+
+
+def test_module_routed_select_rule(monkeypatch):
+    """SparseMLP routes a call through route_logits (selection in the gate/up tiles) exactly when it runs the
+    non-compacted Triton decode kernels without stats; every other routed call takes route()'s mask. Either way
+    the output equals the pure-torch path on route()'s mask for that input."""
+    from densesparse import runtime
+    monkeypatch.setitem(K.CONFIG, "compact", False)
+    _, _, mlps = _tiny_sparse_llama(970)
+    mm = mlps[0]
+    calls = []
+    real_route, real_logits = K.route, K.route_logits
+    monkeypatch.setattr(K, "route", lambda *a: calls.append("mask") or real_route(*a))
+    monkeypatch.setattr(K, "route_logits", lambda *a: calls.append("logits") or real_logits(*a))
+    gen = torch.Generator().manual_seed(971)
+    with torch.no_grad():
+        mm.threshold = 0.6
+        mm.dense_above_tokens = 1 << 30
+        for T, frac, stats in ((1, 1.0, False), (2, 1.0, False), (1, 0.1, False), (9, 1.0, False), (1, 1.0, True)):
+            x = torch.randn(T, 256, generator=gen).to(DEV, torch.bfloat16)
+            mm.expert_frac = frac
+            mm.stats = runtime.LayerStats(mm.n_experts) if stats else None
+            calls.clear()
+            y = mm(x)
+            routed = T <= K.DECODE_MAX_T and frac > runtime.COMPACT_BELOW and not stats
+            assert calls == (["logits"] if routed else ["mask"]), (T, frac, stats, calls)
+            r = mm.router
+            mask = real_route(x, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, 0.6)
+            with monkeypatch.context() as mp:
+                mp.setattr(mm, "select", lambda x2: mask)
+                mp.setattr(runtime, "_kernels", lambda: None)
+                mm.stats = None
+                y_torch = mm(x)
+            assert rel_err(y, y_torch.double()) < 2e-2, (T, frac, stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
