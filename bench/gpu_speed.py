@@ -706,7 +706,7 @@ def layer_step(L, x, thr, compact, i, mlp=True, routed=None):
     c = i % L.nc
     t = thr[c] if isinstance(thr, (list, tuple)) else thr
     if routed is None:
-        routed = K.routed_select_ok(x.shape[0], compact)
+        routed = K.routed_select_ok(x.shape[0], compact, L.e, L.m // L.e, False)
     if routed:
         lg = K.route_logits(x, *L.router[c])
         if not mlp:

@@ -85,7 +85,7 @@ CONFIG = {
     "router": os.environ.get("DS_ROUTER", "three"),
     # SparseMLP's decode calls (not counting, not compacted): R1 and R2 only, the gate/up tiles apply the XMoE rule
     # to the logits themselves (routed_select_ok; env DS_ROUTED_SELECT=0 opts out): the select launch is gone.
-    "routed_select": os.environ.get("DS_ROUTED_SELECT", "1") == "1",
+    "routed_select": os.environ.get("DS_ROUTED_SELECT", "1") == "1", "routed_max_cells": 16384,
     # Decode down kernel: per-program partials summed in a fixed order by the last program (bit-identical calls)
     # instead of fp32 atomics (DS_DOWN_DET=0 opts out). On: same speed on the H100 (run B, e=8 router + MLP, T=1:
     # 89.7 vs 90.1 us at kept 0.5, 75.9 vs 75.3 at 0.25), and the atomics' last-bit noise was what made two equal
@@ -124,6 +124,8 @@ CONFIG = {
 _BT = 16
 _CNT_MIN_BD = 32
 _BISECT_MAX = 16384  # largest n_e the one-program-per-token select kernel holds in registers
+_SEL_ONE_MAX = 4096  # largest n_e (padded) a gate/up tile's routed selection loads in one piece
+_ROUTED_MAX_T = 4  # most tokens of a routed-selection call (the tiles unroll their token loop)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,10 +169,11 @@ def _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e):
 
 @triton.jit
 def _routed_selection(s_ptr, thr, offs_t, n, T, m, e, n_shared, n_e, ALL: tl.constexpr, BJ: tl.constexpr,
-                      SBK: tl.constexpr):
+                      SBK: tl.constexpr, ONE: tl.constexpr, RT: tl.constexpr):
     """[BT, BN] bool as _selection, with the XMoE rule decided here from the router logits s [T, n_e] (fp32) for
     the at most BJ experts this tile's neurons belong to (_pairwise_keep, the select kernel's rule): no select
-    launch, no mask written or read."""
+    launch, no mask written or read. RT == T: the token loop is unrolled, so the tokens' logit loads are issued
+    together; ONE: n_e <= SBK (_pairwise_keep)."""
     b = n // e
     ex = b - n_shared
     valid_n = n < m
@@ -178,8 +181,8 @@ def _routed_selection(s_ptr, thr, offs_t, n, T, m, e, n_shared, n_e, ALL: tl.con
     offs_j = tl.min(tl.where(routed, ex, n_e), axis=0) + tl.arange(0, BJ)
     jmask = offs_j < n_e
     sel = (offs_t[:, None] < 0) & routed[None, :]  # all False, [BT, BN]
-    for t in range(T):
-        keep = _pairwise_keep(s_ptr + t * n_e, offs_j, jmask, n_e, thr, ALL, BJ, SBK, "")
+    for t in tl.static_range(RT):
+        keep = _pairwise_keep(s_ptr + t * n_e, offs_j, jmask, n_e, thr, ALL, BJ, SBK, "", ONE)
         hit = (ex[:, None] == offs_j[None, :]) & keep[None, :]
         mine = tl.max(hit.to(tl.int32), axis=1) > 0  # [BN]: the bit of each neuron's expert
         sel = sel | ((offs_t[:, None] == t) & mine[None, :])
@@ -191,7 +194,7 @@ def _routed_selection(s_ptr, thr, offs_t, n, T, m, e, n_shared, n_e, ALL: tl.con
 def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
                     blk_ptr, T, d, m, e, n_shared, n_e, in_tau, dec_tau, thr,
                     ROUTED: tl.constexpr, ALL: tl.constexpr, BJ: tl.constexpr, SBK: tl.constexpr,
-                    GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
+                    ONE: tl.constexpr, RT: tl.constexpr, GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
                     GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr, COMPACT: tl.constexpr,
                     FUSED: tl.constexpr, MT: tl.constexpr, CBLK: tl.constexpr,
                     HAS_IN: tl.constexpr, HAS_DEC: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr,
@@ -229,7 +232,7 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
     if pid * BN < R:
         _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
                       n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau, dec_tau, thr, ROUTED, ALL, BJ, SBK,
-                      GATED, HAS_BG, HAS_BU, HAS_TAU, GATE_DIAL, TWO_PHASE, COUNT, HAS_IN, HAS_DEC, ACT, BT, BN, BK)
+                      ONE, RT, GATED, HAS_BG, HAS_BU, HAS_TAU, GATE_DIAL, TWO_PHASE, COUNT, HAS_IN, HAS_DEC, ACT, BT, BN, BK)
 
 
 @triton.jit
@@ -305,13 +308,13 @@ def _down_keep(keep, h, g_dec, u_dec, tau, GATED: tl.constexpr, HAS_DEC: tl.cons
 def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
                   n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau, dec_tau, thr,
                   ROUTED: tl.constexpr, ALL: tl.constexpr, BJ: tl.constexpr, SBK: tl.constexpr,
-                  GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
+                  ONE: tl.constexpr, RT: tl.constexpr, GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
                   GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr,
                   HAS_IN: tl.constexpr, HAS_DEC: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr):
     """One tile of BN neurons n (n == m: no row); h goes to columns col of h_ptr [T, m]."""
     if ROUTED:
-        sel = _routed_selection(mask_ptr, thr, offs_t, n, T, m, e, n_shared, n_e, ALL, BJ, SBK)
+        sel = _routed_selection(mask_ptr, thr, offs_t, n, T, m, e, n_shared, n_e, ALL, BJ, SBK, ONE, RT)
     else:
         sel = _selection(mask_ptr, offs_t, n, T, m, e, n_shared, n_e)
     row_any = tl.max(sel.to(tl.int32), axis=0) > 0
@@ -647,33 +650,45 @@ def _r2_big_kernel(h1_ptr, w2_ptr, b2_ptr, s_ptr, T, r, n_e,
 
 @triton.jit
 def _pairwise_keep(row, offs_j, jmask, n_e, thr, ALL: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
-                   CACHE: tl.constexpr):
+                   CACHE: tl.constexpr, ONE: tl.constexpr):
     """XMoE rule on softmax(row[0:n_e]) for the experts offs_j: keep j iff the mass of the experts with larger p is
     < thr.
 
     Sort-free and exact: q = exp(s - max) (monotone in p); sums, over all k, q_k where q_k > q_j (pairwise,
     accumulated elementwise, one reduction at the end); keep j iff that mass < thr * sum(q). Ties: experts with
     equal p do not count as ranked before each other. CACHE ".cg": logits written by other programs of the same
-    launch are read from L2."""
+    launch are read from L2. ONE (n_e <= BK): the logits are loaded once and kept in registers (one memory round
+    trip instead of two per BK chunk)."""
+    qj = tl.load(row + offs_j, mask=jmask, other=float("-inf"), cache_modifier=CACHE)
     offs_k = tl.arange(0, BK)
-    mx = tl.full([BK], float("-inf"), tl.float32)
-    for c in range(0, n_e, BK):
-        v = tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf"), cache_modifier=CACHE)
-        mx = tl.maximum(mx, v)
-    smax = tl.max(mx, axis=0)
-    qj = tl.exp(tl.load(row + offs_j, mask=jmask, other=float("-inf"), cache_modifier=CACHE) - smax)
-    zacc = tl.zeros([BK], dtype=tl.float32)
-    macc = tl.zeros([BJ, BK], dtype=tl.float32)
-    for c in range(0, n_e, BK):
-        qk = tl.exp(tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf"), cache_modifier=CACHE)
-                    - smax)
-        zacc += qk
-        if not ALL:
-            macc += tl.where(qk[None, :] > qj[:, None], qk[None, :], 0.0)
+    if ONE:
+        v = tl.load(row + offs_k, mask=offs_k < n_e, other=float("-inf"), cache_modifier=CACHE)
+        smax = tl.max(v, axis=0)
+        qk = tl.exp(v - smax)
+        qj = tl.exp(qj - smax)
+        z = tl.sum(qk, axis=0)
+        mass = tl.sum(tl.where(qk[None, :] > qj[:, None], qk[None, :], 0.0), axis=1)
+    else:
+        mx = tl.full([BK], float("-inf"), tl.float32)
+        for c in range(0, n_e, BK):
+            v = tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf"), cache_modifier=CACHE)
+            mx = tl.maximum(mx, v)
+        smax = tl.max(mx, axis=0)
+        qj = tl.exp(qj - smax)
+        zacc = tl.zeros([BK], dtype=tl.float32)
+        macc = tl.zeros([BJ, BK], dtype=tl.float32)
+        for c in range(0, n_e, BK):
+            qk = tl.exp(tl.load(row + c + offs_k, mask=c + offs_k < n_e, other=float("-inf"),
+                                cache_modifier=CACHE) - smax)
+            zacc += qk
+            if not ALL:
+                macc += tl.where(qk[None, :] > qj[:, None], qk[None, :], 0.0)
+        z = tl.sum(zacc, axis=0)
+        mass = tl.sum(macc, axis=1)
     if ALL:
         keep = jmask
     else:
-        keep = jmask & (tl.sum(macc, axis=1) < thr * tl.sum(zacc, axis=0))
+        keep = jmask & (mass < thr * z)
     return keep
 
 
@@ -683,7 +698,7 @@ def _select_block(s_ptr, out_ptr, t, jb, n_e, thr, ALL: tl.constexpr, BJ: tl.con
     """_pairwise_keep for the experts of block jb of token t, stored as mask bits."""
     offs_j = jb * BJ + tl.arange(0, BJ)
     jmask = offs_j < n_e
-    keep = _pairwise_keep(s_ptr + t * n_e, offs_j, jmask, n_e, thr, ALL, BJ, BK, CACHE)
+    keep = _pairwise_keep(s_ptr + t * n_e, offs_j, jmask, n_e, thr, ALL, BJ, BK, CACHE, False)
     tl.store(out_ptr + t * n_e + offs_j, keep.to(tl.uint8), mask=jmask)
 
 
@@ -985,6 +1000,9 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
     compact = bool(compact)
     if routed and compact:
         raise ValueError("the routed selection (logits=) runs on the non-compacted decode path only")
+    # the routed selection holds a token's logits in registers up to _SEL_ONE_MAX experts, else loops over chunks
+    p2 = max(16, triton.next_power_of_2(n_e))
+    sbk = p2 if p2 <= _SEL_ONE_MAX else cfg["sel_BK"]
     pre = "c_" if compact else ""
     bn = cfg[pre + "gd_BN"] if dial else cfg[pre + "gu_BN"]
     fused = compact and bool(cfg["c_fused"])
@@ -1002,8 +1020,8 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
         b_up if b_up is not None else dummy, mk, tau if tau is not None else dummy,
         gate_scale if dial else dummy, float(gate_tau) if dial else 0.0, counts if counts is not None else dummy,
         h, blk, T, d, m, e, n_shared, n_e, in_tau, dec_tau, float(threshold),
-        ROUTED=routed, ALL=bool(threshold >= 1.0), BJ=_tile_experts(bn, e),
-        SBK=min(cfg["sel_BK"], max(16, triton.next_power_of_2(n_e))), GATED=gated, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
+        ROUTED=routed, ALL=bool(threshold >= 1.0), BJ=_tile_experts(bn, e), SBK=sbk, ONE=n_e <= sbk,
+        RT=T if routed else 1, GATED=gated, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
         GATE_DIAL=dial, TWO_PHASE=bool(cfg["gu_two_phase"]), COUNT=counts is not None, COMPACT=compact,
         FUSED=fused, MT=max(2, triton.next_power_of_2(T)), HAS_IN=has_in, HAS_DEC=has_dec,
         CBLK=min(cfg["c_BLOCK"], max(16, triton.next_power_of_2(nb))),
@@ -1152,11 +1170,15 @@ def route(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r_b2: O
     return route_op(x, r_w1, r_b1, r_w2, r_b2, float(threshold))
 
 
-def routed_select_ok(T: int, compact: Optional[bool] = None) -> bool:
-    """Whether a call of T tokens with this compact argument takes the Triton decode path on which route_logits +
-    sparse_mlp(logits=) can replace route + sparse_mlp(mask) (CONFIG["routed_select"])."""
+def routed_select_ok(T: int, compact: Optional[bool], e: int, n_e: int, dial: bool) -> bool:
+    """Whether route_logits + sparse_mlp(logits=) should replace route + sparse_mlp(mask) for a call of T tokens
+    (this compact argument, expert size e, n_e routed experts, gate dial on or not): CONFIG["routed_select"], the
+    non-compacted Triton decode path, and at most CONFIG["routed_max_cells"] pairwise comparisons per tile and token
+    (every tile compares its experts with all n_e, on its own critical path)."""
     compact = CONFIG["compact"] if compact is None else compact
-    return bool(CONFIG["routed_select"]) and T <= DECODE_MAX_T and not compact
+    bn = CONFIG["gd_BN"] if dial else CONFIG["gu_BN"]
+    return (bool(CONFIG["routed_select"]) and T <= min(DECODE_MAX_T, _ROUTED_MAX_T) and not compact
+            and _tile_experts(bn, e) * n_e <= CONFIG["routed_max_cells"])
 
 
 def route_logits(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r_b2: Optional[Tensor]) -> Tensor:
@@ -1216,10 +1238,11 @@ def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional
     x = x.contiguous()
     T = x.shape[0]
     if mask is None:
-        if logits is None or counts is not None or (CONFIG["compact"] if compact is None else compact) or T > _BT or \
+        if logits is None or counts is not None or (CONFIG["compact"] if compact is None else compact) or \
+                T > _ROUTED_MAX_T or \
                 (path or ("triton" if T <= DECODE_MAX_T else "dense")) != "triton":
             raise ValueError("sparse_mlp: pass mask; logits= (no mask) runs on the Triton decode path only, "
-                             f"at most {_BT} tokens, without counts or compact")
+                             f"at most {_ROUTED_MAX_T} tokens, without counts or compact")
         p = packed
         return sparse_mlp_decode_routed_op(x, p["w_gate"], p["w_up"], p["w_down_t"], b_gate, b_up, b_down,
                                            logits.contiguous(), float(threshold), tau, gate_scale, float(gate_tau),

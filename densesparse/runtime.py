@@ -430,7 +430,7 @@ class SparseMLP(nn.Module):
             T = x2.shape[0]
             mask = self._memo(("all_on", T), lambda: x2.device, lambda: self.select(x2))
         elif (counts is None and "routed_select" in getattr(k, "FEATURES", ())
-              and k.routed_select_ok(x2.shape[0], extra.get("compact"))):
+              and k.routed_select_ok(x2.shape[0], extra.get("compact"), self.expert_size, self.n_experts, dial)):
             # the gate/up tiles apply the threshold rule to the logits themselves: one launch fewer
             mask = None
             extra.update(logits=k.route_logits(x2, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias),
