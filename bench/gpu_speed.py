@@ -730,7 +730,7 @@ def routed_trials(es=(8, 32), kepts=(0.5, 0.25), Ts=(1, 2), shape="llama3-8b"):
     to `kept` of the experts; at T=1 also the compacted path (route() + compacted kernels: what SparseMLP takes for
     layers calibrated to <= COMPACT_BELOW of the experts), dense, the pre-sliced ideal, and each router part
     alone. Outputs of the two selections compared on every copy (equal: bit for bit). Per-kernel device times of
-    the routed call at T=1 (kernels_us)."""
+    both calls at T=1 (kernels_us, kernels_mask_us)."""
     L = Layer(shape)
     gen = torch.Generator(device=DEV).manual_seed(23)
     rows = []
@@ -759,6 +759,7 @@ def routed_trials(es=(8, 32), kepts=(0.5, 0.25), Ts=(1, 2), shape="llama3-8b"):
                        "outputs_equal": sum(same), "copies": L.nc}
                 if T == 1 and kept == kepts[0]:
                     row["kernels_us"] = kernel_times(lambda i: layer_step(L, x, thrs, False, i, routed=True))
+                    row["kernels_mask_us"] = kernel_times(lambda i: layer_step(L, x, thrs, False, i, routed=False))
                 rows.append(row)
                 print(f"routed_trials {row}", flush=True)
     del L
