@@ -84,8 +84,13 @@ CONFIG = {
     #     the launches they save).
     "router": os.environ.get("DS_ROUTER", "three"),
     # SparseMLP's decode calls (not counting, not compacted): R1 and R2 only, the gate/up tiles apply the XMoE rule
-    # to the logits themselves (routed_select_ok; env DS_ROUTED_SELECT=0 opts out): the select launch is gone.
-    "routed_select": os.environ.get("DS_ROUTED_SELECT", "1") == "1", "routed_max_cells": 16384,
+    # to the logits themselves (routed_select_ok; env DS_ROUTED_SELECT=0 opts out): the select launch is gone, and
+    # each tile pays for comparing its experts with all n_e on its own critical path. H200, llama3-8b, router +
+    # MLP side by side (bench/results/gpu-h200-routed-trials.json): T=1 kept 0.5 72.7 vs 74.1 us (e=8), 68.4 vs
+    # 70.4 (e=32); T=2 90.5 vs 89.2 (e=8), 91.9 vs 91.7 (e=32): hence one-token calls only (routed_max_t). The
+    # measured e=8 tiles compare 8 x 1792 = 14336 cells per token (gate dial) and 4 x 1792 without; routed_max_cells
+    # keeps layers with more (small experts, many of them) on the select kernel, unmeasured there.
+    "routed_select": os.environ.get("DS_ROUTED_SELECT", "1") == "1", "routed_max_t": 1, "routed_max_cells": 16384,
     # Decode down kernel: per-program partials summed in a fixed order by the last program (bit-identical calls)
     # instead of fp32 atomics (DS_DOWN_DET=0 opts out). On: same speed on the H100 (run B, e=8 router + MLP, T=1:
     # 89.7 vs 90.1 us at kept 0.5, 75.9 vs 75.3 at 0.25), and the atomics' last-bit noise was what made two equal
@@ -1172,12 +1177,13 @@ def route(x: Tensor, r_w1: Tensor, r_b1: Optional[Tensor], r_w2: Tensor, r_b2: O
 
 def routed_select_ok(T: int, compact: Optional[bool], e: int, n_e: int, dial: bool) -> bool:
     """Whether route_logits + sparse_mlp(logits=) should replace route + sparse_mlp(mask) for a call of T tokens
-    (this compact argument, expert size e, n_e routed experts, gate dial on or not): CONFIG["routed_select"], the
-    non-compacted Triton decode path, and at most CONFIG["routed_max_cells"] pairwise comparisons per tile and token
-    (every tile compares its experts with all n_e, on its own critical path)."""
+    (this compact argument, expert size e, n_e routed experts, gate dial on or not): CONFIG["routed_select"], at
+    most CONFIG["routed_max_t"] tokens on the non-compacted Triton decode path, and at most
+    CONFIG["routed_max_cells"] pairwise comparisons per tile and token."""
     compact = CONFIG["compact"] if compact is None else compact
     bn = CONFIG["gd_BN"] if dial else CONFIG["gu_BN"]
-    return (bool(CONFIG["routed_select"]) and T <= min(DECODE_MAX_T, _ROUTED_MAX_T) and not compact
+    return (bool(CONFIG["routed_select"]) and T <= min(DECODE_MAX_T, _ROUTED_MAX_T, CONFIG["routed_max_t"])
+            and not compact
             and _tile_experts(bn, e) * n_e <= CONFIG["routed_max_cells"])
 
 

@@ -1192,7 +1192,8 @@ def test_module_compact_rule_matches_torch(dial, monkeypatch):
 
 def test_module_routed_select_rule(monkeypatch):
     """SparseMLP routes a call through route_logits (selection in the gate/up tiles) exactly when it runs the
-    non-compacted Triton decode kernels without stats; every other routed call takes route()'s mask. Either way
+    non-compacted Triton decode kernels without stats on at most CONFIG["routed_max_t"] tokens (one by default);
+    every other routed call takes route()'s mask. Either way
     the output equals the pure-torch path on route()'s mask for that input."""
     from densesparse import runtime
     monkeypatch.setitem(K.CONFIG, "compact", False)
@@ -1212,7 +1213,7 @@ def test_module_routed_select_rule(monkeypatch):
             mm.stats = runtime.LayerStats(mm.n_experts) if stats else None
             calls.clear()
             y = mm(x)
-            routed = T <= K.DECODE_MAX_T and frac > runtime.COMPACT_BELOW and not stats
+            routed = T <= K.CONFIG["routed_max_t"] and frac > runtime.COMPACT_BELOW and not stats
             assert calls == (["logits"] if routed else ["mask"]), (T, frac, stats, calls)
             r = mm.router
             mask = real_route(x, r.w1.weight, r.w1.bias, r.w2.weight, r.w2.bias, 0.6)
