@@ -184,6 +184,19 @@ def token_screen(model, layout, ids: list[torch.Tensor]) -> list[dict]:
     return rows
 
 
+def mlp_inputs(model, mlps, windows) -> list[torch.Tensor]:
+    """Each SparseMLP's inputs [tokens, hidden] over the windows, as the (sparse) model runs them."""
+    xs = [[] for _ in mlps]
+    hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: xs[i].append(a[0].reshape(-1, a[0].shape[-1])))
+             for i, m in enumerate(mlps)]
+    with torch.no_grad():
+        for w in windows:
+            model(w[None])
+    for h in hooks:
+        h.remove()
+    return [torch.cat(x) for x in xs]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparse", required=True, help="a default conversion (densesparse convert)")
@@ -196,20 +209,12 @@ def main():
     model, tok, spec = load_conversion(args.sparse, args.budget)
     held = unsampled_windows(tok, spec, args.tokens)
     mlps = sparse_mlps(model)
-    xs = [[] for _ in mlps]
-    hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: xs[i].append(a[0].reshape(-1, a[0].shape[-1])))
-             for i, m in enumerate(mlps)]
-    with torch.no_grad():
-        for w in held:
-            model(w[None])
-    for h in hooks:
-        h.remove()
     layers = []
     with torch.no_grad():
-        for i, (m, x) in enumerate(zip(mlps, xs)):
+        for i, (m, x) in enumerate(zip(mlps, mlp_inputs(model, mlps, held))):
             if not m.gated or m.gate_tau <= 0:
                 continue
-            L = Layer(m, torch.cat(x))
+            L = Layer(m, x)
             layers.append({"layer": i, "input_kept": round(float(L.n_in.mean()) / L.x.shape[1], 3),
                            "decision_channels": round(float(L.n_dec.mean()) / L.x.shape[1], 3),
                            "variance": variance_screen(L, gen), "cascade": cascade_screen(L, gen),

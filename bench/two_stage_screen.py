@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from decision_screens import Layer
+from decision_screens import Layer, mlp_inputs
 from quality import git_commit, load_conversion, unsampled_windows
 
 from densesparse import __version__
@@ -95,19 +95,11 @@ def main():
     model, tok, spec = load_conversion(args.sparse, args.budget)
     held = unsampled_windows(tok, spec, args.tokens)
     mlps = sparse_mlps(model)
-    xs = [[] for _ in mlps]
-    hooks = [m.register_forward_pre_hook(lambda mod, a, i=i: xs[i].append(a[0].reshape(-1, a[0].shape[-1])))
-             for i, m in enumerate(mlps)]
-    with torch.no_grad():
-        for w in held:
-            model(w[None])
-    for h in hooks:
-        h.remove()
     layers = []
     with torch.no_grad():
-        for i, (m, x) in enumerate(zip(mlps, xs)):
+        for i, (m, x) in enumerate(zip(mlps, mlp_inputs(model, mlps, held))):
             if m.gated and m.deciding and m.gate_tau > 0 and m.down_tau > 0:
-                layers.append({"layer": i, **screen(Layer(m, torch.cat(x)))})
+                layers.append({"layer": i, **screen(Layer(m, x))})
                 print(layers[-1], flush=True)
     summary = {k: round(sum(r[k] for r in layers), 4) for k in layers[0] if k != "layer"} if layers else {}
     write_json({"what": __doc__.splitlines()[0], "sparse": args.sparse, "budget": args.budget,
