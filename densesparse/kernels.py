@@ -199,7 +199,8 @@ def _routed_selection(s_ptr, thr, offs_t, n, T, m, e, n_shared, n_e, ALL: tl.con
 def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
                     blk_ptr, T, d, m, e, n_shared, n_e, in_tau, dec_tau, thr,
                     ROUTED: tl.constexpr, ALL: tl.constexpr, BJ: tl.constexpr, SBK: tl.constexpr,
-                    ONE: tl.constexpr, RT: tl.constexpr, GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
+                    ONE: tl.constexpr, RT: tl.constexpr,
+                    GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
                     GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr, COMPACT: tl.constexpr,
                     FUSED: tl.constexpr, MT: tl.constexpr, CBLK: tl.constexpr,
                     HAS_IN: tl.constexpr, HAS_DEC: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr,
@@ -237,7 +238,8 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs
     if pid * BN < R:
         _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
                       n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau, dec_tau, thr, ROUTED, ALL, BJ, SBK,
-                      ONE, RT, GATED, HAS_BG, HAS_BU, HAS_TAU, GATE_DIAL, TWO_PHASE, COUNT, HAS_IN, HAS_DEC, ACT, BT, BN, BK)
+                      ONE, RT, GATED, HAS_BG, HAS_BU, HAS_TAU, GATE_DIAL, TWO_PHASE, COUNT, HAS_IN, HAS_DEC, ACT,
+                      BT, BN, BK)
 
 
 @triton.jit
@@ -313,7 +315,8 @@ def _down_keep(keep, h, g_dec, u_dec, tau, GATED: tl.constexpr, HAS_DEC: tl.cons
 def _gate_up_tile(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, mask_ptr, tau_ptr, gs_ptr, gate_tau, cnt_ptr, h_ptr,
                   n, col, offs_t, tok_ok, T, d, m, e, n_shared, n_e, in_tau, dec_tau, thr,
                   ROUTED: tl.constexpr, ALL: tl.constexpr, BJ: tl.constexpr, SBK: tl.constexpr,
-                  ONE: tl.constexpr, RT: tl.constexpr, GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
+                  ONE: tl.constexpr, RT: tl.constexpr,
+                  GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, HAS_TAU: tl.constexpr,
                   GATE_DIAL: tl.constexpr, TWO_PHASE: tl.constexpr, COUNT: tl.constexpr,
                   HAS_IN: tl.constexpr, HAS_DEC: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr):
@@ -1026,7 +1029,8 @@ def _decode_impl(x, w_gate, w_up, w_dt, b_gate, b_up, b_down, mask, tau, gate_sc
         gate_scale if dial else dummy, float(gate_tau) if dial else 0.0, counts if counts is not None else dummy,
         h, blk, T, d, m, e, n_shared, n_e, in_tau, dec_tau, float(threshold),
         ROUTED=routed, ALL=bool(threshold >= 1.0), BJ=_tile_experts(bn, e), SBK=sbk, ONE=n_e <= sbk,
-        RT=T if routed else 1, GATED=gated, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, HAS_TAU=tau is not None,
+        RT=T if routed else 1, GATED=gated, HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
+        HAS_TAU=tau is not None,
         GATE_DIAL=dial, TWO_PHASE=bool(cfg["gu_two_phase"]), COUNT=counts is not None, COMPACT=compact,
         FUSED=fused, MT=max(2, triton.next_power_of_2(T)), HAS_IN=has_in, HAS_DEC=has_dec,
         CBLK=min(cfg["c_BLOCK"], max(16, triton.next_power_of_2(nb))),
