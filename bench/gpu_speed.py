@@ -1659,8 +1659,10 @@ def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b"):
     """The real model's budgets (bench/dial_mix.py record: per layer, the fractions each dial keeps) replayed layer
     by layer on a random-weight layer of `shape`, expert size as converted, batch T: per layer, dense vs what
     SparseMLP runs ("sparse": the kernels cut x as they load it; the down tau vector and the all-on mask of a
-    layer that routes nothing are cached) and vs how it ran before the dial-mix round ("before": the input cut,
-    the tau vector and the all-on mask built by torch ops every call). Both: the expert mask (router + selection
+    layer that routes nothing are cached; one-token calls select inside the gate/up tiles where
+    kernels.routed_select_ok allows it), vs the same call on the select kernel's mask ("mask": SparseMLP before
+    commit c0c4a6c) and vs how it ran before the dial-mix round ("before": the input cut, the tau vector and the
+    all-on mask built by torch ops every call). Both: the expert mask (router + selection
     where the layer routes), the gate dial, down tau, the compact rule. Summed over the model's layers per
     budget. Gate and up rows are read whole: input skip saves FLOPs here, not bytes."""
     e = mix["expert_size"]
@@ -1674,7 +1676,7 @@ def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b"):
         ones = torch.ones(T, L.m // e, dtype=torch.bool, device=DEV)
         taus = [(down_tau / n.to(DT).clamp_min(1e-12)) if down_tau > 0 else None for n in dn]
 
-        def sparse(i, before):
+        def sparse(i, before, mask_path=False):
             c = i % L.nc
             kw = {"gate_scale": gss[c] if gate_tau > 0 else None, "gate_tau": gate_tau, "compact": compact,
                   "decide_tau": tdec}
@@ -1684,9 +1686,15 @@ def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b"):
                                                                                        device=DEV)
                 tau = (down_tau / dn[c].to(DT).clamp_min(1e-12)) if down_tau > 0 else None
                 return K.sparse_mlp(xi, L.packed[c], None, None, None, mask, tau, "silu", **kw)
-            mask = K.route(x, *L.router[c], thrs[c]) if routed else ones
-            return K.sparse_mlp(x, L.packed[c], None, None, None, mask, taus[c], "silu", input_tau=tin, **kw)
-        return [lambda i: dense_mlp(x, *L.dense[i % L.nc]), lambda i: sparse(i, True), lambda i: sparse(i, False)]
+            if not routed:
+                return K.sparse_mlp(x, L.packed[c], None, None, None, ones, taus[c], "silu", input_tau=tin, **kw)
+            if not mask_path and K.routed_select_ok(T, compact, e, L.m // e, gate_tau > 0):
+                return K.sparse_mlp(x, L.packed[c], None, None, None, None, taus[c], "silu", input_tau=tin,
+                                    logits=K.route_logits(x, *L.router[c]), threshold=thrs[c], **kw)
+            return K.sparse_mlp(x, L.packed[c], None, None, None, K.route(x, *L.router[c], thrs[c]), taus[c], "silu",
+                                input_tau=tin, **kw)
+        return [lambda i: dense_mlp(x, *L.dense[i % L.nc]), lambda i: sparse(i, True), lambda i: sparse(i, False),
+                lambda i: sparse(i, False, mask_path=True)]
 
     for b in mix["budgets"]:
         for T in Ts:
@@ -1698,18 +1706,22 @@ def bench_dial_mix(mix, Ts=(1,), shape="llama3-8b"):
                 rel = ((ys[1] - ys[0]).norm() / ys[0].norm().clamp_min(1e-30)).item()
                 ts = time_graphs(fns, 2 * L.nc, reps=20)
                 rows.append({"layer": li, "fractions": f, "dense_us": round(ts[0], 2), "before_us": round(ts[1], 2),
-                             "sparse_us": round(ts[2], 2), "rel_vs_before": rel,
+                             "sparse_us": round(ts[2], 2), "mask_us": round(ts[3], 2), "rel_vs_before": rel,
+                             "sparse_equals_mask": bool(torch.equal(ys[1], ys[2])),
                              "compact": T == 1 and f["experts"] <= COMPACT_BELOW})
-            keys = ("dense_us", "before_us", "sparse_us")
+            keys = ("dense_us", "before_us", "sparse_us", "mask_us")
             tot = dict(zip(keys, (sum(r[k] for r in rows) for k in keys)))
             out["budgets"].append({"target": b["target"], "batch": T, "mlp_flops_kept": b["mean"]["mlp_flops_kept"],
                                    **{k: round(v, 1) for k, v in tot.items()},
                                    "speedup": round(tot["dense_us"] / tot["sparse_us"], 3),
                                    "speedup_before": round(tot["dense_us"] / tot["before_us"], 3),
+                                   "speedup_mask": round(tot["dense_us"] / tot["mask_us"], 3),
+                                   "routed_layers_equal": sum(r["sparse_equals_mask"] for r in rows),
                                    "max_rel_vs_before": max(r["rel_vs_before"] for r in rows), "layers": rows})
             print(f"dial mix {b['target']} T={T}: {len(rows)} layers, dense {tot['dense_us']:.0f} us, before "
                   f"{tot['before_us']:.0f} ({tot['dense_us'] / tot['before_us']:.2f}x), sparse "
-                  f"{tot['sparse_us']:.0f} ({tot['dense_us'] / tot['sparse_us']:.2f}x)", flush=True)
+                  f"{tot['sparse_us']:.0f} ({tot['dense_us'] / tot['sparse_us']:.2f}x), mask {tot['mask_us']:.0f}",
+                  flush=True)
     del L
     torch.cuda.empty_cache()
     return out
