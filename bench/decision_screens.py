@@ -197,17 +197,35 @@ def mlp_inputs(model, mlps, windows) -> list[torch.Tensor]:
     return [torch.cat(x) for x in xs]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def screen_setup(doc: str, out_name: str):
+    """A screen's command line (--sparse, --budget, --tokens, --out) and what it runs on: (args, start time,
+    commit, the conversion loaded at --budget, its spec, its held-out calibration windows)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--sparse", required=True, help="a default conversion (densesparse convert)")
     ap.add_argument("--budget", type=float, default=0.5)
-    ap.add_argument("--tokens", type=int, default=2048, help="held-out calibration tokens the screens run on")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "decision-screens-smollm2.json"))
+    ap.add_argument("--tokens", type=int, default=2048, help="held-out calibration tokens the screen runs on")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / out_name))
     args = ap.parse_args()
     started, commit = time.time(), git_commit()
-    gen = torch.Generator().manual_seed(0)
     model, tok, spec = load_conversion(args.sparse, args.budget)
-    held = unsampled_windows(tok, spec, args.tokens)
+    return args, started, commit, model, spec, unsampled_windows(tok, spec, args.tokens)
+
+
+def write_screen(doc: str, args, started: float, commit: str, held, fields: dict) -> None:
+    """A screen's record at args.out: what ran, on which windows and machine, then its own fields."""
+    write_json({"what": doc.splitlines()[0], "sparse": args.sparse, "budget": args.budget,
+                "tokens": int(sum(w.numel() for w in held)),
+                "text": "default calibration corpus, windows the conversion did not sample (its seed, far end)",
+                "command": "python " + " ".join(sys.argv), "commit": commit,
+                "versions": {"densesparse": __version__, "torch": torch.__version__,
+                             "python": platform.python_version()},
+                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+                "seconds": round(time.time() - started, 1), **fields}, args.out)
+
+
+def main():
+    args, started, commit, model, spec, held = screen_setup(__doc__, "decision-screens-smollm2.json")
+    gen = torch.Generator().manual_seed(0)
     mlps = sparse_mlps(model)
     layers = []
     with torch.no_grad():
@@ -236,15 +254,8 @@ def main():
                              if all(r["joint"][k] is not None for r in layers) else None)
                          for k in ["ours"] + [str(q) for q in JOINT]},
                "tokens_mean": {k: round(sum(r[k] for r in tokens) / len(tokens), 3) for k in tokens[0] if k != "layer"}}
-    write_json({"what": __doc__.splitlines()[0], "sparse": args.sparse, "budget": args.budget,
-                "layers_with_gate_dial": len(layers), "tokens": int(sum(w.numel() for w in held)),
-                "text": "default calibration corpus, windows the conversion did not sample (its seed, far end)",
-                "command": "python " + " ".join(sys.argv), "commit": commit,
-                "versions": {"densesparse": __version__, "torch": torch.__version__,
-                             "python": platform.python_version()},
-                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-                "seconds": round(time.time() - started, 1), "summary": summary, "layers": layers,
-                "tokens_per_layer": tokens}, args.out)
+    write_screen(__doc__, args, started, commit, held, {"layers_with_gate_dial": len(layers), "summary": summary,
+                                                       "layers": layers, "tokens_per_layer": tokens})
     print(summary)
 
 

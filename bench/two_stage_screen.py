@@ -19,10 +19,7 @@ Tokens: calibration windows DIR did not sample (its seed, far end of its order);
 """
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,11 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from decision_screens import Layer, mlp_inputs
-from quality import git_commit, load_conversion, unsampled_windows
+from decision_screens import Layer, mlp_inputs, screen_setup, write_screen
 
-from densesparse import __version__
-from densesparse.report import write_json
 from densesparse.runtime import sparse_mlps
 
 GATE_MULTS = (0.75, 0.9, 1.0, 1.15)
@@ -85,15 +79,7 @@ def screen(L: Layer) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sparse", required=True, help="a default conversion (densesparse convert)")
-    ap.add_argument("--budget", type=float, default=0.5)
-    ap.add_argument("--tokens", type=int, default=2048, help="held-out calibration tokens the screen runs on")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "two-stage-screen-smollm2.json"))
-    args = ap.parse_args()
-    started, commit = time.time(), git_commit()
-    model, tok, spec = load_conversion(args.sparse, args.budget)
-    held = unsampled_windows(tok, spec, args.tokens)
+    args, started, commit, model, _, held = screen_setup(__doc__, "two-stage-screen-smollm2.json")
     mlps = sparse_mlps(model)
     layers = []
     with torch.no_grad():
@@ -102,14 +88,8 @@ def main():
                 layers.append({"layer": i, **screen(Layer(m, x))})
                 print(layers[-1], flush=True)
     summary = {k: round(sum(r[k] for r in layers), 4) for k in layers[0] if k != "layer"} if layers else {}
-    write_json({"what": __doc__.splitlines()[0], "sparse": args.sparse, "budget": args.budget,
-                "layers_screened": len(layers), "tokens": int(sum(w.numel() for w in held)),
-                "text": "default calibration corpus, windows the conversion did not sample (its seed, far end)",
-                "command": "python " + " ".join(sys.argv), "commit": commit,
-                "versions": {"densesparse": __version__, "torch": torch.__version__,
-                             "python": platform.python_version()},
-                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-                "seconds": round(time.time() - started, 1), "summary": summary, "layers": layers}, args.out)
+    write_screen(__doc__, args, started, commit, held, {"layers_screened": len(layers), "summary": summary,
+                                                       "layers": layers})
     print(summary)
 
 
