@@ -1247,13 +1247,15 @@ def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional
         raise ValueError(f"unsupported activation {act!r}")
     x = x.contiguous()
     T = x.shape[0]
+    p = packed
+    if path is None:
+        path = "triton" if T <= DECODE_MAX_T else "dense"
+    if compact is None:
+        compact = bool(CONFIG["compact"])
     if mask is None:
-        if logits is None or counts is not None or (CONFIG["compact"] if compact is None else compact) or \
-                T > _ROUTED_MAX_T or \
-                (path or ("triton" if T <= DECODE_MAX_T else "dense")) != "triton":
+        if logits is None or counts is not None or compact or T > _ROUTED_MAX_T or path != "triton":
             raise ValueError("sparse_mlp: pass mask; logits= (no mask) runs on the Triton decode path only, "
                              f"at most {_ROUTED_MAX_T} tokens, without counts or compact")
-        p = packed
         return sparse_mlp_decode_routed_op(x, p["w_gate"], p["w_up"], p["w_down_t"], b_gate, b_up, b_down,
                                            logits.contiguous(), float(threshold), tau, gate_scale, float(gate_tau),
                                            p["acc"], p["cnt"], p["e"], p["n_shared"], act, float(input_tau),
@@ -1261,14 +1263,9 @@ def sparse_mlp(x: Tensor, packed: dict, b_gate: Optional[Tensor], b_up: Optional
     if mask.dtype != torch.bool:
         mask = mask.bool()
     mask = mask.contiguous()
-    p = packed
-    if path is None:
-        path = "triton" if T <= DECODE_MAX_T else "dense"
     if path == "triton":
         if T > _BT:
             raise ValueError(f"triton decode path takes at most {_BT} tokens")
-        if compact is None:
-            compact = bool(CONFIG["compact"])
         head = (x, p["w_gate"], p["w_up"], p["w_down_t"], b_gate, b_up, b_down, mask, tau, gate_scale, float(gate_tau))
         tail = (p["acc"], p["cnt"], p["e"], p["n_shared"], act, bool(compact), float(input_tau), float(decide_tau))
         if counts is None:
