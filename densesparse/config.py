@@ -17,6 +17,36 @@ def _check_quality(value: float | None) -> None:
         raise ConfigError(f"--max-ppl-increase {value} is outside (0, 10]: give a fraction, e.g. 0.05 for 5%")
 
 
+DISTILL_HELP = ("Refine the bias corrections of the --distill-budgets end to end: this many Adam steps per budget, "
+                "each on 2 calibration windows, on the KL divergence of the sparse model's next-token distribution "
+                "from the dense model's (about 6 s a step for SmolLM2 on a 2-core CPU); 0 = off.")
+DISTILL_BUDGETS_HELP = ("Comma-separated calibrated budgets whose bias corrections --distill-steps refines; budgets "
+                        "between two calibrated ones interpolate their biases as before.")
+
+
+def distill_targets(value: str) -> list[float]:
+    """--distill-budgets as floats, largest first."""
+    try:
+        targets = sorted({float(v) for v in value.split(",") if v.strip()}, reverse=True)
+    except ValueError:
+        raise ConfigError(f"--distill-budgets {value!r} must be comma-separated numbers in (0, 1)") from None
+    if not targets or any(not 0.0 < t < 1.0 for t in targets):
+        raise ConfigError(f"--distill-budgets {value!r}: every budget must be in (0, 1), e.g. 0.5,0.35,0.25")
+    return targets
+
+
+def _check_distill(steps: int, budgets: str, min_budget: float) -> None:
+    from densesparse.budget import budget_grid  # lazy: numpy and torch, not for --help
+
+    if steps < 0:
+        raise ConfigError(f"--distill-steps {steps} must be 0 (off) or a positive number of steps")
+    grid = budget_grid(min_budget)
+    missing = [t for t in distill_targets(budgets) if not any(abs(t - g) < 1e-6 for g in grid)]
+    if steps and missing:
+        raise ConfigError(f"--distill-budgets {', '.join(map(str, missing))} not among the calibrated budgets "
+                          f"({', '.join(f'{g:g}' for g in grid)}): pick from those or change --min-budget")
+
+
 def opt(default, help: str, flag: str | None = None):
     """A config field that also describes its CLI option."""
     return field(default=default, metadata={"help": help, "flag": flag})
@@ -58,6 +88,8 @@ class ConvertConfig:
     bias_correction: bool = opt(True, "Add back, per layer and calibrated budget, the mean MLP output error measured "
                                       "on held-out calibration tokens, shrunk where it is mostly sampling noise "
                                       "(a bias: free at run time).")
+    distill_steps: int = opt(0, DISTILL_HELP)
+    distill_budgets: str = opt("0.5,0.35,0.25", DISTILL_BUDGETS_HELP)
     mlp_flops: float = opt(0.5, "Default MLP FLOPs budget the model loads with (fraction of dense, router included).")
     max_ppl_increase: float | None = opt(None, QUALITY_HELP)
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
@@ -80,6 +112,9 @@ class ConvertConfig:
         if self.calib_tokens < 256 or self.seq_len < 16:
             raise ConfigError("--calib-tokens must be at least 256 and --seq-len at least 16")
         _check_quality(self.max_ppl_increase)
+        _check_distill(self.distill_steps, self.distill_budgets, self.min_budget)
+        if self.distill_steps and not self.bias_correction:
+            raise ConfigError("--distill-steps refines the bias corrections: drop --no-bias-correction")
         return self
 
     def to_dict(self) -> dict:
@@ -97,6 +132,8 @@ class CalibrateConfig:
     mlp_flops: float | None = opt(None, "New default MLP FLOPs budget (default: keep the saved one).")
     max_ppl_increase: float | None = opt(None, QUALITY_HELP)
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
+    distill_steps: int = opt(0, DISTILL_HELP)
+    distill_budgets: str = opt("0.5,0.35,0.25", DISTILL_BUDGETS_HELP)
     seed: int = opt(0, "Seed (recorded in the output).")
 
     def validate(self) -> "CalibrateConfig":
@@ -105,6 +142,7 @@ class CalibrateConfig:
             if v is not None and not 0.0 < v <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} {v} is outside (0, 1]: give a fraction, e.g. 0.5")
         _check_quality(self.max_ppl_increase)
+        _check_distill(self.distill_steps, self.distill_budgets, self.min_budget)
         return self
 
 

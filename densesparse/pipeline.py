@@ -26,8 +26,9 @@ from densesparse.budget import (
     reweight,
     set_budget_biases,
 )
-from densesparse.config import CalibrateConfig, ConfigError, ConvertConfig
+from densesparse.config import CalibrateConfig, ConfigError, ConvertConfig, distill_targets
 from densesparse.data import adds_bos, calibration_windows
+from densesparse.distill import distill_biases
 from densesparse.errors import DenseSparseError
 from densesparse.evaluate import quality_budget
 from densesparse.grouping import neuron_order, permute
@@ -123,6 +124,17 @@ def _calibrated_budgets(mlps, points, helds, spec: dict, min_budget: float, bias
             set_budget_biases(mlps, helds, spec["budgets"])
 
 
+def _distilled(model, mlps, spec: dict, batches, cfg, generator, phases: Phases) -> None:
+    """--distill-steps: the chosen budgets' bias corrections refined end to end (distill.py), recorded in the spec."""
+    spec.pop("bias_distill", None)  # a recalibration recomputes the biases: an earlier refinement is gone
+    if not cfg.distill_steps:
+        return
+    targets = distill_targets(cfg.distill_budgets)
+    with phases("bias_distill"):
+        kl = distill_biases(model, mlps, spec["budgets"], batches, targets, cfg.distill_steps, generator)
+    spec["bias_distill"] = {"steps": cfg.distill_steps, "budgets": targets, "kl": kl}
+
+
 def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: bool, spec: dict, phases: Phases):
     """Per layer: group (regroup), gate scale, router (refit) and the dials' trade-off points; returns (points,
     router losses, held-out calibration inputs)."""
@@ -185,6 +197,7 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
             points = _probed(model, layout, mlps, points, batches, spec, progress)
     spec["bias_correction"] = cfg.bias_correction
     _calibrated_budgets(mlps, points, helds, spec, cfg.min_budget, cfg.bias_correction, phases)
+    _distilled(model, mlps, spec, batches, cfg, generator, phases)
     spec["router_kl"] = [round(v, 5) for v in losses]
     with phases("quality_budget"):
         spec["default_mlp_flops"] = _default_budget(model, tokenizer, spec, cfg, heldout, cfg.mlp_flops)
@@ -205,6 +218,9 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
         model = load(directory, mlp_flops=1.0)
     tokenizer = load_tokenizer(directory)
     spec = model.config.densesparse
+    if cfg.distill_steps and not spec.get("bias_correction"):
+        raise ConfigError(f"--distill-steps refines the bias corrections and {directory} has none: convert it again "
+                          "without --no-bias-correction")
     layout = resolve_layout(model)
     generator = torch.Generator().manual_seed(cfg.seed)
     batches, provenance, heldout = _windows(tokenizer, cfg, generator)
@@ -218,6 +234,7 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
             points = _probed(model, layout, mlps, points, batches, spec, progress)
     # the new budgets' biases (the grid may have changed with --min-budget)
     _calibrated_budgets(mlps, points, helds, spec, cfg.min_budget, bool(spec.get("bias_correction")), phases)
+    _distilled(model, mlps, spec, batches, cfg, generator, phases)
     if losses:
         spec["router_kl"] = [round(v, 5) for v in losses]
     spec.pop("quality_target", None)

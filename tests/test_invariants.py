@@ -183,6 +183,49 @@ def test_bias_correction(tiny_dir, tmp_path, arch):
     assert all(m.bias_now(ids.float()) is not None for m in sparse_mlps(again))
 
 
+def _kl_from_dense(model, mlps, budgets, target, wins) -> float:
+    """KL(dense || sparse at target) per token over wins, float32."""
+    with torch.no_grad():
+        apply_budget(mlps, budgets, 1.0)
+        dense = [torch.log_softmax(_logits(model, w[None])[0], -1) for w in wins]
+        apply_budget(mlps, budgets, target)
+        kl = sum(float((d.exp() * (d - torch.log_softmax(_logits(model, w[None])[0], -1))).sum())
+                 for d, w in zip(dense, wins))
+    return kl / sum(w.numel() for w in wins)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
+def test_distilled_biases_lower_the_kl_and_touch_only_their_rows(tiny_dir, tmp_path, arch):
+    """--distill-steps: the chosen budget's bias row moves so that the sparse model's KL from the dense model falls
+    on the windows it was fitted on; every other row keeps the layer-local bias; convert records it."""
+    from densesparse.distill import budget_row, distill_biases
+
+    spec = _convert(tiny_dir, tmp_path / "plain")
+    model = load(tmp_path / "plain", mlp_flops=1.0)
+    mlps = sparse_mlps(model)
+    before = [m.budget_bias.detach().clone() for m in mlps]
+    flags = [p.requires_grad for p in model.parameters()]
+    wins = list(_ids(48, seed=3))
+    kl0 = _kl_from_dense(model, mlps, spec["budgets"], 0.5, wins)
+    trace = distill_biases(model, mlps, spec["budgets"], wins, [0.5], 30, torch.Generator().manual_seed(0), bf16=False)
+    kl1 = _kl_from_dense(model, mlps, spec["budgets"], 0.5, wins)
+    assert kl1 < 0.99 * kl0, (kl0, kl1, trace)  # about 2% on these models: a bias cannot undo much of their error
+    row = budget_row(spec["budgets"], 0.5)
+    for m, b in zip(mlps, before):
+        others = [i for i in range(len(spec["budgets"])) if i != row]
+        assert torch.equal(m.budget_bias[others], b[others])
+    assert any(not torch.equal(m.budget_bias[row], b[row]) for m, b in zip(mlps, before))
+    assert [p.requires_grad for p in model.parameters()] == flags  # left as they were
+    # through convert: the same conversion (same seed) but for the distilled row, recorded in the spec
+    spec2 = _convert(tiny_dir, tmp_path / "distilled", distill_steps=2, distill_budgets="0.5")
+    assert spec2["bias_distill"]["budgets"] == [0.5] and spec2["bias_distill"]["steps"] == 2
+    ours = sparse_mlps(load(tmp_path / "distilled", mlp_flops=1.0))
+    for m, b in zip(ours, before):
+        others = [i for i in range(len(spec2["budgets"])) if i != row]
+        assert torch.allclose(m.budget_bias[others], b[others])
+    assert any(not torch.allclose(m.budget_bias[row], b[row]) for m, b in zip(ours, before))
+
+
 def test_budget_dial_moves_thresholds_monotonically(tiny_dir, tmp_path):
     out = tmp_path / "sparse"
     spec = _convert(tiny_dir, out)
