@@ -194,6 +194,7 @@ BLOCKS = {
     "quality-docs": ("quality-smollm2-python-docs.json", quality_table),
     "predictors": ("predictors-smollm2.json", predictors_table),
     "gpu": ("gpu-h100.json", gpu_table),
+    "gpu-h200": ("gpu-h200.json", gpu_table),
     "gpu-dial-mix": ("gpu-h100-dial-mix.json", dial_mix_table),
 }
 
