@@ -61,7 +61,7 @@ def _logits(model, ids: torch.Tensor, grad: bool, bf16: bool) -> torch.Tensor:
 
 def distill_biases(model, mlps: list[SparseMLP], budgets: list[dict], windows: list[torch.Tensor],
                    targets: list[float], steps: int, generator: torch.Generator, lr: float = LR,
-                   per_step: int = WINDOWS_PER_STEP, bf16: bool = True) -> list[dict]:
+                   per_step: int = WINDOWS_PER_STEP, bf16: bool = True, on_step=None) -> list[dict]:
     """For each target (a row of `budgets`), `steps` Adam steps on an additive correction to every layer's bias row,
     each step on `per_step` calibration windows drawn with `generator` (step size lr x the median RMS of the dense
     MLP outputs on the first window): the gradient of KL(dense || sparse) per
@@ -102,6 +102,8 @@ def distill_biases(model, mlps: list[SparseMLP], budgets: list[dict], windows: l
                         z.backward((log_s.exp() - p_dense) / n)
                     opt.step()
                     kls.append(kl / n)
+                    if on_step:
+                        on_step()
             with torch.no_grad():
                 for m, d in zip(mlps, deltas):
                     m.budget_bias[row] += d.to(m.budget_bias.dtype)

@@ -124,14 +124,16 @@ def _calibrated_budgets(mlps, points, helds, spec: dict, min_budget: float, bias
             set_budget_biases(mlps, helds, spec["budgets"])
 
 
-def _distilled(model, mlps, spec: dict, batches, cfg, generator, phases: Phases) -> None:
+def _distilled(model, mlps, spec: dict, batches, cfg, generator, phases: Phases, show_progress: bool) -> None:
     """--distill-steps: the chosen budgets' bias corrections refined end to end (distill.py), recorded in the spec."""
     spec.pop("bias_distill", None)  # a recalibration recomputes the biases: an earlier refinement is gone
     if not cfg.distill_steps:
         return
     targets = distill_targets(cfg.distill_budgets)
-    with phases("bias_distill"):
-        kl = distill_biases(model, mlps, spec["budgets"], batches, targets, cfg.distill_steps, generator)
+    with phases("bias_distill"), _progress(show_progress) as progress:
+        task = progress.add_task("distill biases", total=len(targets) * cfg.distill_steps) if progress else None
+        kl = distill_biases(model, mlps, spec["budgets"], batches, targets, cfg.distill_steps, generator,
+                            on_step=lambda: progress.advance(task) if progress else None)
     spec["bias_distill"] = {"steps": cfg.distill_steps, "budgets": targets, "kl": kl}
 
 
@@ -197,7 +199,7 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
             points = _probed(model, layout, mlps, points, batches, spec, progress)
     spec["bias_correction"] = cfg.bias_correction
     _calibrated_budgets(mlps, points, helds, spec, cfg.min_budget, cfg.bias_correction, phases)
-    _distilled(model, mlps, spec, batches, cfg, generator, phases)
+    _distilled(model, mlps, spec, batches, cfg, generator, phases, show_progress)
     spec["router_kl"] = [round(v, 5) for v in losses]
     with phases("quality_budget"):
         spec["default_mlp_flops"] = _default_budget(model, tokenizer, spec, cfg, heldout, cfg.mlp_flops)
@@ -234,7 +236,7 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
             points = _probed(model, layout, mlps, points, batches, spec, progress)
     # the new budgets' biases (the grid may have changed with --min-budget)
     _calibrated_budgets(mlps, points, helds, spec, cfg.min_budget, bool(spec.get("bias_correction")), phases)
-    _distilled(model, mlps, spec, batches, cfg, generator, phases)
+    _distilled(model, mlps, spec, batches, cfg, generator, phases, show_progress)
     if losses:
         spec["router_kl"] = [round(v, 5) for v in losses]
     spec.pop("quality_target", None)
