@@ -172,6 +172,14 @@ def test_unknown_gate_scale(llama_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args, says", [(["--distill-steps", "5", "--distill-budgets", "0.33"], "not among"),
+                                        (["--distill-steps", "-1"], "--distill-steps"),
+                                        (["--distill-steps", "5", "--no-bias-correction"], "bias correction")])
+def test_bad_distill_options(llama_dir, tmp_path, args, says):
+    _fails_cleanly(runner.invoke(app, ["convert", str(llama_dir), "--out", str(tmp_path / "o"), *args]), says)
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_sweep_out_of_range(llama_dir, tmp_path):
     _fails_cleanly(runner.invoke(app, ["eval", str(llama_dir), "--sweep", "1,2"]), "(0, 1]")
 

@@ -224,6 +224,18 @@ def test_distilled_biases_lower_the_kl_and_touch_only_their_rows(tiny_dir, tmp_p
         others = [i for i in range(len(spec2["budgets"])) if i != row]
         assert torch.allclose(m.budget_bias[others], b[others])
     assert any(not torch.allclose(m.budget_bias[row], b[row]) for m, b in zip(ours, before))
+    # calibrate refines again when asked, and drops the record when it recomputes the biases without it
+    from densesparse.config import CalibrateConfig, ConfigError
+    from densesparse.pipeline import calibrate
+    common = dict(sparse_dir=str(tmp_path / "distilled"), calib_tokens=600, seq_len=64, router_epochs=1,
+                  min_budget=0.3)
+    assert calibrate(CalibrateConfig(**common, distill_steps=1, distill_budgets="0.35"))["bias_distill"]["budgets"] \
+        == [0.35]
+    assert "bias_distill" not in calibrate(CalibrateConfig(**common))
+    _convert(tiny_dir, tmp_path / "nobias", bias_correction=False)
+    with pytest.raises(ConfigError, match="has none"):
+        calibrate(CalibrateConfig(**dict(common, sparse_dir=str(tmp_path / "nobias")), distill_steps=1,
+                                  distill_budgets="0.5"))
 
 
 def test_budget_dial_moves_thresholds_monotonically(tiny_dir, tmp_path):
