@@ -1056,27 +1056,40 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
                 return model(input_ids=tok, use_cache=False, logits_to_keep=1).logits
         return _graph_step(step)
 
+    def recording_router(out):
+        """Swap kernels.route and kernels.route_logits for wrappers that append what they return to `out`: the mask
+        where the select kernel runs, the logits where the gate/up tiles select (routed selection, batch-1 calls).
+        Returns the function that puts the real ones back."""
+        real = (K.route, K.route_logits)
+
+        def wrap(f):
+            def rec(*a):
+                r = f(*a)
+                out.append(r.clone())
+                return r
+            return rec
+        K.route, K.route_logits = wrap(real[0]), wrap(real[1])
+
+        def restore():
+            K.route, K.route_logits = real
+        return restore
+
     def eager_repeat(step, reset, rel):
-        """Two eager decode steps from the same cache state, each layer's MLP input / output and router mask
-        recorded; then layer 0's MLP called 20 times on one recorded input (router and kernels alone)."""
+        """Two eager decode steps from the same cache state, each layer's MLP input / output and router output (the
+        mask, or the logits on the routed path) recorded; then layer 0's MLP called 20 times on one recorded input
+        (router and kernels alone)."""
         def trace():
             tr = {"in": [], "out": [], "mask": []}
             def hook(mod, args, o):  # returns None: a forward hook's return value would replace the output
                 tr["in"].append(args[0].detach().clone())
                 tr["out"].append(o.detach().clone())
             hooks = [mm.register_forward_hook(hook) for mm in mlps]
-            real = K.route
-
-            def rec(x, *a):
-                mk = real(x, *a)
-                tr["mask"].append(mk.clone())
-                return mk
-            K.route = rec
+            restore = recording_router(tr["mask"])
             try:
                 reset()
                 lg = step().clone()
             finally:
-                K.route = real
+                restore()
                 for hk in hooks:
                     hk.remove()
             torch.cuda.synchronize()
@@ -1088,14 +1101,13 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
         x0 = a["in"][0]
         with torch.no_grad():
             ys, ms = [], []
-            real = K.route
             for _ in range(20):
                 mk = []
-                K.route = lambda x, *aa: mk.append(real(x, *aa)) or mk[-1]
+                restore = recording_router(mk)
                 try:
                     ys.append(mlps[0](x0).clone())
                 finally:
-                    K.route = real
+                    restore()
                 ms.append(mk[0])
         diff = [rel(y, ys[0]) for y in ys[1:]]
         return {"logits_rel": rel(lg_a, lg_b), "first_layer_out_differs": first[0],
