@@ -64,12 +64,11 @@ def distill_biases(model, mlps: list[SparseMLP], budgets: list[dict], windows: l
                    per_step: int = WINDOWS_PER_STEP, bf16: bool = True, on_step=None) -> list[dict]:
     """For each target (a row of `budgets`), `steps` Adam steps on an additive correction to every layer's bias row,
     each step on `per_step` calibration windows drawn with `generator` (step size lr x the median RMS of the dense
-    MLP outputs on the first window): the gradient of KL(dense || sparse) per
-    token, taken on the logits as softmax(sparse) - softmax(dense). The row then holds bias + correction. Returns,
-    per target, the mean KL over the first and the last few steps (a training-loss trace, not a held-out check)."""
+    MLP outputs on the first window), on the gradient of KL(dense || sparse) per token, taken on the logits as
+    softmax(sparse) - softmax(dense). The row then holds bias + correction. Returns, per target, the mean KL over
+    the first and the last few steps (a training-loss trace, not a held-out check)."""
     device = next(model.parameters()).device
-    # only the corrections get gradients
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())  # frozen meanwhile: only the corrections get gradients
     flags = [p.requires_grad for p in params]
     records = []
     try:
