@@ -18,8 +18,9 @@ def _check_quality(value: float | None) -> None:
 
 
 DISTILL_HELP = ("Refine the bias corrections of the --distill-budgets end to end: this many Adam steps per budget, "
-                "each on 2 calibration windows, on the KL divergence of the sparse model's next-token distribution "
-                "from the dense model's (about 5 s a step for SmolLM2 on a 2-core CPU); 0 = off.")
+                "each on --distill-windows calibration windows, on the KL divergence of the sparse model's next-token distribution "
+                "from the dense model's (about 5 s a step of 2 windows for SmolLM2 on a 2-core CPU); 0 = off.")
+DISTILL_WINDOWS_HELP = "Calibration windows per --distill-steps step."
 DISTILL_BUDGETS_HELP = ("Comma-separated calibrated budgets whose bias corrections --distill-steps refines; budgets "
                         "between two calibrated ones interpolate their biases as before.")
 
@@ -35,11 +36,13 @@ def distill_targets(value: str) -> list[float]:
     return targets
 
 
-def _check_distill(steps: int, budgets: str, min_budget: float) -> None:
+def _check_distill(steps: int, budgets: str, windows: int, min_budget: float) -> None:
     from densesparse.budget import budget_grid  # lazy: numpy and torch, not for --help
 
     if steps < 0:
         raise ConfigError(f"--distill-steps {steps} must be 0 (off) or a positive number of steps")
+    if windows < 1:
+        raise ConfigError(f"--distill-windows {windows} must be at least 1")
     grid = budget_grid(min_budget)
     missing = [t for t in distill_targets(budgets) if not any(abs(t - g) < 1e-6 for g in grid)]
     if steps and missing:
@@ -90,6 +93,7 @@ class ConvertConfig:
                                       "(a bias: free at run time).")
     distill_steps: int = opt(0, DISTILL_HELP)
     distill_budgets: str = opt("0.5,0.35,0.25", DISTILL_BUDGETS_HELP)
+    distill_windows: int = opt(2, DISTILL_WINDOWS_HELP)
     mlp_flops: float = opt(0.5, "Default MLP FLOPs budget the model loads with (fraction of dense, router included).")
     max_ppl_increase: float | None = opt(None, QUALITY_HELP)
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
@@ -112,7 +116,7 @@ class ConvertConfig:
         if self.calib_tokens < 256 or self.seq_len < 16:
             raise ConfigError("--calib-tokens must be at least 256 and --seq-len at least 16")
         _check_quality(self.max_ppl_increase)
-        _check_distill(self.distill_steps, self.distill_budgets, self.min_budget)
+        _check_distill(self.distill_steps, self.distill_budgets, self.distill_windows, self.min_budget)
         if self.distill_steps and not self.bias_correction:
             raise ConfigError("--distill-steps refines the bias corrections: drop --no-bias-correction")
         return self
@@ -134,6 +138,7 @@ class CalibrateConfig:
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
     distill_steps: int = opt(0, DISTILL_HELP)
     distill_budgets: str = opt("0.5,0.35,0.25", DISTILL_BUDGETS_HELP)
+    distill_windows: int = opt(2, DISTILL_WINDOWS_HELP)
     seed: int = opt(0, "Seed (recorded in the output).")
 
     def validate(self) -> "CalibrateConfig":
@@ -142,7 +147,7 @@ class CalibrateConfig:
             if v is not None and not 0.0 < v <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} {v} is outside (0, 1]: give a fraction, e.g. 0.5")
         _check_quality(self.max_ppl_increase)
-        _check_distill(self.distill_steps, self.distill_budgets, self.min_budget)
+        _check_distill(self.distill_steps, self.distill_budgets, self.distill_windows, self.min_budget)
         return self
 
 

@@ -21,7 +21,6 @@ from densesparse.runtime import SparseMLP, apply_budget
 # Adam step on each bias entry, relative to the median over layers of the dense MLP outputs' RMS (so the step
 # follows the model's scale): 0.005 on SmolLM2-135M (median RMS 1.83), the one value tried
 LR = 0.0027
-WINDOWS_PER_STEP = 2
 
 
 def budget_row(budgets: list[dict], target: float) -> int | None:
@@ -61,7 +60,7 @@ def _logits(model, ids: torch.Tensor, grad: bool, bf16: bool) -> torch.Tensor:
 
 def distill_biases(model, mlps: list[SparseMLP], budgets: list[dict], windows: list[torch.Tensor],
                    targets: list[float], steps: int, generator: torch.Generator, lr: float = LR,
-                   per_step: int = WINDOWS_PER_STEP, bf16: bool = True, on_step=None) -> list[dict]:
+                   per_step: int = 2, bf16: bool = True, on_step=None) -> list[dict]:
     """For each target (a row of `budgets`), `steps` Adam steps on an additive correction to every layer's bias row,
     each step on `per_step` calibration windows drawn with `generator` (step size lr x the median RMS of the dense
     MLP outputs on the first window), on the gradient of KL(dense || sparse) per token, taken on the logits as

@@ -133,8 +133,9 @@ def _distilled(model, mlps, spec: dict, batches, cfg, generator, phases: Phases,
     with phases("bias_distill"), _progress(show_progress) as progress:
         task = progress.add_task("distill biases", total=len(targets) * cfg.distill_steps) if progress else None
         kl = distill_biases(model, mlps, spec["budgets"], batches, targets, cfg.distill_steps, generator,
-                            on_step=lambda: progress.advance(task) if progress else None)
-    spec["bias_distill"] = {"steps": cfg.distill_steps, "budgets": targets, "kl": kl}
+                            per_step=cfg.distill_windows, on_step=lambda: progress.advance(task) if progress else None)
+    spec["bias_distill"] = {"steps": cfg.distill_steps, "windows_per_step": cfg.distill_windows, "budgets": targets,
+                            "kl": kl}
 
 
 def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: bool, spec: dict, phases: Phases):
