@@ -276,6 +276,16 @@ def _copied(out):
 
 
 @contextmanager
+def forward_hooks(modules: list, hook_for):
+    """hook_for(i) registered as module i's forward hook for the duration."""
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _recorded(layers: list, outputs: list[list]):
     """Record copies of the layers' outputs: on the k-th forward of the model, outputs[k] gets them in layer order."""
     calls = [0] * len(layers)
@@ -286,12 +296,7 @@ def _recorded(layers: list, outputs: list[list]):
             calls[i] += 1
         return record
 
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return forward_hooks(layers, hook)
 
 
 @contextmanager

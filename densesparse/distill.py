@@ -12,10 +12,10 @@ Forward and backward run under bfloat16 autocast (AMX / tensor cores); the biase
 from __future__ import annotations
 
 import statistics
-from contextlib import contextmanager
 
 import torch
 
+from densesparse.budget import forward_hooks
 from densesparse.runtime import SparseMLP, apply_budget
 
 # Adam step on each bias entry, relative to the median over layers of the dense MLP outputs' RMS (so the step
@@ -28,28 +28,11 @@ def budget_row(budgets: list[dict], target: float) -> int | None:
     return next((i for i, b in enumerate(budgets) if abs(b["target"] - target) < 1e-6), None)
 
 
-@contextmanager
-def _added(mlps: list[SparseMLP], deltas: list[torch.Tensor], on: dict):
-    """Forward hooks that add deltas[i] to layer i's output while on["v"]."""
-    hooks = [m.register_forward_hook(lambda mod, a, out, d=d: out + d.to(out.dtype) if on["v"] else out)
-             for m, d in zip(mlps, deltas)]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def _median_output_rms(model, mlps: list[SparseMLP], ids: torch.Tensor) -> float:
     rms = []
-    hooks = [m.register_forward_hook(lambda mod, a, out: rms.append(float(out.float().pow(2).mean().sqrt())))
-             for m in mlps]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids[None], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    with forward_hooks(mlps, lambda i: lambda mod, a, out: rms.append(float(out.float().pow(2).mean().sqrt()))), \
+            torch.no_grad():
+        model(input_ids=ids[None], use_cache=False)
     return statistics.median(rms)
 
 
@@ -80,7 +63,8 @@ def distill_biases(model, mlps: list[SparseMLP], budgets: list[dict], windows: l
             deltas = [torch.zeros(m.hidden, device=device, requires_grad=True) for m in mlps]
             opt = torch.optim.Adam(deltas, lr=step_size)
             on, kls = {"v": False}, []
-            with _added(mlps, deltas, on):
+            # the corrections are added to the MLP outputs while on["v"] (the sparse passes)
+            with forward_hooks(mlps, lambda i: lambda mod, a, out: out + deltas[i].to(out.dtype) if on["v"] else out):
                 for _ in range(steps):
                     picks = torch.randint(len(windows), (per_step,), generator=generator).tolist()
                     n = sum(windows[i].numel() for i in picks)

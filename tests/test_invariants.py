@@ -185,13 +185,13 @@ def test_bias_correction(tiny_dir, tmp_path, arch):
 
 def _kl_from_dense(model, mlps, budgets, target, wins) -> float:
     """KL(dense || sparse at target) per token over wins, float32."""
+    from densesparse.budget import kl_per_token, log_probs
+
+    apply_budget(mlps, budgets, 1.0)
     with torch.no_grad():
-        apply_budget(mlps, budgets, 1.0)
-        dense = [torch.log_softmax(_logits(model, w[None])[0], -1) for w in wins]
-        apply_budget(mlps, budgets, target)
-        kl = sum(float((d.exp() * (d - torch.log_softmax(_logits(model, w[None])[0], -1))).sum())
-                 for d, w in zip(dense, wins))
-    return kl / sum(w.numel() for w in wins)
+        dense = [log_probs(model, w) for w in wins]
+    apply_budget(mlps, budgets, target)
+    return kl_per_token(model, wins, dense)
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
