@@ -18,8 +18,9 @@ def _check_quality(value: float | None) -> None:
 
 
 DISTILL_HELP = ("Refine the bias corrections of the --distill-budgets end to end: this many Adam steps per budget, "
-                "each on --distill-windows calibration windows, on the KL divergence of the sparse model's next-token distribution "
-                "from the dense model's (about 5 s a step of 2 windows for SmolLM2 on a 2-core CPU); 0 = off.")
+                "each on --distill-windows calibration windows, on the KL divergence of the sparse model's "
+                "next-token distribution from the dense model's (about 5 s a step of 2 windows for SmolLM2 on a "
+                "2-core CPU); 0 = off.")
 DISTILL_WINDOWS_HELP = "Calibration windows per --distill-steps step."
 DISTILL_BUDGETS_HELP = ("Comma-separated calibrated budgets whose bias corrections --distill-steps refines; budgets "
                         "between two calibrated ones interpolate their biases as before.")
