@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ from densesparse.stats import collect  # noqa: E402
 
 WT2 = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 TARGETS = (0.75, 0.5, 0.35, 0.25)
+HINTS = typing.get_type_hints(ConvertConfig)  # a field's type, also where its default is None
 CALIB_SUBSAMPLE = 2048  # calibration tokens per layer used to set the peers' thresholds
 
 
@@ -180,7 +182,7 @@ def main():
     torch.set_grad_enabled(False)
     overrides = dict(kv.split("=") for kv in args.convert_args.split(",") if kv)
     for key, value in overrides.items():
-        kind = type(getattr(ConvertConfig(), key))
+        kind = next(t for t in typing.get_args(HINTS[key]) or (HINTS[key],) if t is not type(None))
         if kind is bool and value.lower() not in ("true", "false", "1", "0"):
             raise SystemExit(f"--convert-args {key}={value}: use true or false")
         overrides[key] = value.lower() in ("true", "1") if kind is bool else kind(value)

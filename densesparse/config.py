@@ -17,38 +17,56 @@ def _check_quality(value: float | None) -> None:
         raise ConfigError(f"--max-ppl-increase {value} is outside (0, 10]: give a fraction, e.g. 0.05 for 5%")
 
 
-DISTILL_HELP = ("Refine the bias corrections of the --distill-budgets end to end: this many Adam steps per budget, "
-                "each on --distill-windows calibration windows, on the KL divergence of the sparse model's "
-                "next-token distribution from the dense model's (about 5 s a step of 2 windows for SmolLM2 on a "
-                "2-core CPU); 0 = off.")
+DISTILL_STEPS = 20
+DISTILL_HELP = ("Refine the bias corrections of the --distill-budgets end to end: this many Adam steps, each on "
+                "--distill-windows calibration windows for every budget, on the KL divergence of the sparse model's "
+                "next-token distribution from the dense model's (about 6.5 s a step of one window and three "
+                f"budgets for SmolLM2 on a 2-core CPU); 0 = off. Default: {DISTILL_STEPS} where the model has bias "
+                "corrections, else 0.")
 DISTILL_WINDOWS_HELP = "Calibration windows per --distill-steps step."
+DISTILL_BUDGETS = (0.5, 0.35, 0.25)
 DISTILL_BUDGETS_HELP = ("Comma-separated calibrated budgets whose bias corrections --distill-steps refines; budgets "
-                        "between two calibrated ones interpolate their biases as before.")
+                        "between two calibrated ones interpolate their biases as before. Default: "
+                        f"{','.join(map(str, DISTILL_BUDGETS))}, those of them that --min-budget calibrates.")
 
 
-def distill_targets(value: str) -> list[float]:
-    """--distill-budgets as floats, largest first."""
+def distill_steps(cfg, bias_correction: bool) -> int:
+    """The refinement steps a convert or calibrate config asks for (--distill-steps, or its default)."""
+    if cfg.distill_steps is not None:
+        return cfg.distill_steps
+    return DISTILL_STEPS if bias_correction else 0
+
+
+def distill_targets(cfg) -> list[float]:
+    """The budgets a convert or calibrate config refines, largest first: --distill-budgets (each one a calibrated
+    budget), or the defaults that the grid calibrates."""
+    from densesparse.budget import budget_grid  # lazy: numpy and torch, not for --help
+
+    grid = budget_grid(cfg.min_budget)
+    on_grid = [t for t in DISTILL_BUDGETS if any(abs(t - g) < 1e-6 for g in grid)]
+    if cfg.distill_budgets is None:
+        return on_grid
+    value = cfg.distill_budgets
     try:
         targets = sorted({float(v) for v in value.split(",") if v.strip()}, reverse=True)
     except ValueError:
         raise ConfigError(f"--distill-budgets {value!r} must be comma-separated numbers in (0, 1)") from None
     if not targets or any(not 0.0 < t < 1.0 for t in targets):
         raise ConfigError(f"--distill-budgets {value!r}: every budget must be in (0, 1), e.g. 0.5,0.35,0.25")
+    missing = [t for t in targets if not any(abs(t - g) < 1e-6 for g in grid)]
+    if missing:
+        raise ConfigError(f"--distill-budgets {', '.join(map(str, missing))} not among the calibrated budgets "
+                          f"({', '.join(f'{g:g}' for g in grid)}): pick from those or change --min-budget")
     return targets
 
 
-def _check_distill(steps: int, budgets: str, windows: int, min_budget: float) -> None:
-    from densesparse.budget import budget_grid  # lazy: numpy and torch, not for --help
-
-    if steps < 0:
-        raise ConfigError(f"--distill-steps {steps} must be 0 (off) or a positive number of steps")
-    if windows < 1:
-        raise ConfigError(f"--distill-windows {windows} must be at least 1")
-    grid = budget_grid(min_budget)
-    missing = [t for t in distill_targets(budgets) if not any(abs(t - g) < 1e-6 for g in grid)]
-    if steps and missing:
-        raise ConfigError(f"--distill-budgets {', '.join(map(str, missing))} not among the calibrated budgets "
-                          f"({', '.join(f'{g:g}' for g in grid)}): pick from those or change --min-budget")
+def _check_distill(cfg) -> None:
+    if cfg.distill_steps is not None and cfg.distill_steps < 0:
+        raise ConfigError(f"--distill-steps {cfg.distill_steps} must be 0 (off) or a positive number of steps")
+    if cfg.distill_windows < 1:
+        raise ConfigError(f"--distill-windows {cfg.distill_windows} must be at least 1")
+    if cfg.distill_steps != 0:
+        distill_targets(cfg)
 
 
 def opt(default, help: str, flag: str | None = None):
@@ -92,9 +110,9 @@ class ConvertConfig:
     bias_correction: bool = opt(True, "Add back, per layer and calibrated budget, the mean MLP output error measured "
                                       "on held-out calibration tokens, shrunk where it is mostly sampling noise "
                                       "(a bias: free at run time).")
-    distill_steps: int = opt(0, DISTILL_HELP)
-    distill_budgets: str = opt("0.5,0.35,0.25", DISTILL_BUDGETS_HELP)
-    distill_windows: int = opt(2, DISTILL_WINDOWS_HELP)
+    distill_steps: int | None = opt(None, DISTILL_HELP)
+    distill_budgets: str | None = opt(None, DISTILL_BUDGETS_HELP)
+    distill_windows: int = opt(1, DISTILL_WINDOWS_HELP)
     mlp_flops: float = opt(0.5, "Default MLP FLOPs budget the model loads with (fraction of dense, router included).")
     max_ppl_increase: float | None = opt(None, QUALITY_HELP)
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
@@ -117,7 +135,7 @@ class ConvertConfig:
         if self.calib_tokens < 256 or self.seq_len < 16:
             raise ConfigError("--calib-tokens must be at least 256 and --seq-len at least 16")
         _check_quality(self.max_ppl_increase)
-        _check_distill(self.distill_steps, self.distill_budgets, self.distill_windows, self.min_budget)
+        _check_distill(self)
         if self.distill_steps and not self.bias_correction:
             raise ConfigError("--distill-steps refines the bias corrections: drop --no-bias-correction")
         return self
@@ -137,9 +155,9 @@ class CalibrateConfig:
     mlp_flops: float | None = opt(None, "New default MLP FLOPs budget (default: keep the saved one).")
     max_ppl_increase: float | None = opt(None, QUALITY_HELP)
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
-    distill_steps: int = opt(0, DISTILL_HELP)
-    distill_budgets: str = opt("0.5,0.35,0.25", DISTILL_BUDGETS_HELP)
-    distill_windows: int = opt(2, DISTILL_WINDOWS_HELP)
+    distill_steps: int | None = opt(None, DISTILL_HELP)
+    distill_budgets: str | None = opt(None, DISTILL_BUDGETS_HELP)
+    distill_windows: int = opt(1, DISTILL_WINDOWS_HELP)
     seed: int = opt(0, "Seed (recorded in the output).")
 
     def validate(self) -> "CalibrateConfig":
@@ -148,7 +166,7 @@ class CalibrateConfig:
             if v is not None and not 0.0 < v <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} {v} is outside (0, 1]: give a fraction, e.g. 0.5")
         _check_quality(self.max_ppl_increase)
-        _check_distill(self.distill_steps, self.distill_budgets, self.distill_windows, self.min_budget)
+        _check_distill(self)
         return self
 
 

@@ -43,56 +43,59 @@ def _logits(model, ids: torch.Tensor, grad: bool, bf16: bool) -> torch.Tensor:
 
 def distill_biases(model, mlps: list[SparseMLP], budgets: list[dict], windows: list[torch.Tensor],
                    targets: list[float], steps: int, generator: torch.Generator, lr: float = LR,
-                   per_step: int = 2, bf16: bool = True, on_step=None) -> list[dict]:
+                   per_step: int = 1, bf16: bool = True, on_step=None) -> list[dict]:
     """For each target (a row of `budgets`), `steps` Adam steps on an additive correction to every layer's bias row,
     each step on `per_step` calibration windows drawn with `generator` (step size lr x the median RMS of the dense
     MLP outputs on the first window), on the gradient of KL(dense || sparse) per token, taken on the logits as
-    softmax(sparse) - softmax(dense). The row then holds bias + correction. Returns, per target, the mean KL over
-    the first and the last few steps (a training-loss trace, not a held-out check)."""
+    softmax(sparse) - softmax(dense). The targets step together on the same windows, so each window's dense pass
+    serves all of them. The rows then hold bias + correction. Returns, per target, the mean KL over the first and
+    the last few steps (a training-loss trace, not a held-out check)."""
     device = next(model.parameters()).device
     params = list(model.parameters())  # frozen meanwhile: only the corrections get gradients
     flags = [p.requires_grad for p in params]
-    records = []
     try:
         for p in params:
             p.requires_grad_(False)
         apply_budget(mlps, budgets, 1.0)
         step_size = lr * _median_output_rms(model, mlps, windows[0].to(device))
-        for target in targets:
-            row = budget_row(budgets, target)
-            deltas = [torch.zeros(m.hidden, device=device, requires_grad=True) for m in mlps]
-            opt = torch.optim.Adam(deltas, lr=step_size)
-            on, kls = {"v": False}, []
-            # the corrections are added to the MLP outputs while on["v"] (the sparse passes)
-            with forward_hooks(mlps, lambda i: lambda mod, a, out: out + deltas[i].to(out.dtype) if on["v"] else out):
-                for _ in range(steps):
-                    picks = torch.randint(len(windows), (per_step,), generator=generator).tolist()
-                    n = sum(windows[i].numel() for i in picks)
+        deltas = [[torch.zeros(m.hidden, device=device, requires_grad=True) for m in mlps] for _ in targets]
+        opts = [torch.optim.Adam(d, lr=step_size) for d in deltas]
+        kls = [[] for _ in targets]
+        on = {"t": None}  # the target whose corrections are added to the MLP outputs (None: the dense passes)
+        with forward_hooks(mlps, lambda i: lambda mod, a, out: out if on["t"] is None
+                           else out + deltas[on["t"]][i].to(out.dtype)):
+            for _ in range(steps):
+                picks = torch.randint(len(windows), (per_step,), generator=generator).tolist()
+                n = sum(windows[i].numel() for i in picks)
+                for opt in opts:
                     opt.zero_grad()
-                    kl = 0.0
-                    for i in picks:
-                        ids = windows[i].to(device)
-                        apply_budget(mlps, budgets, 1.0)
-                        on["v"] = False
-                        p_dense = torch.softmax(_logits(model, ids, False, bf16), -1)
+                kl = [0.0] * len(targets)
+                for i in picks:
+                    ids = windows[i].to(device)
+                    apply_budget(mlps, budgets, 1.0)
+                    on["t"] = None
+                    p_dense = torch.softmax(_logits(model, ids, False, bf16), -1)
+                    for t, target in enumerate(targets):
                         apply_budget(mlps, budgets, target)
-                        on["v"] = True
+                        on["t"] = t
                         z = _logits(model, ids, True, bf16)
                         with torch.no_grad():
                             log_s = torch.log_softmax(z, -1)
-                            kl += float((p_dense * (p_dense.clamp_min(1e-30).log() - log_s)).sum())
+                            kl[t] += float((p_dense * (p_dense.clamp_min(1e-30).log() - log_s)).sum())
                         z.backward((log_s.exp() - p_dense) / n)
+                for t, opt in enumerate(opts):
                     opt.step()
-                    kls.append(kl / n)
-                    if on_step:
-                        on_step()
-            with torch.no_grad():
-                for m, d in zip(mlps, deltas):
+                    kls[t].append(kl[t] / n)
+                if on_step:
+                    on_step()
+        with torch.no_grad():
+            for target, ds in zip(targets, deltas):
+                row = budget_row(budgets, target)
+                for m, d in zip(mlps, ds):
                     m.budget_bias[row] += d.to(m.budget_bias.dtype)
-            k = max(1, min(5, steps // 4))
-            records.append({"target": target, "kl_first_steps": round(sum(kls[:k]) / k, 5),
-                            "kl_last_steps": round(sum(kls[-k:]) / k, 5)})
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-    return records
+    k = max(1, min(5, steps // 4))
+    return [{"target": target, "kl_first_steps": round(sum(trace[:k]) / k, 5),
+             "kl_last_steps": round(sum(trace[-k:]) / k, 5)} for target, trace in zip(targets, kls)]

@@ -26,7 +26,7 @@ from densesparse.budget import (
     reweight,
     set_budget_biases,
 )
-from densesparse.config import CalibrateConfig, ConfigError, ConvertConfig, distill_targets
+from densesparse.config import CalibrateConfig, ConfigError, ConvertConfig, distill_steps, distill_targets
 from densesparse.data import adds_bos, calibration_windows
 from densesparse.distill import distill_biases
 from densesparse.errors import DenseSparseError
@@ -127,14 +127,15 @@ def _calibrated_budgets(mlps, points, helds, spec: dict, min_budget: float, bias
 def _distilled(model, mlps, spec: dict, batches, cfg, generator, phases: Phases, show_progress: bool) -> None:
     """--distill-steps: the chosen budgets' bias corrections refined end to end (distill.py), recorded in the spec."""
     spec.pop("bias_distill", None)  # a recalibration recomputes the biases: an earlier refinement is gone
-    if not cfg.distill_steps:
+    steps = distill_steps(cfg, bool(spec.get("bias_correction")))
+    targets = distill_targets(cfg)
+    if not steps or not targets:
         return
-    targets = distill_targets(cfg.distill_budgets)
     with phases("bias_distill"), _progress(show_progress) as progress:
-        task = progress.add_task("distill biases", total=len(targets) * cfg.distill_steps) if progress else None
-        kl = distill_biases(model, mlps, spec["budgets"], batches, targets, cfg.distill_steps, generator,
+        task = progress.add_task("distill biases", total=steps) if progress else None
+        kl = distill_biases(model, mlps, spec["budgets"], batches, targets, steps, generator,
                             per_step=cfg.distill_windows, on_step=lambda: progress.advance(task) if progress else None)
-    spec["bias_distill"] = {"steps": cfg.distill_steps, "windows_per_step": cfg.distill_windows, "budgets": targets,
+    spec["bias_distill"] = {"steps": steps, "windows_per_step": cfg.distill_windows, "budgets": targets,
                             "kl": kl}
 
 

@@ -200,7 +200,8 @@ def test_distilled_biases_lower_the_kl_and_touch_only_their_rows(tiny_dir, tmp_p
     on the windows it was fitted on; every other row keeps the layer-local bias; convert records it."""
     from densesparse.distill import budget_row, distill_biases
 
-    spec = _convert(tiny_dir, tmp_path / "plain")
+    spec = _convert(tiny_dir, tmp_path / "plain", distill_steps=0)
+    assert "bias_distill" not in spec
     model = load(tmp_path / "plain", mlp_flops=1.0)
     mlps = sparse_mlps(model)
     before = [m.budget_bias.detach().clone() for m in mlps]
@@ -231,8 +232,13 @@ def test_distilled_biases_lower_the_kl_and_touch_only_their_rows(tiny_dir, tmp_p
                   min_budget=0.3)
     assert calibrate(CalibrateConfig(**common, distill_steps=1, distill_budgets="0.35"))["bias_distill"]["budgets"] \
         == [0.35]
-    assert "bias_distill" not in calibrate(CalibrateConfig(**common))
-    _convert(tiny_dir, tmp_path / "nobias", bias_correction=False)
+    assert "bias_distill" not in calibrate(CalibrateConfig(**common, distill_steps=0))
+    # by default both commands refine the default budgets that the grid calibrates (0.25 is below min_budget here)
+    assert calibrate(CalibrateConfig(**common))["bias_distill"]["budgets"] == [0.5, 0.35]
+    assert _convert(tiny_dir, tmp_path / "default")["bias_distill"]["steps"] > 0
+    # a model without bias corrections is not refined by default, and refuses an explicit --distill-steps
+    assert "bias_distill" not in _convert(tiny_dir, tmp_path / "nobias", bias_correction=False)
+    assert "bias_distill" not in calibrate(CalibrateConfig(**dict(common, sparse_dir=str(tmp_path / "nobias"))))
     with pytest.raises(ConfigError, match="has none"):
         calibrate(CalibrateConfig(**dict(common, sparse_dir=str(tmp_path / "nobias")), distill_steps=1,
                                   distill_budgets="0.5"))
