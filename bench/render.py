@@ -42,7 +42,7 @@ def quality_table(q: dict) -> str:
         how = (f"conversion {run['convert_seconds']} s" if run.get("convert_seconds")
                else "a default conversion reused (--sparse)")
         lines.append(f"Rows {', '.join(run['methods'])} replaced by `{run['command']}`; commit {run['commit'][:10]}; "
-                     f"{run['seconds']:.0f} s; {how}.")
+                     f"{run['seconds']:.0f} s; {how}" + (f" ({run['note']})." if run.get("note") else "."))
     return "\n".join(lines)
 
 

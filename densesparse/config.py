@@ -20,7 +20,7 @@ def _check_quality(value: float | None) -> None:
 DISTILL_STEPS = 20
 DISTILL_HELP = ("Refine the bias corrections of the --distill-budgets end to end: this many Adam steps, each on "
                 "--distill-windows calibration windows for every budget, on the KL divergence of the sparse model's "
-                "next-token distribution from the dense model's (about 6.5 s a step of one window and three "
+                "next-token distribution from the dense model's (about 6 s a step of one window and three "
                 f"budgets for SmolLM2 on a 2-core CPU); 0 = off. Default: {DISTILL_STEPS} where the model has bias "
                 "corrections, else 0.")
 DISTILL_WINDOWS_HELP = "Calibration windows per --distill-steps step."
@@ -43,9 +43,12 @@ def distill_targets(cfg) -> list[float]:
     from densesparse.budget import budget_grid  # lazy: numpy and torch, not for --help
 
     grid = budget_grid(cfg.min_budget)
-    on_grid = [t for t in DISTILL_BUDGETS if any(abs(t - g) < 1e-6 for g in grid)]
+
+    def on_grid(t: float) -> bool:
+        return any(abs(t - g) < 1e-6 for g in grid)
+
     if cfg.distill_budgets is None:
-        return on_grid
+        return [t for t in DISTILL_BUDGETS if on_grid(t)]
     value = cfg.distill_budgets
     try:
         targets = sorted({float(v) for v in value.split(",") if v.strip()}, reverse=True)
@@ -53,7 +56,7 @@ def distill_targets(cfg) -> list[float]:
         raise ConfigError(f"--distill-budgets {value!r} must be comma-separated numbers in (0, 1)") from None
     if not targets or any(not 0.0 < t < 1.0 for t in targets):
         raise ConfigError(f"--distill-budgets {value!r}: every budget must be in (0, 1), e.g. 0.5,0.35,0.25")
-    missing = [t for t in targets if not any(abs(t - g) < 1e-6 for g in grid)]
+    missing = [t for t in targets if not on_grid(t)]
     if missing:
         raise ConfigError(f"--distill-budgets {', '.join(map(str, missing))} not among the calibrated budgets "
                           f"({', '.join(f'{g:g}' for g in grid)}): pick from those or change --min-budget")
