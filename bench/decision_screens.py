@@ -197,10 +197,12 @@ def mlp_inputs(model, mlps, windows) -> list[torch.Tensor]:
     return [torch.cat(x) for x in xs]
 
 
-def screen_setup(doc: str, out_name: str):
-    """A screen's command line (--sparse, --budget, --tokens, --out) and what it runs on: (args, start time,
-    commit, the conversion loaded at --budget, its spec, its held-out calibration windows)."""
+def screen_setup(doc: str, out_name: str, add_args=None):
+    """A screen's command line (--sparse, --budget, --tokens, --out, and what add_args(parser) adds) and what it runs
+    on: (args, start time, commit, the conversion loaded at --budget, its spec, its held-out calibration windows)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if add_args:
+        add_args(ap)
     ap.add_argument("--sparse", required=True, help="a default conversion (densesparse convert)")
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--tokens", type=int, default=2048, help="held-out calibration tokens the screen runs on")

@@ -139,25 +139,30 @@ def _screen(n, d, n_in, n_dec, contrib, gate_score, down_score, born, rows, rout
     keeps the neuron's expert, so sums binned by it and accumulated over the mass grid serve all at once."""
     taus = _quantiles(down_score, RHO_GRID if down_skip else (0.0,))
     gate_taus = _quantiles(gate_score, GATE_GRID) if gate_score is not None else [0.0]
-    buckets = len(taus) + 2
+    buckets, levels = len(taus) + 2, len(gate_taus) + 1
+    # bucket 0 = skipped by the gate, 1 + i = down score in [taus[i-1], taus[i]); a neuron's gate level is how many
+    # gate thresholds its score reaches, so gate threshold j skips it iff its level <= j (the thresholds ascend)
     down_bucket = 1 + torch.bucketize(down_score, torch.tensor(taus), right=True)
-    squared = contrib.flatten().double() ** 2
-    size = len(masses) * buckets
-    token_bins = (torch.arange(n) * size)[:, None]
+    level = (torch.bucketize(gate_score, torch.tensor(gate_taus), right=True) if gate_score is not None
+             else torch.ones_like(down_bucket))
+    size = len(masses) * buckets * levels
+    bins = (born * buckets + down_bucket) * levels + level
+    # per-token counts weighted by the per-token channel counts: integers, so exactly the per-neuron sums
+    counts = torch.bincount((bins + (torch.arange(n) * size)[:, None]).flatten(), minlength=n * size).view(n, size)
     per_token = torch.stack([torch.ones_like(n_in), n_dec, n_in - n_dec], 1)  # rows, decision, completion channels
+    squared = torch.bincount(bins.flatten(), weights=contrib.flatten().double() ** 2, minlength=size)
+    joint = torch.cat([per_token.T @ counts.double(), squared[None].double()]).T.reshape(len(masses), buckets,
+                                                                                          levels, 4)
+    from_level = joint.flip(2).cumsum(2).flip(2)  # [mass, bucket, j] = the sums over gate levels >= j
+    total = joint.sum((1, 2))
+    down_on = torch.tensor(taus, dtype=torch.float64) > 0
     out = []
-    for g_tau in gate_taus:
-        # bucket 0 = skipped by the gate, 1 + i = down score in [taus[i-1], taus[i])
-        bucket = torch.where(gate_score >= g_tau, down_bucket, 0) if g_tau > 0 else down_bucket
-        bins = born * buckets + bucket
-        # per-token counts weighted by the per-token channel counts: integers, so exactly the per-neuron sums
-        counts = torch.bincount((bins + token_bins).flatten(), minlength=n * size).view(n, size).double()
-        binned = torch.cat([per_token.T @ counts, torch.bincount(bins.flatten(), weights=squared,
-                                                                 minlength=size)[None].double()]).T.contiguous()
-        cum = binned.view(len(masses), buckets, 4).cumsum(0).transpose(1, 2).cumsum(2) / n  # [mass, 4, bucket]
+    for j, g_tau in enumerate(gate_taus):
+        binned = from_level[:, :, j + 1].clone()  # what gate threshold j keeps, by down bucket
+        binned[:, 0] = total - binned.sum(1)
+        cum = binned.cumsum(0).transpose(1, 2).cumsum(2) / n  # [mass, 4, bucket]
         kept = cum[:, :, -1:] - cum[:, :, :1]  # what the gate dial keeps (every bucket but 0), per token
         after = cum[:, :, -1:] - cum[:, :, 1:-1]  # what down tau i keeps (buckets > i + 1)
-        down_on = torch.tensor(taus, dtype=torch.float64) > 0
         if gate_score is None:
             gate_cells = torch.zeros(len(masses), 1, dtype=torch.float64)
         else:
@@ -166,12 +171,13 @@ def _screen(n, d, n_in, n_dec, contrib, gate_score, down_score, born, rows, rout
             dial = decided + kept[:, 2] if g_tau > 0 else (rows * n_in).mean(1, keepdim=True)
             gate_cells = torch.where(down_on, decided + after[:, 2], dial)
         up_cells = torch.where(down_on, kept[:, 1] + after[:, 2], kept[:, 1] + kept[:, 2])
-        macs = mlp_macs_sparse(d, gate_cells, up_cells, after[:, 0], router[:, None])
-        err = base_err[:, None] + cum[:, 3, 1:-1]
+        macs = mlp_macs_sparse(d, gate_cells, up_cells, after[:, 0], router[:, None]).tolist()
+        err = (base_err[:, None] + cum[:, 3, 1:-1]).tolist()
         for a, t in enumerate(masses):
             for i, tau in enumerate(taus):
-                out.append(Point(float(macs[a, i]), float(err[a, i]), t, tau, x_tau, recall[a], g_tau,
-                                 decide_tau=dec_tau))
+                # with neither dial on, early decisions change nothing: the plain option stands for them
+                if g_tau > 0 or tau > 0 or dec_tau == x_tau:
+                    out.append(Point(macs[a][i], err[a][i], t, tau, x_tau, recall[a], g_tau, decide_tau=dec_tau))
     return out
 
 

@@ -17,10 +17,10 @@ def _check_quality(value: float | None) -> None:
         raise ConfigError(f"--max-ppl-increase {value} is outside (0, 10]: give a fraction, e.g. 0.05 for 5%")
 
 
-DISTILL_STEPS = 20
+DISTILL_STEPS = 10
 DISTILL_HELP = ("Refine the bias corrections of the --distill-budgets end to end: this many Adam steps, each on "
                 "--distill-windows calibration windows for every budget, on the KL divergence of the sparse model's "
-                "next-token distribution from the dense model's (about 6 s a step of one window and three "
+                "next-token distribution from the dense model's (about 15 s a step of one window and three "
                 f"budgets for SmolLM2 on a 2-core CPU); 0 = off. Default: {DISTILL_STEPS} where the model has bias "
                 "corrections, else 0.")
 DISTILL_WINDOWS_HELP = "Calibration windows per --distill-steps step."
@@ -87,13 +87,13 @@ class ConvertConfig:
                                   "embedded SmolLM2-135M-Instruct.")
     out: str = opt("sparse", "Output directory of the sparse model.")
     data: list[str] | None = opt(None, "Calibration text files (repeatable); default: the shipped calibration/ corpus.")
-    calib_tokens: int = opt(65536, "Calibration tokens to run through the dense model.")
+    calib_tokens: int = opt(32768, "Calibration tokens to run through the dense model.")
     seq_len: int = opt(512, "Calibration window length in tokens.")
     grouping: str = opt("coactivation", "Neuron grouping: coactivation | weights | contiguous.")
     expert_size: int = opt(8, "Neurons per expert.")
     shared_experts: int = opt(0, "Always-on experts made of the most often active neurons (CMoE/DeepSeekMoE).")
     router_width: int = opt(64, "Hidden width of each layer's 2-layer router.")
-    router_epochs: int = opt(8, "Router training epochs over the calibration tokens.")
+    router_epochs: int = opt(6, "Router training epochs over the calibration tokens.")
     down_skip: bool = opt(True, "Also skip down-projection rows whose activation is tiny inside chosen experts "
                                 "(exact, no prediction).")
     input_skip: bool = opt(True, "Also let gate/up skip input channels whose |x| is tiny (TEAL-style, exact given x); "
@@ -151,9 +151,9 @@ class ConvertConfig:
 class CalibrateConfig:
     sparse_dir: str = opt(MISSING, "Sparse model directory written by `densesparse convert`.")
     data: list[str] | None = opt(None, "Calibration text files; default: the shipped calibration/ corpus.")
-    calib_tokens: int = opt(65536, "Calibration tokens.")
+    calib_tokens: int = opt(32768, "Calibration tokens.")
     seq_len: int = opt(512, "Calibration window length in tokens.")
-    router_epochs: int = opt(8, "Router training epochs.")
+    router_epochs: int = opt(6, "Router training epochs.")
     refit_routers: bool = opt(True, "Refit the routers (else only the thresholds).")
     mlp_flops: float | None = opt(None, "New default MLP FLOPs budget (default: keep the saved one).")
     max_ppl_increase: float | None = opt(None, QUALITY_HELP)

@@ -7,7 +7,9 @@ windows: the biases learn what the layer-local mean cannot see (which directions
 sensitive to, and the errors other layers leave). It changes only the stored bias rows, so the forward (CPU or
 Triton) costs the same.
 
-Forward and backward run under bfloat16 autocast (AMX / tensor cores); the biases and their updates stay float32.
+Forward and backward run in float32 on the CPU (the same numbers on every CPU; where the CPU has no bfloat16
+matrix units, bfloat16 is several times slower there) and under bfloat16 autocast on CUDA; the biases and their
+updates stay float32.
 """
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ from densesparse.budget import forward_hooks
 from densesparse.runtime import SparseMLP, apply_budget
 
 # Adam step on each bias entry, relative to the median over layers of the dense MLP outputs' RMS (so the step
-# follows the model's scale): 0.005 on SmolLM2-135M (median RMS 1.83), the one value tried
-LR = 0.0027
+# follows the model's scale): 0.01 on SmolLM2-135M (median RMS 1.83). Twice the first value tried, for the 10 default
+# steps: on held-out calibration KL, 10 steps at this size kept more of 20 steps' gain than 8 at 2.5x
+# (bench/results/distill-screen-smollm2.json)
+LR = 0.0054
 
 
 def budget_row(budgets: list[dict], target: float) -> int | None:
@@ -43,14 +47,16 @@ def _logits(model, ids: torch.Tensor, grad: bool, bf16: bool) -> torch.Tensor:
 
 def distill_biases(model, mlps: list[SparseMLP], budgets: list[dict], windows: list[torch.Tensor],
                    targets: list[float], steps: int, generator: torch.Generator, lr: float = LR,
-                   per_step: int = 1, bf16: bool = True, on_step=None) -> list[dict]:
+                   per_step: int = 1, bf16: bool | None = None, on_step=None) -> list[dict]:
     """For each target (a row of `budgets`), `steps` Adam steps on an additive correction to every layer's bias row,
     each step on `per_step` calibration windows drawn with `generator` (step size lr x the median RMS of the dense
     MLP outputs on the first window), on the gradient of KL(dense || sparse) per token, taken on the logits as
     softmax(sparse) - softmax(dense). The targets step together on the same windows, so each window's dense pass
-    serves all of them. The rows then hold bias + correction. Returns, per target, the mean KL over the first and
-    the last few steps (a training-loss trace, not a held-out check)."""
+    serves all of them. bf16: bfloat16 autocast (default: on CUDA only). The rows then hold bias + correction.
+    Returns, per target, the mean KL over the first and the last few steps (a training-loss trace, not a held-out
+    check)."""
     device = next(model.parameters()).device
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     params = list(model.parameters())  # frozen meanwhile: only the corrections get gradients
     flags = [p.requires_grad for p in params]
     try:

@@ -34,7 +34,7 @@ from densesparse.evaluate import quality_budget
 from densesparse.grouping import neuron_order, permute
 from densesparse.io import SPEC_VERSION, load, load_dense, load_tokenizer, save_sparse
 from densesparse.report import model_card
-from densesparse.router import fit_router
+from densesparse.router import expert_output_norms, fit_router
 from densesparse.runtime import apply_budget, install, sparse_mlps
 from densesparse.stats import collect
 
@@ -150,11 +150,14 @@ def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: b
         if regroup:
             with phases("grouping"):
                 permute(mlp, neuron_order(mlp, train, cfg.grouping, generator))
-        with phases("gate_scale"):  # specs from before the option used mean |up|; calibrate keeps a model's own
-            mlp.calibrate_gate_scale(train, spec.get("gate_scale", "mean_abs"))
+        statistic = spec.get("gate_scale", "mean_abs")  # specs from before the option used mean |up|
         if refit:
-            with phases("router"):
-                losses.append(fit_router(mlp, train, cfg.router_epochs, generator))
+            with phases("router"):  # the gate scale comes from the pass that computes the router's targets
+                norms = expert_output_norms(mlp, train, gate_scale=statistic)
+                losses.append(fit_router(mlp, train, cfg.router_epochs, generator, norms=norms))
+        else:
+            with phases("gate_scale"):
+                mlp.calibrate_gate_scale(train, statistic)
         with phases("trade_off_points"):
             points.append(layer_points(mlp, held, sample.weight, spec["down_skip"], spec["input_skip"],
                                        spec.get("early_decisions", False)))

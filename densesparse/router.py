@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from densesparse.runtime import SparseMLP
+from densesparse.runtime import SparseMLP, up_power_sum
 
 CHUNK = 2048
 
@@ -21,18 +21,29 @@ def norms_from_hidden(mlp: SparseMLP, h: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def expert_output_norms(mlp: SparseMLP, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([norms_from_hidden(mlp, mlp.hidden_states(xb.float())) for xb in x.split(CHUNK)])
+def expert_output_norms(mlp: SparseMLP, x: torch.Tensor, gate_scale: str | None = None) -> torch.Tensor:
+    """Every token's expert output norms [N, n_experts]; with gate_scale (a GATE_POWER statistic), gated FFNs also
+    get their gate scale from the same pass (the up projections are most of the cost of both)."""
+    norms, total = [], 0
+    for xb in x.split(CHUNK):
+        g, u = mlp.gate_and_up(xb.float())
+        if gate_scale and g is not None:
+            total = total + up_power_sum(u, gate_scale)
+        norms.append(norms_from_hidden(mlp, u if g is None else g * u))
+    if gate_scale and mlp.gated:
+        mlp.set_gate_scale(total, x.shape[0], gate_scale)
+    return torch.cat(norms)
 
 
 def fit_router(mlp: SparseMLP, x: torch.Tensor, epochs: int, generator: torch.Generator,
-               batch: int = 1024, lr: float = 3e-3) -> float:
+               batch: int = 1024, lr: float = 3e-3, norms: torch.Tensor | None = None) -> float:
     """Train the router so softmax(logits) matches each token's distribution of expert output norms (KL).
 
     Matching the normalised norms is exactly what the threshold rule consumes: router mass ~ share of the output.
-    Returns the final training loss.
+    norms: expert_output_norms(mlp, x), where already computed. Returns the final training loss.
     """
-    norms = expert_output_norms(mlp, x)
+    if norms is None:
+        norms = expert_output_norms(mlp, x)
     target = norms / norms.sum(1, keepdim=True).clamp_min(1e-12)
     router = mlp.router.float()
     with torch.no_grad():
@@ -41,25 +52,24 @@ def fit_router(mlp: SparseMLP, x: torch.Tensor, epochs: int, generator: torch.Ge
             lin.weight.copy_(torch.empty_like(lin.weight).uniform_(-bound, bound, generator=generator))
             lin.bias.zero_()
         router.w2.bias.copy_(torch.log(target.mean(0).clamp_min(1e-9)))
-    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    opt = torch.optim.Adam(router.parameters(), lr=lr, foreach=True)
     steps = epochs * math.ceil(x.shape[0] / batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
-    loss_value = float("nan")
     with torch.enable_grad():
-        loss_value = _train(router, x, target, opt, sched, epochs, batch, generator)
-    return loss_value
+        return _train(router, x.float(), target, opt, sched, epochs, batch, generator)
 
 
 def _train(router, x, target, opt, sched, epochs, batch, generator) -> float:
+    # the targets' own entropy is constant: the cross-entropy has the KL's gradient, and the KL is reported
+    neg_entropy = (target * torch.log(target.clamp_min(1e-12))).sum(1)
     loss_value = float("nan")
     for _ in range(epochs):
         for idx in torch.randperm(x.shape[0], generator=generator).split(batch):
-            logp = torch.log_softmax(router(x[idx].float()), dim=-1)
-            tgt = target[idx]
-            loss = (tgt * (torch.log(tgt.clamp_min(1e-12)) - logp)).sum(1).mean()
+            logp = torch.log_softmax(router(x[idx]), dim=-1)
+            loss = -(target[idx] * logp).sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            loss_value = float(loss.detach())
+            loss_value = float(loss.detach() + neg_entropy[idx].mean())
     return loss_value

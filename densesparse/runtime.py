@@ -32,6 +32,14 @@ class Router(nn.Module):
         return self.w1.in_features * self.w1.out_features + self.w2.in_features * self.w2.out_features
 
 
+GATE_POWER = {"rms": 2, "mean_abs": 1}
+
+
+def up_power_sum(up: torch.Tensor, statistic: str) -> torch.Tensor:
+    """Per neuron, the sum over tokens of |up|^p (p = 2 for the rms gate scale, 1 for mean_abs)."""
+    return up.float().abs().pow(GATE_POWER[statistic]).sum(0)
+
+
 def threshold_select(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """XMoE rule: per token, the fewest experts whose softmax mass reaches `threshold` (at least one)."""
     if threshold >= 1.0:
@@ -280,10 +288,13 @@ class SparseMLP(nn.Module):
         """gate_scale = sqrt(mean up^2) ("rms": ranks neurons by their expected squared output, the error the budget
         search minimises) or mean |up| ("mean_abs") over calibration inputs x, times each neuron's down-row norm."""
         if self.gated:
-            power = 2 if statistic == "rms" else 1
-            total = sum(self.up_projection(xb.to(self.gate_scale.dtype)).float().abs().pow(power).sum(0)
-                        for xb in x.split(chunk))
-            self.gate_scale.copy_((total / x.shape[0]).pow(1 / power) * self.down_norms())
+            self.set_gate_scale(sum(up_power_sum(self.up_projection(xb.to(self.gate_scale.dtype)), statistic)
+                                    for xb in x.split(chunk)), x.shape[0], statistic)
+
+    @torch.no_grad()
+    def set_gate_scale(self, total: torch.Tensor, n: int, statistic: str) -> None:
+        """gate_scale from up_power_sum summed over n calibration tokens."""
+        self.gate_scale.copy_((total / n).pow(1 / GATE_POWER[statistic]) * self.down_norms())
 
     def down(self, h: torch.Tensor) -> torch.Tensor:
         """The down projection of intermediate activations h [T, m] (bias included)."""

@@ -73,7 +73,7 @@ def collect(model, layout: FFNLayout, batches: list[torch.Tensor], progress: Pro
 
     def ffn_hook(i):
         def hook(_module, args):
-            x = args[0].reshape(-1, d)
+            x = args[0].detach().reshape(-1, d)
             xs[i][fill[i]:fill[i] + x.shape[0]] = x.to(torch.bfloat16)
             fill[i] += x.shape[0]
         return hook
@@ -82,12 +82,15 @@ def collect(model, layout: FFNLayout, batches: list[torch.Tensor], progress: Pro
         hooks.append(ffn_input_module(layer, layout).register_forward_pre_hook(ffn_hook(i)))
     task = progress.add_task("calibration forward", total=len(batches)) if progress else None
     try:
-        for ids in batches:
+        # the sensitivity pass's forwards fill the first windows' samples: no second forward for them
+        weights = layer_sensitivity(model, layout, batches[:SENSITIVITY_WINDOWS])
+        if progress:
+            progress.advance(task, min(SENSITIVITY_WINDOWS, len(batches)))
+        for ids in batches[SENSITIVITY_WINDOWS:]:
             model.base_model(input_ids=ids.unsqueeze(0), use_cache=False)  # the LM head is not needed
             if progress:
                 progress.advance(task)
     finally:
         for h in hooks:
             h.remove()
-    weights = layer_sensitivity(model, layout, batches[:SENSITIVITY_WINDOWS])
     return [LayerSample(x=x[:n], weight=w) for x, w, n in zip(xs, weights, fill)]

@@ -391,6 +391,38 @@ def test_gate_scale_statistics():
         torch.testing.assert_close(scales[statistic], want * norms, rtol=1e-5, atol=1e-7)
     assert bool((scales["rms"] >= scales["mean_abs"] * (1 - 1e-6)).all())
     assert bool((scales["rms"] > scales["mean_abs"] * 1.01).any())
+    # convert sets the scale in the pass that computes the router's targets: the same statistic
+    from densesparse.router import expert_output_norms
+
+    for statistic in scales:
+        mlp.gate_scale.zero_()
+        expert_output_norms(mlp, x, gate_scale=statistic)
+        torch.testing.assert_close(mlp.gate_scale, scales[statistic], rtol=1e-5, atol=1e-7)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
+def test_collect_keeps_every_windows_ffn_inputs_in_order(arch, monkeypatch):
+    """collect's sample is each FFN's input on every window in order, the first windows taken from the sensitivity
+    pass's forwards (with gradients on) and the rest from plain forwards; the sensitivities are positive."""
+    from densesparse import stats
+
+    monkeypatch.setattr(stats, "SENSITIVITY_WINDOWS", 2)
+    model = tiny_model(arch)
+    layout = resolve_layout(model)
+    windows = list(torch.cat([_ids(16, seed=7), _ids(16, seed=8)]))
+    want = [[] for _ in stats.decoder_layers(model, layout)]
+    hooks = [stats.ffn_input_module(layer, layout).register_forward_pre_hook(
+        lambda mod, args, i=i: want[i].append(args[0].reshape(-1, 32).to(torch.bfloat16)))
+        for i, layer in enumerate(stats.decoder_layers(model, layout))]
+    for ids in windows:
+        model(input_ids=ids[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    samples = stats.collect(model, layout, windows)
+    for sample, inputs in zip(samples, want):
+        assert not sample.x.requires_grad and sample.weight > 0
+        torch.testing.assert_close(sample.x, torch.cat(inputs), rtol=0, atol=0)
 
 
 def _probe_setup(arch: str):
