@@ -340,6 +340,11 @@ def reweight(per_layer: list[list[Point]], factors: list[float]) -> list[list[Po
     return [[replace(p, err=p.err * f) for p in pts] for pts, f in zip(per_layer, factors)]
 
 
+def same_budget(a: float, b: float) -> bool:
+    """Budgets come from the grid's arithmetic, the spec and the command line: equal within rounding."""
+    return abs(a - b) < 1e-6
+
+
 def budget_grid(min_budget: float) -> list[float]:
     grid, t = [], 0.95
     while t >= min_budget - 1e-9:

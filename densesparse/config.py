@@ -40,12 +40,12 @@ def distill_steps(cfg, bias_correction: bool) -> int:
 def distill_targets(cfg) -> list[float]:
     """The budgets a convert or calibrate config refines, largest first: --distill-budgets (each one a calibrated
     budget), or the defaults that the grid calibrates."""
-    from densesparse.budget import budget_grid  # lazy: numpy and torch, not for --help
+    from densesparse.budget import budget_grid, same_budget  # lazy: numpy and torch, not for --help
 
     grid = budget_grid(cfg.min_budget)
 
     def on_grid(t: float) -> bool:
-        return any(abs(t - g) < 1e-6 for g in grid)
+        return any(same_budget(t, g) for g in grid)
 
     if cfg.distill_budgets is None:
         return [t for t in DISTILL_BUDGETS if on_grid(t)]

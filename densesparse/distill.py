@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from densesparse.budget import forward_hooks
+from densesparse.budget import forward_hooks, same_budget
 from densesparse.runtime import SparseMLP, apply_budget
 
 # Adam step on each bias entry, relative to the median over layers of the dense MLP outputs' RMS (so the step
@@ -29,7 +29,7 @@ LR = 0.0054
 
 def budget_row(budgets: list[dict], target: float) -> int | None:
     """Index of the calibrated budget row at `target` (None if the grid has none there)."""
-    return next((i for i, b in enumerate(budgets) if abs(b["target"] - target) < 1e-6), None)
+    return next((i for i, b in enumerate(budgets) if same_budget(b["target"], target)), None)
 
 
 def _median_output_rms(model, mlps: list[SparseMLP], ids: torch.Tensor) -> float:
