@@ -4,10 +4,11 @@
 
 DIR is a conversion made with --distill-steps 0 (layer-local biases only). Each setting STEPSxWINDOWSxLR[xLEN]
 refines a fresh copy of DIR's 35% and 25% bias rows with distill.distill_biases: STEPS steps of WINDOWS calibration
-windows (each cut to its first LEN tokens where given), step size LR x distill.LR (0 steps: DIR as it is). The score is the sparse model's mean KL per token from the dense
-model at 35% and 25%, on calibration windows DIR did not sample (its seed, far end of its order): the refinement
-fits on the conversion's own windows, so these are held out. WikiText is never read. The refinement's own window
-draws use a separate generator (seed 1), the same for every setting.
+windows (each cut to its first LEN tokens where given), step size LR x distill.LR (0 steps: DIR as it is). The score
+is the sparse model's mean KL per token from the dense model at 35% and 25%, on calibration windows DIR did not
+sample (its seed, far end of its order): the refinement fits on the conversion's own windows, so these are held out.
+WikiText is never read. The refinement's own window draws use a separate generator (seed 1), the same for every
+setting.
 """
 from __future__ import annotations
 

@@ -20,9 +20,9 @@ def _check_quality(value: float | None) -> None:
 DISTILL_STEPS = 10
 DISTILL_HELP = ("Refine the bias corrections of the --distill-budgets end to end: this many Adam steps, each on "
                 "--distill-windows calibration windows for every budget, on the KL divergence of the sparse model's "
-                "next-token distribution from the dense model's (about 15 s a step of one window and three "
-                f"budgets for SmolLM2 on a 2-core CPU); 0 = off. Default: {DISTILL_STEPS} where the model has bias "
-                "corrections, else 0.")
+                "next-token distribution from the dense model's (about 17 s a step of one window and three "
+                f"budgets for SmolLM2 on a 2-core AVX2 CPU); 0 = off. Default: {DISTILL_STEPS} where the model has "
+                "bias corrections, else 0.")
 DISTILL_WINDOWS_HELP = "Calibration windows per --distill-steps step."
 DISTILL_BUDGETS = (0.5, 0.35, 0.25)
 DISTILL_BUDGETS_HELP = ("Comma-separated calibrated budgets whose bias corrections --distill-steps refines; budgets "
