@@ -38,11 +38,13 @@ def gflops(x: torch.Tensor, w: torch.Tensor, autocast: bool = False) -> float:
     return 2 * SHAPE[0] * SHAPE[1] * SHAPE[2] / statistics.median(times) / 1e9
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+def cpu_info() -> tuple[str, list[str]]:
+    """The CPU's model name and its bfloat16 / AMX flags, from /proc/cpuinfo where there is one."""
+    info = Path("/proc/cpuinfo")
+    text = info.read_text() if info.exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                platform.processor())
+    return name, sorted({f for f in text.split() if "bf16" in f or f.startswith("amx")})
 
 
 def main():
@@ -52,11 +54,10 @@ def main():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(SHAPE[0], SHAPE[1], generator=gen)
     w = torch.randn(SHAPE[2], SHAPE[1], generator=gen)
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    run = {"command": "python bench/cpu_matmul.py", "commit": git_commit(), "cpu": cpu_name(),
+    name, flags = cpu_info()
+    run = {"command": "python bench/cpu_matmul.py", "commit": git_commit(), "cpu": name,
            "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "bf16_flags": sorted(f for f in flags if "bf16" in f or f.startswith("amx")),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_flags": flags,
            "shape": SHAPE, "float32_gflops": round(gflops(x, w), 1),
            "bfloat16_gflops": round(gflops(x.bfloat16(), w.bfloat16()), 1),
            "autocast_bfloat16_gflops": round(gflops(x, w, autocast=True), 1)}

@@ -151,8 +151,7 @@ def _screen(n, d, n_in, n_dec, contrib, gate_score, down_score, born, rows, rout
     counts = torch.bincount((bins + (torch.arange(n) * size)[:, None]).flatten(), minlength=n * size).view(n, size)
     per_token = torch.stack([torch.ones_like(n_in), n_dec, n_in - n_dec], 1)  # rows, decision, completion channels
     squared = torch.bincount(bins.flatten(), weights=contrib.flatten().double() ** 2, minlength=size)
-    joint = torch.cat([per_token.T @ counts.double(), squared[None].double()]).T.reshape(len(masses), buckets,
-                                                                                          levels, 4)
+    joint = torch.cat([per_token.T @ counts.double(), squared[None]]).T.reshape(len(masses), buckets, levels, 4)
     from_level = joint.flip(2).cumsum(2).flip(2)  # [mass, bucket, j] = the sums over gate levels >= j
     total = joint.sum((1, 2))
     down_on = torch.tensor(taus, dtype=torch.float64) > 0

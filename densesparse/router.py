@@ -24,14 +24,15 @@ def norms_from_hidden(mlp: SparseMLP, h: torch.Tensor) -> torch.Tensor:
 def expert_output_norms(mlp: SparseMLP, x: torch.Tensor, gate_scale: str | None = None) -> torch.Tensor:
     """Every token's expert output norms [N, n_experts]; with gate_scale (a GATE_POWER statistic), gated FFNs also
     get their gate scale from the same pass (the up projections are most of the cost of both)."""
+    statistic = gate_scale if mlp.gated else None
     norms, total = [], 0
     for xb in x.split(CHUNK):
         g, u = mlp.gate_and_up(xb.float())
-        if gate_scale and g is not None:
-            total = total + up_power_sum(u, gate_scale)
+        if statistic:
+            total = total + up_power_sum(u, statistic)
         norms.append(norms_from_hidden(mlp, u if g is None else g * u))
-    if gate_scale and mlp.gated:
-        mlp.set_gate_scale(total, x.shape[0], gate_scale)
+    if statistic:
+        mlp.set_gate_scale(total, x.shape[0], statistic)
     return torch.cat(norms)
 
 
