@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from decision_screens import screen_setup, write_screen  # noqa: E402
 from quality import load_conversion  # noqa: E402
 
-from densesparse.budget import kl_per_token, log_probs  # noqa: E402
+from densesparse.budget import kl_per_token, reference  # noqa: E402
 from densesparse.data import calibration_windows  # noqa: E402
 from densesparse.distill import LR, distill_biases  # noqa: E402
 from densesparse.runtime import apply_budget, sparse_mlps  # noqa: E402
@@ -56,7 +56,7 @@ def main():
         seconds = time.time() - t0
         apply_budget(mlps, spec["budgets"], 1.0)
         with torch.no_grad():
-            dense = [log_probs(model, w) for w in held]
+            dense = [reference(model, w) for w in held]
             kl = {}
             for t in TARGETS:
                 apply_budget(mlps, spec["budgets"], t)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from quality import git_commit, load_conversion, unsampled_windows, wt2_windows
 
 from densesparse import __version__
-from densesparse.budget import kl_per_token, log_probs
+from densesparse.budget import kl_per_token, reference
 from densesparse.evaluate import _mlp_macs, nll_sum
 from densesparse.report import write_json
 from densesparse.runtime import LayerStats, apply_budget, sparse_mlps
@@ -92,8 +92,8 @@ def main():
     start = grid.index(min(grid, key=lambda t: abs(t - args.target)))
     alloc = Allocation(model, mlps, budgets, grid)
     apply_budget(mlps, budgets, 1.0)
-    dense_s = [log_probs(model, w) for w in search]
-    dense_c = [log_probs(model, w) for w in check]
+    dense_s = [reference(model, w) for w in search]
+    dense_c = [reference(model, w) for w in check]
     table = []  # table[k][i]: layer i's multiply-adds per token at grid row k (every layer at row k)
     for k in range(len(grid)):
         table.append(alloc.counted([k] * len(mlps), search)[0])

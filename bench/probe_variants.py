@@ -56,25 +56,25 @@ def main():
                                                 spec["calibration"]["seq_len"], gen, QUALITY_TOKENS)
     mlps = sparse_mlps(model)
     layout = resolve_layout(model)
-    points, helds = [], []
+    points = []
     for mlp, s in zip(mlps, collect(model, layout, batches)):
         held = _split(s.x, gen)[1]
-        helds.append(held)
         points.append(budget.layer_points(mlp, held, s.weight, spec["down_skip"], spec["input_skip"],
                                           spec.get("early_decisions", False)))
     probe_wins = budget.probe_windows(batches)
     layers = decoder_layers(model, layout)
     for m in mlps:
         budget.set_dials(m, None)
-    dense = [budget.log_probs(model, w) for w in held_wins]
+    dense = [budget.reference(model, w) for w in held_wins]
 
     def probe_at(target, pts, wins=probe_wins):
         return budget.probe_losses(model, mlps, pts, wins, at=target, layers=layers)
 
     def measure(name, factors):
         # only the budgets measured, each with its bias row
-        budgets = budget.calibrate_budgets(budget.reweight(points, factors), min(TARGETS), list(TARGETS))
-        budget.set_budget_biases(mlps, helds, budgets)
+        weighted = budget.reweight(points, factors)
+        budgets = budget.calibrate_budgets(weighted, min(TARGETS), list(TARGETS))
+        budget.set_budget_biases(mlps, weighted, budgets)
         row = {"variant": name, "factors": [round(f, 4) for f in factors], "budgets": []}
         for t in TARGETS:
             apply_budget(mlps, budgets, t)

@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from densesparse.budget import forward_hooks, same_budget
+from densesparse.budget import Reference, forward_hooks, same_budget
 from densesparse.runtime import SparseMLP, apply_budget
 
 # Adam step on each bias entry, relative to the median over layers of the dense MLP outputs' RMS (so the step
@@ -41,8 +41,9 @@ def _median_output_rms(model, mlps: list[SparseMLP], ids: torch.Tensor) -> float
 
 
 def _logits(model, ids: torch.Tensor, grad: bool, bf16: bool) -> torch.Tensor:
+    """[1, T, vocab]: backward runs on the model's own output (no vocab-wide copy for an index's gradient)."""
     with torch.set_grad_enabled(grad), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return model(input_ids=ids[None], use_cache=False).logits[0].float()
+        return model(input_ids=ids[None], use_cache=False).logits
 
 
 def distill_biases(model, mlps: list[SparseMLP], budgets: list[dict], windows: list[torch.Tensor],
@@ -80,15 +81,16 @@ def distill_biases(model, mlps: list[SparseMLP], budgets: list[dict], windows: l
                     ids = windows[i].to(device)
                     apply_budget(mlps, budgets, 1.0)
                     on["t"] = None
-                    p_dense = torch.softmax(_logits(model, ids, False, bf16), -1)
+                    dense = Reference.of(_logits(model, ids, False, bf16)[0])
                     for t, target in enumerate(targets):
                         apply_budget(mlps, budgets, target)
                         on["t"] = t
                         z = _logits(model, ids, True, bf16)
                         with torch.no_grad():
-                            log_s = torch.log_softmax(z, -1)
-                            kl[t] += float((p_dense * (p_dense.clamp_min(1e-30).log() - log_s)).sum())
-                        z.backward((log_s.exp() - p_dense) / n)
+                            log_s = torch.log_softmax(z[0].float(), -1)
+                            kl[t] += dense.kl(log_s)
+                            grad = log_s.exp_().sub_(dense.p).div_(n)  # in place: vocab-wide temporaries cost most
+                        z.backward(grad[None].to(z.dtype))
                 for t, opt in enumerate(opts):
                     opt.step()
                     kls[t].append(kl[t] / n)

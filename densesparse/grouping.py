@@ -43,10 +43,11 @@ def kmeans_plusplus(feats: torch.Tensor, k: int, generator: torch.Generator) -> 
     """Greedy k-means++ seeding (Arthur & Vassilvitskii, with scikit-learn's 2 + ln k candidates per step, keeping
     the one that lowers the potential most): the indices of k points to start from."""
     n = feats.shape[0]
-    sq = feats.pow(2).sum(1)
+    gram = feats @ feats.T  # once: the k steps then read rows of it instead of multiplying by every point again
+    sq = gram.diagonal()
 
     def dist2(idx: torch.Tensor) -> torch.Tensor:  # squared distances from points idx to every point [len(idx), n]
-        return (sq[idx, None] - 2 * feats[idx] @ feats.T + sq[None]).clamp_min(0)
+        return (sq[idx, None] - 2 * gram[idx] + sq[None]).clamp_min(0)
 
     chosen = [int(torch.randint(n, (1,), generator=generator))]
     closest = dist2(torch.tensor(chosen))[0]

@@ -115,13 +115,12 @@ def _probed(model, layout, mlps, points, batches, spec: dict, progress):
     return reweight(points, factors)
 
 
-def _calibrated_budgets(mlps, points, helds, spec: dict, min_budget: float, bias_correction: bool, phases: Phases):
+def _calibrated_budgets(mlps, points, spec: dict, min_budget: float, bias_correction: bool, phases: Phases):
     """spec["budgets"]: per-layer settings at every grid budget down to min_budget, and their bias corrections."""
     with phases("budgets"):
         spec["budgets"] = calibrate_budgets(points, min_budget)
-    if bias_correction:
-        with phases("bias_correction"):
-            set_budget_biases(mlps, helds, spec["budgets"])
+        if bias_correction:
+            set_budget_biases(mlps, points, spec["budgets"])
 
 
 def _distilled(model, mlps, spec: dict, batches, cfg, generator, phases: Phases, show_progress: bool) -> None:
@@ -140,13 +139,12 @@ def _distilled(model, mlps, spec: dict, batches, cfg, generator, phases: Phases,
 
 
 def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: bool, spec: dict, phases: Phases):
-    """Per layer: group (regroup), gate scale, router (refit) and the dials' trade-off points; returns (points,
-    router losses, held-out calibration inputs)."""
+    """Per layer: group (regroup), gate scale, router (refit) and the dials' trade-off points (with their bias
+    corrections, measured on held-out calibration inputs); returns (points, router losses)."""
     task = progress.add_task("group + route layers", total=len(mlps)) if progress else None
-    points, losses, helds = [], [], []
+    points, losses = [], []
     for mlp, sample in zip(mlps, samples):
         train, held = _split(sample.x, generator)
-        helds.append(held)
         if regroup:
             with phases("grouping"):
                 permute(mlp, neuron_order(mlp, train, cfg.grouping, generator))
@@ -163,7 +161,7 @@ def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: b
                                        spec.get("early_decisions", False)))
         if progress:
             progress.advance(task)
-    return points, losses, helds
+    return points, losses
 
 
 def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
@@ -198,12 +196,12 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
         with phases("calibration_forward"):
             samples = collect(model, layout, batches, progress)
         mlps = install(model, spec)
-        points, losses, helds = _fit_layers(mlps, samples, cfg, generator, progress, regroup=True, refit=True,
+        points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=True, refit=True,
                                             spec=spec, phases=phases)
         with phases("loss_probe"):
             points = _probed(model, layout, mlps, points, batches, spec, progress)
     spec["bias_correction"] = cfg.bias_correction
-    _calibrated_budgets(mlps, points, helds, spec, cfg.min_budget, cfg.bias_correction, phases)
+    _calibrated_budgets(mlps, points, spec, cfg.min_budget, cfg.bias_correction, phases)
     _distilled(model, mlps, spec, batches, cfg, generator, phases, show_progress)
     spec["router_kl"] = [round(v, 5) for v in losses]
     with phases("quality_budget"):
@@ -235,12 +233,12 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
     with _progress(show_progress) as progress:
         with phases("calibration_forward"):
             samples = collect(model, layout, batches, progress)
-        points, losses, helds = _fit_layers(mlps, samples, cfg, generator, progress, regroup=False,
+        points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=False,
                                             refit=cfg.refit_routers, spec=spec, phases=phases)
         with phases("loss_probe"):
             points = _probed(model, layout, mlps, points, batches, spec, progress)
     # the new budgets' biases (the grid may have changed with --min-budget)
-    _calibrated_budgets(mlps, points, helds, spec, cfg.min_budget, bool(spec.get("bias_correction")), phases)
+    _calibrated_budgets(mlps, points, spec, cfg.min_budget, bool(spec.get("bias_correction")), phases)
     _distilled(model, mlps, spec, batches, cfg, generator, phases, show_progress)
     if losses:
         spec["router_kl"] = [round(v, 5) for v in losses]

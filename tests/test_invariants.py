@@ -127,7 +127,7 @@ def test_bias_correction(tiny_dir, tmp_path, arch):
     trust_remote_code agree after the round trip."""
     from transformers import AutoModelForCausalLM
 
-    from densesparse.budget import set_budget_biases, shrunk_mean
+    from densesparse.budget import calibrate_budgets, layer_points, set_budget_biases, shrunk_mean
 
     out = tmp_path / "sparse"
     spec = _convert(tiny_dir, out, bias_correction=True)
@@ -138,9 +138,11 @@ def test_bias_correction(tiny_dir, tmp_path, arch):
     assert all(m.budget_bias.shape == (len(spec["budgets"]), m.hidden) for m in mlps)
     assert all(m.bias_now(ids.float()) is None for m in mlps)
     assert torch.allclose(_logits(ours, ids), _logits(tiny_model(arch), ids), atol=1e-5)
-    # the definition, on fresh inputs
+    # the definition, on fresh inputs: the points' biases (from their exact re-scoring) are the forward's mean errors
     held = [torch.randn(64, m.hidden, generator=torch.Generator().manual_seed(i)) for i, m in enumerate(mlps)]
-    set_budget_biases(mlps, held, spec["budgets"])
+    points = [layer_points(m, x, 1.0, down_skip=True) for m, x in zip(mlps, held)]
+    spec["budgets"] = calibrate_budgets(points, 0.3)
+    set_budget_biases(mlps, points, spec["budgets"])
     factors = []
     for i, b in enumerate(spec["budgets"]):
         apply_budget(mlps, spec["budgets"], b["target"])
@@ -185,11 +187,11 @@ def test_bias_correction(tiny_dir, tmp_path, arch):
 
 def _kl_from_dense(model, mlps, budgets, target, wins) -> float:
     """KL(dense || sparse at target) per token over wins, float32."""
-    from densesparse.budget import kl_per_token, log_probs
+    from densesparse.budget import kl_per_token, reference
 
     apply_budget(mlps, budgets, 1.0)
     with torch.no_grad():
-        dense = [log_probs(model, w) for w in wins]
+        dense = [reference(model, w) for w in wins]
     apply_budget(mlps, budgets, target)
     return kl_per_token(model, wins, dense)
 
