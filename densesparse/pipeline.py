@@ -132,10 +132,11 @@ def _distilled(model, mlps, spec: dict, batches, cfg, generator, phases: Phases,
         return
     with phases("bias_distill"), _progress(show_progress) as progress:
         task = progress.add_task("distill biases", total=steps) if progress else None
-        kl = distill_biases(model, mlps, spec["budgets"], batches, targets, steps, generator,
-                            per_step=cfg.distill_windows, on_step=lambda: progress.advance(task) if progress else None)
-    spec["bias_distill"] = {"steps": steps, "windows_per_step": cfg.distill_windows, "budgets": targets,
-                            "kl": kl}
+        kl = distill_biases(model, mlps, spec["budgets"], [w[:cfg.distill_seq_len] for w in batches], targets,
+                            steps, generator, per_step=cfg.distill_windows,
+                            on_step=lambda: progress.advance(task) if progress else None)
+    spec["bias_distill"] = {"steps": steps, "windows_per_step": cfg.distill_windows,
+                            "window_tokens": min(cfg.distill_seq_len, cfg.seq_len), "budgets": targets, "kl": kl}
 
 
 def _fit_layers(mlps, samples, cfg, generator, progress, regroup: bool, refit: bool, spec: dict, phases: Phases):

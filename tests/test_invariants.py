@@ -197,7 +197,7 @@ def _kl_from_dense(model, mlps, budgets, target, wins) -> float:
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
-def test_distilled_biases_lower_the_kl_and_touch_only_their_rows(tiny_dir, tmp_path, arch):
+def test_distilled_biases_lower_the_kl_and_touch_only_their_rows(tiny_dir, tmp_path, arch, monkeypatch):
     """--distill-steps: the chosen budget's bias row moves so that the sparse model's KL from the dense model falls
     on the windows it was fitted on; every other row keeps the layer-local bias; convert records it."""
     from densesparse.distill import budget_row, distill_biases
@@ -238,6 +238,19 @@ def test_distilled_biases_lower_the_kl_and_touch_only_their_rows(tiny_dir, tmp_p
     # by default both commands refine the default budgets that the grid calibrates (0.25 is below min_budget here)
     assert calibrate(CalibrateConfig(**common))["bias_distill"]["budgets"] == [0.5, 0.35]
     assert _convert(tiny_dir, tmp_path / "default")["bias_distill"]["steps"] > 0
+    # each step runs the first --distill-seq-len tokens of its windows (the whole window where it is shorter)
+    import densesparse.pipeline as pipeline
+    seen = []
+
+    def recording(model, mlps, budgets, windows, *args, **kwargs):
+        seen.append({w.numel() for w in windows})
+        return distill_biases(model, mlps, budgets, windows, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "distill_biases", recording)
+    assert _convert(tiny_dir, tmp_path / "short", distill_steps=1, distill_seq_len=16)["bias_distill"][
+        "window_tokens"] == 16
+    assert _convert(tiny_dir, tmp_path / "whole", distill_steps=1)["bias_distill"]["window_tokens"] == 64
+    assert seen[0] == {16} and max(seen[1]) == 64
     # a model without bias corrections is not refined by default, and refuses an explicit --distill-steps
     assert "bias_distill" not in _convert(tiny_dir, tmp_path / "nobias", bias_correction=False)
     assert "bias_distill" not in calibrate(CalibrateConfig(**dict(common, sparse_dir=str(tmp_path / "nobias"))))
