@@ -17,15 +17,15 @@ def _check_quality(value: float | None) -> None:
         raise ConfigError(f"--max-ppl-increase {value} is outside (0, 10]: give a fraction, e.g. 0.05 for 5%")
 
 
-DISTILL_STEPS = 20
+DISTILL_STEPS = 10
 DISTILL_HELP = ("Refine the bias corrections of the --distill-budgets end to end: this many Adam steps, each on "
                 "--distill-windows calibration windows (their first --distill-seq-len tokens) for every budget, on "
-                "the KL divergence of the sparse model's next-token distribution from the dense model's (about 7 s a "
-                "step of one 256-token window and three budgets for SmolLM2 on a 2-core AVX2 CPU); 0 = off. Default: "
-                f"{DISTILL_STEPS} where the model has bias corrections, else 0.")
+                "the KL divergence of the sparse model's next-token distribution from the dense model's (about 17 s "
+                "a step of one 512-token window and three budgets for SmolLM2 on a 2-core AVX2 CPU); 0 = off. "
+                f"Default: {DISTILL_STEPS} where the model has bias corrections, else 0.")
 DISTILL_WINDOWS_HELP = "Calibration windows per --distill-steps step."
 DISTILL_SEQ_LEN_HELP = ("Tokens of each calibration window that a --distill-steps step runs (its first ones; at most "
-                        "--seq-len): shorter windows buy more steps for the same time.")
+                        "--seq-len): shorter windows make a step cheaper.")
 DISTILL_BUDGETS = (0.5, 0.35, 0.25)
 DISTILL_BUDGETS_HELP = ("Comma-separated calibrated budgets whose bias corrections --distill-steps refines; budgets "
                         "between two calibrated ones interpolate their biases as before. Default: "
@@ -120,7 +120,7 @@ class ConvertConfig:
     distill_steps: int | None = opt(None, DISTILL_HELP)
     distill_budgets: str | None = opt(None, DISTILL_BUDGETS_HELP)
     distill_windows: int = opt(1, DISTILL_WINDOWS_HELP)
-    distill_seq_len: int = opt(256, DISTILL_SEQ_LEN_HELP)
+    distill_seq_len: int = opt(512, DISTILL_SEQ_LEN_HELP)
     mlp_flops: float = opt(0.5, "Default MLP FLOPs budget the model loads with (fraction of dense, router included).")
     max_ppl_increase: float | None = opt(None, QUALITY_HELP)
     min_budget: float = opt(0.1, "Smallest budget to calibrate thresholds for.")
@@ -166,7 +166,7 @@ class CalibrateConfig:
     distill_steps: int | None = opt(None, DISTILL_HELP)
     distill_budgets: str | None = opt(None, DISTILL_BUDGETS_HELP)
     distill_windows: int = opt(1, DISTILL_WINDOWS_HELP)
-    distill_seq_len: int = opt(256, DISTILL_SEQ_LEN_HELP)
+    distill_seq_len: int = opt(512, DISTILL_SEQ_LEN_HELP)
     seed: int = opt(0, "Seed (recorded in the output).")
 
     def validate(self) -> "CalibrateConfig":
