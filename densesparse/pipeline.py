@@ -198,7 +198,7 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
             samples = collect(model, layout, batches, progress)
         mlps = install(model, spec)
         points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=True, refit=True,
-                                            spec=spec, phases=phases)
+                                     spec=spec, phases=phases)
         with phases("loss_probe"):
             points = _probed(model, layout, mlps, points, batches, spec, progress)
     spec["bias_correction"] = cfg.bias_correction
@@ -235,7 +235,7 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
         with phases("calibration_forward"):
             samples = collect(model, layout, batches, progress)
         points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=False,
-                                            refit=cfg.refit_routers, spec=spec, phases=phases)
+                                     refit=cfg.refit_routers, spec=spec, phases=phases)
         with phases("loss_probe"):
             points = _probed(model, layout, mlps, points, batches, spec, progress)
     # the new budgets' biases (the grid may have changed with --min-budget)
