@@ -1347,3 +1347,53 @@ def test_dense_budget_graph_survives_first_sparse_call():
         g.replay()
         torch.cuda.synchronize()
     assert rel_err(out, ref.double()) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bias refinement (densesparse.distill) on CUDA
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM"])
+def test_distill_on_cuda_fits_the_sparse_function(tiny_dir, tmp_path, arch):
+    """distill_biases on a CUDA model refines the sparse function: the kernels have no backward and a many-token
+    call would take the dense MLP, so a call that needs a gradient runs the torch path. Its first step's KL equals
+    the sparse model's KL from dense on that window (measured with the dense dispatch off, as eval does), which the
+    dense dispatch would not give, and 30 steps (bfloat16 autocast, the CUDA default) lower it."""
+    from densesparse import convert, load
+    from densesparse.budget import kl_per_token, reference
+    from densesparse.config import ConvertConfig
+    from densesparse.distill import distill_biases
+    from densesparse.runtime import apply_budget, sparse_mlps
+
+    spec = convert(ConvertConfig(model=str(tiny_dir), out=str(tmp_path / "s"), calib_tokens=600, seq_len=64,
+                                 router_epochs=2, expert_size=4, router_width=16, min_budget=0.3, distill_steps=0))
+    model = load(tmp_path / "s", mlp_flops=1.0, device=DEV, dtype=torch.float32)
+    mlps = sparse_mlps(model)
+    budgets = spec["budgets"]
+    win = torch.randint(3, 256, (48,), generator=torch.Generator().manual_seed(3)).to(DEV)
+    dispatch = [m.dense_above_tokens for m in mlps]
+    flags = [p.requires_grad for p in model.parameters()]
+    assert max(dispatch) < win.numel()  # the window would take the dense MLP in an ordinary call
+
+    def kl_at_half(sparse_function: bool) -> float:
+        if sparse_function:
+            for m in mlps:
+                m.dense_above_tokens = 1 << 30
+        try:
+            apply_budget(mlps, budgets, 1.0)
+            with torch.no_grad():
+                dense = [reference(model, win)]
+            apply_budget(mlps, budgets, 0.5)
+            return kl_per_token(model, [win], dense)
+        finally:
+            for m, value in zip(mlps, dispatch):
+                m.dense_above_tokens = value
+
+    kl0, kl_dispatch = kl_at_half(True), kl_at_half(False)
+    assert abs(kl_dispatch - kl0) > 0.05 * kl0, (kl0, kl_dispatch)
+    first = distill_biases(model, mlps, budgets, [win], [0.5], 1, torch.Generator().manual_seed(0), bf16=False)
+    assert abs(first[0]["kl_first_steps"] - kl0) < 1e-3 * kl0 + 2e-5, (first, kl0)
+    trace = distill_biases(model, mlps, budgets, [win], [0.5], 30, torch.Generator().manual_seed(0))
+    kl1 = kl_at_half(True)
+    assert kl1 < 0.99 * kl0, (kl0, kl1, trace)
+    assert [m.dense_above_tokens for m in mlps] == dispatch
+    assert [p.requires_grad for p in model.parameters()] == flags
