@@ -9,7 +9,7 @@ import torch
 
 from densesparse.data import adds_bos, read_text, tokenize, windows
 from densesparse.flops import attention_macs, mlp_macs_dense, mlp_macs_sparse, non_mlp_macs
-from densesparse.runtime import LayerStats, SparseMLP, apply_budget, sparse_mlps
+from densesparse.runtime import LayerStats, SparseMLP, apply_budget, sparse_function, sparse_mlps
 
 
 @torch.no_grad()
@@ -61,14 +61,8 @@ def evaluate_windows(model, wins: list[torch.Tensor], bos: bool, budgets: list[f
     """Perplexity and FLOPs at each budget (the model is left at the dense budget). Perplexity of the sparse
     function: no dense dispatch for many-token calls on CUDA while it runs (the layers' setting restored after)."""
     mlps = sparse_mlps(model)
-    saved = [m.dense_above_tokens for m in mlps]
-    for m in mlps:
-        m.dense_above_tokens = 1 << 30
-    try:
+    with sparse_function(mlps):
         return _evaluate(model, mlps, wins, bos, budgets, budget_table, progress)
-    finally:
-        for m, value in zip(mlps, saved):
-            m.dense_above_tokens = value
 
 
 def _evaluate(model, mlps, wins, bos, budgets, budget_table, progress) -> dict:
@@ -130,17 +124,18 @@ def quality_budget(model, wins: list[torch.Tensor], bos: bool, budget_table: lis
         total, count = nll_sum(model, wins, bos)
         return math.exp(total / count)
 
-    dense = ppl(1.0)
     grid = sorted(b["target"] for b in budget_table)
     measured = {}
     lo, hi = 0, len(grid)  # the answer's index; len(grid) = only the dense model passes
-    while lo < hi:
-        mid = (lo + hi) // 2
-        measured[grid[mid]] = ppl(grid[mid])
-        if measured[grid[mid]] <= dense * (1 + max_increase):
-            hi = mid
-        else:
-            lo = mid + 1
+    with sparse_function(mlps):
+        dense = ppl(1.0)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            measured[grid[mid]] = ppl(grid[mid])
+            if measured[grid[mid]] <= dense * (1 + max_increase):
+                hi = mid
+            else:
+                lo = mid + 1
     apply_budget(mlps, budget_table, 1.0)
     return {"max_ppl_increase": max_increase, "mlp_flops": grid[lo] if lo < len(grid) else 1.0,
             "dense_ppl": dense, "tokens": sum(w.numel() - 1 for w in wins),

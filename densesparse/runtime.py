@@ -9,6 +9,7 @@ below is the CPU implementation and the reference they are tested against.
 from __future__ import annotations
 
 import bisect
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -521,6 +522,20 @@ def install(model, spec: dict, cls: type | None = None) -> list[SparseMLP]:
 
 def sparse_mlps(model) -> list[SparseMLP]:
     return [m for m in model.modules() if getattr(m, "is_densesparse_mlp", False)]
+
+
+@contextmanager
+def sparse_function(mlps: list[SparseMLP]):
+    """Meanwhile, many-token calls on CUDA compute the sparse function instead of taking the dense MLP (what a
+    perplexity or a quality budget measures); each layer's setting comes back after."""
+    saved = [m.dense_above_tokens for m in mlps]
+    for m in mlps:
+        m.dense_above_tokens = 1 << 30
+    try:
+        yield
+    finally:
+        for m, value in zip(mlps, saved):
+            m.dense_above_tokens = value
 
 
 def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> None:

@@ -1353,16 +1353,18 @@ def test_dense_budget_graph_survives_first_sparse_call():
 # The bias refinement (densesparse.distill) on CUDA
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM"])
-def test_distill_on_cuda_fits_the_sparse_function(tiny_dir, tmp_path, arch):
+def test_distill_and_quality_budget_on_cuda_use_the_sparse_function(tiny_dir, tmp_path, arch):
     """distill_biases on a CUDA model refines the sparse function: the kernels have no backward and a many-token
     call would take the dense MLP, so a call that needs a gradient runs the torch path. Its first step's KL equals
-    the sparse model's KL from dense on that window (measured with the dense dispatch off, as eval does), which the
-    dense dispatch would not give, and 30 steps (bfloat16 autocast, the CUDA default) lower it."""
+    the sparse model's KL from dense on that window (measured under runtime.sparse_function, as eval does), which the
+    dense dispatch would not give, and 30 steps (bfloat16 autocast, the CUDA default) lower it. The quality budget's
+    bisection measures what eval measures."""
     from densesparse import convert, load
     from densesparse.budget import kl_per_token, reference
     from densesparse.config import ConvertConfig
     from densesparse.distill import distill_biases
-    from densesparse.runtime import apply_budget, sparse_mlps
+    from densesparse.evaluate import evaluate_windows, quality_budget
+    from densesparse.runtime import apply_budget, sparse_function, sparse_mlps
 
     spec = convert(ConvertConfig(model=str(tiny_dir), out=str(tmp_path / "s"), calib_tokens=600, seq_len=64,
                                  router_epochs=2, expert_size=4, router_width=16, min_budget=0.3, distill_steps=0))
@@ -1374,26 +1376,27 @@ def test_distill_on_cuda_fits_the_sparse_function(tiny_dir, tmp_path, arch):
     flags = [p.requires_grad for p in model.parameters()]
     assert max(dispatch) < win.numel()  # the window would take the dense MLP in an ordinary call
 
-    def kl_at_half(sparse_function: bool) -> float:
-        if sparse_function:
-            for m in mlps:
-                m.dense_above_tokens = 1 << 30
-        try:
-            apply_budget(mlps, budgets, 1.0)
-            with torch.no_grad():
-                dense = [reference(model, win)]
-            apply_budget(mlps, budgets, 0.5)
-            return kl_per_token(model, [win], dense)
-        finally:
-            for m, value in zip(mlps, dispatch):
-                m.dense_above_tokens = value
+    def kl_at_half() -> float:
+        apply_budget(mlps, budgets, 1.0)
+        with torch.no_grad():
+            dense = [reference(model, win)]
+        apply_budget(mlps, budgets, 0.5)
+        return kl_per_token(model, [win], dense)
 
-    kl0, kl_dispatch = kl_at_half(True), kl_at_half(False)
+    with sparse_function(mlps):
+        kl0 = kl_at_half()
+    kl_dispatch = kl_at_half()
     assert abs(kl_dispatch - kl0) > 0.05 * kl0, (kl0, kl_dispatch)
     first = distill_biases(model, mlps, budgets, [win], [0.5], 1, torch.Generator().manual_seed(0), bf16=False)
     assert abs(first[0]["kl_first_steps"] - kl0) < 1e-3 * kl0 + 2e-5, (first, kl0)
     trace = distill_biases(model, mlps, budgets, [win], [0.5], 30, torch.Generator().manual_seed(0))
-    kl1 = kl_at_half(True)
+    with sparse_function(mlps):
+        kl1 = kl_at_half()
     assert kl1 < 0.99 * kl0, (kl0, kl1, trace)
     assert [m.dense_above_tokens for m in mlps] == dispatch
     assert [p.requires_grad for p in model.parameters()] == flags
+    # the quality budget's bisection measures the same sparse function as eval
+    q = quality_budget(model, [win], False, budgets, 0.0)
+    rows = evaluate_windows(model, [win], False, [m["target"] for m in q["measured"]], budgets)["rows"]
+    assert q["measured"] and all(abs(m["ppl"] - r["ppl"]) < 1e-4 * r["ppl"] for m, r in zip(q["measured"], rows))
+    assert [m.dense_above_tokens for m in mlps] == dispatch
