@@ -8,8 +8,8 @@ sensitive to, and the errors other layers leave). It changes only the stored bia
 Triton) costs the same.
 
 Forward and backward run in float32 on the CPU (the same numbers on every CPU; where the CPU has no bfloat16
-matrix units, bfloat16 is several times slower there) and under bfloat16 autocast on CUDA; the biases and their
-updates stay float32.
+matrix units, bfloat16 is several times slower there) and under bfloat16 autocast on CUDA (there the sparse layers
+run their torch path, since the kernels have no backward); the biases and their updates stay float32.
 """
 from __future__ import annotations
 
