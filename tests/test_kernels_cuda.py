@@ -1,6 +1,7 @@
 """CUDA/Triton kernels against a self-contained float64 reference of the MLP math (skipped without a GPU)."""
 from __future__ import annotations
 
+import math
 import zlib
 
 import pytest
@@ -1357,12 +1358,13 @@ def test_distill_and_quality_budget_on_cuda_use_the_sparse_function(tiny_dir, tm
     """distill_biases on a CUDA model refines the sparse function: the kernels have no backward and a many-token
     call would take the dense MLP, so a call that needs a gradient runs the torch path. Its first step's KL equals
     the sparse model's KL from dense on that window (measured under runtime.sparse_function, as eval does), which the
-    dense dispatch would not give, and 30 steps (bfloat16 autocast, the CUDA default) lower it. The quality budget's
+    dense dispatch would not give, and 30 steps lower it (float32; the KL of a tiny random model is too small for
+    bfloat16, the CUDA default, whose steps are only checked to move the row). The quality budget's
     bisection measures what eval measures."""
     from densesparse import convert, load
     from densesparse.budget import kl_per_token, reference
     from densesparse.config import ConvertConfig
-    from densesparse.distill import distill_biases
+    from densesparse.distill import budget_row, distill_biases
     from densesparse.evaluate import evaluate_windows, quality_budget
     from densesparse.runtime import apply_budget, sparse_function, sparse_mlps
 
@@ -1389,10 +1391,17 @@ def test_distill_and_quality_budget_on_cuda_use_the_sparse_function(tiny_dir, tm
     assert abs(kl_dispatch - kl0) > 0.05 * kl0, (kl0, kl_dispatch)
     first = distill_biases(model, mlps, budgets, [win], [0.5], 1, torch.Generator().manual_seed(0), bf16=False)
     assert abs(first[0]["kl_first_steps"] - kl0) < 1e-3 * kl0 + 2e-5, (first, kl0)
-    trace = distill_biases(model, mlps, budgets, [win], [0.5], 30, torch.Generator().manual_seed(0))
+    trace = distill_biases(model, mlps, budgets, [win], [0.5], 30, torch.Generator().manual_seed(0), bf16=False)
     with sparse_function(mlps):
         kl1 = kl_at_half()
     assert kl1 < 0.99 * kl0, (kl0, kl1, trace)
+    # bfloat16 autocast, the CUDA default, through the same path: the row moves, by a finite step
+    row = budget_row(budgets, 0.5)
+    before = [m.budget_bias[row].clone() for m in mlps]
+    trace = distill_biases(model, mlps, budgets, [win], [0.5], 2, torch.Generator().manual_seed(0))
+    assert all(math.isfinite(v) for v in trace[0].values())
+    moved = [m.budget_bias[row] - b for m, b in zip(mlps, before)]
+    assert all(torch.isfinite(d).all() for d in moved) and any(d.abs().max() > 0 for d in moved)
     assert [m.dense_above_tokens for m in mlps] == dispatch
     assert [p.requires_grad for p in model.parameters()] == flags
     # the quality budget's bisection measures the same sparse function as eval
