@@ -8,8 +8,9 @@ sensitive to, and the errors other layers leave). It changes only the stored bia
 Triton) costs the same.
 
 Forward and backward run in float32 on the CPU (the same numbers on every CPU; where the CPU has no bfloat16
-matrix units, bfloat16 is several times slower there) and under bfloat16 autocast on CUDA (there the sparse layers
-run their torch path, since the kernels have no backward); the biases and their updates stay float32.
+matrix units, bfloat16 is several times slower there) and under bfloat16 autocast on CUDA (there every layer computes
+the sparse function, never the dense MLP that many-token calls otherwise take, and the layers that need a gradient run
+their torch path, since the kernels have no backward); the biases and their updates stay float32.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import statistics
 import torch
 
 from densesparse.budget import Reference, forward_hooks, same_budget
-from densesparse.runtime import SparseMLP, apply_budget
+from densesparse.runtime import SparseMLP, apply_budget, sparse_function
 
 # Adam step on each bias entry, relative to the median over layers of the dense MLP outputs' RMS (so the step
 # follows the model's scale): 0.01 on SmolLM2-135M (median RMS 1.83). Twice the first value tried, for the 10 default
@@ -69,8 +70,10 @@ def distill_biases(model, mlps: list[SparseMLP], budgets: list[dict], windows: l
         opts = [torch.optim.Adam(d, lr=step_size) for d in deltas]
         kls = [[] for _ in targets]
         on = {"t": None}  # the target whose corrections are added to the MLP outputs (None: the dense passes)
-        with forward_hooks(mlps, lambda i: lambda mod, a, out: out if on["t"] is None
-                           else out + deltas[on["t"]][i].to(out.dtype)):
+        # on CUDA, sparse_function keeps many-token calls off the dense MLP in every layer (those needing a gradient
+        # run the torch path: the kernels have no backward)
+        with sparse_function(mlps), forward_hooks(mlps, lambda i: lambda mod, a, out: out if on["t"] is None
+                                                  else out + deltas[on["t"]][i].to(out.dtype)):
             for _ in range(steps):
                 picks = torch.randint(len(windows), (per_step,), generator=generator).tolist()
                 n = sum(windows[i].numel() for i in picks)
