@@ -313,8 +313,8 @@ class SparseMLP(nn.Module):
         if self.dense and self.stats is None:
             y = self._dense_forward(x2)
         elif cuda and not (x2.requires_grad and torch.is_grad_enabled()):
-            # the kernels have no backward, and many-token calls dispatch to the dense MLP: a call that needs a
-            # gradient (the bias refinement on CUDA) runs the torch path, the sparse function itself
+            # the kernels have no backward: a call that needs a gradient (the bias refinement on CUDA) runs the
+            # torch path, the same sparse function (and never the dense MLP that many-token calls take here)
             y = self._cuda_forward(x2)
         else:
             y = self._torch_forward(x2)
