@@ -10,11 +10,12 @@ the kept ones are completed over every channel input skip keeps (on by default w
 not bytes). Every combination on a grid is screened on held-out calibration tokens with its
 MLP multiply-adds and a cheap error estimate (the exact error of the input sparsity plus the squared output norms
 of the experts and neurons left out); the screened Pareto front is then re-scored with the exact output error of
-its combined masks. Each layer's error is weighted by its loss sensitivity (mean squared gradient of the LM loss
-w.r.t. that FFN's output, a diagonal Fisher), so errors in different layers are compared by what they cost in
-loss. The loss probe (on by default) then measures what that estimate gets wrong: each layer alone runs its point
-of the PROBE_BUDGET allocation and the model's KL from the dense model is compared with the layer's weighted
-error; each layer's errors are rescaled by the ratio. A Lagrangian sweep then picks one combination per layer so
+its combined masks. Errors in different layers are compared by what they cost in loss: the loss probe (on by
+default) runs each layer alone at its point of the PROBE_BUDGET allocation and rescales the layer's errors by the
+model's KL from the dense model over that point's error; without the probe, each layer's error is weighted by its
+loss sensitivity (mean squared gradient of the LM loss w.r.t. that FFN's output, a diagonal Fisher). A weight the
+probe would also apply cancels in its ratio, so conversions with the probe skip the sensitivity's backward passes
+(the weight only chooses which point each layer is probed at). A Lagrangian sweep then picks one combination per layer so
 that the total FLOPs meet the target at the least weighted error; layers differ.
 """
 from __future__ import annotations

@@ -112,8 +112,8 @@ class ConvertConfig:
                                  "budget search minimises) | mean_abs = E|up| (what conversions used before this "
                                  "option).")
     loss_probe: bool = opt(True, "Weigh each layer's output errors by the loss the model really shows when that "
-                                 "layer alone is sparsified (one probe forward per layer on calibration text), not "
-                                 "by the gradient estimate alone.")
+                                 "layer alone is sparsified (one probe forward per layer on calibration text); off: "
+                                 "by a gradient estimate (backward passes on calibration text).")
     bias_correction: bool = opt(True, "Add back, per layer and calibrated budget, the mean MLP output error measured "
                                       "on held-out calibration tokens, shrunk where it is mostly sampling noise "
                                       "(a bias: free at run time).")

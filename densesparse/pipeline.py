@@ -195,7 +195,7 @@ def convert(cfg: ConvertConfig, show_progress: bool = False) -> dict:
     }
     with _progress(show_progress) as progress:
         with phases("calibration_forward"):
-            samples = collect(model, layout, batches, progress)
+            samples = collect(model, layout, batches, progress, sensitivity=not cfg.loss_probe)
         mlps = install(model, spec)
         points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=True, refit=True,
                                      spec=spec, phases=phases)
@@ -233,7 +233,7 @@ def calibrate(cfg: CalibrateConfig, show_progress: bool = False) -> dict:
     mlps = sparse_mlps(model)
     with _progress(show_progress) as progress:
         with phases("calibration_forward"):
-            samples = collect(model, layout, batches, progress)
+            samples = collect(model, layout, batches, progress, sensitivity=not spec.get("loss_probe"))
         points, losses = _fit_layers(mlps, samples, cfg, generator, progress, regroup=False,
                                      refit=cfg.refit_routers, spec=spec, phases=phases)
         with phases("loss_probe"):

@@ -62,8 +62,11 @@ def layer_sensitivity(model, layout: FFNLayout, batches: list[torch.Tensor]) -> 
 
 
 @torch.no_grad()
-def collect(model, layout: FFNLayout, batches: list[torch.Tensor], progress: Progress | None = None
-            ) -> list[LayerSample]:
+def collect(model, layout: FFNLayout, batches: list[torch.Tensor], progress: Progress | None = None,
+            sensitivity: bool = True) -> list[LayerSample]:
+    """Every FFN's inputs on the windows, and (sensitivity) each layer's loss sensitivity from backward passes on the
+    first windows; without it every weight is 1 (the loss probe measures each layer's weight itself, and a common
+    weight cancels in its ratios)."""
     layers = decoder_layers(model, layout)
     total = sum(b.numel() for b in batches)
     d = model.config.hidden_size
@@ -83,10 +86,11 @@ def collect(model, layout: FFNLayout, batches: list[torch.Tensor], progress: Pro
     task = progress.add_task("calibration forward", total=len(batches)) if progress else None
     try:
         # the sensitivity pass's forwards fill the first windows' samples: no second forward for them
-        weights = layer_sensitivity(model, layout, batches[:SENSITIVITY_WINDOWS])
+        first = SENSITIVITY_WINDOWS if sensitivity else 0
+        weights = layer_sensitivity(model, layout, batches[:first]) if first else [1.0] * len(layers)
         if progress:
-            progress.advance(task, min(SENSITIVITY_WINDOWS, len(batches)))
-        for ids in batches[SENSITIVITY_WINDOWS:]:
+            progress.advance(task, min(first, len(batches)))
+        for ids in batches[first:]:
             model.base_model(input_ids=ids.unsqueeze(0), use_cache=False)  # the LM head is not needed
             if progress:
                 progress.advance(task)

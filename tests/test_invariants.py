@@ -419,7 +419,8 @@ def test_gate_scale_statistics():
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
 def test_collect_keeps_every_windows_ffn_inputs_in_order(arch, monkeypatch):
     """collect's sample is each FFN's input on every window in order, the first windows taken from the sensitivity
-    pass's forwards (with gradients on) and the rest from plain forwards; the sensitivities are positive."""
+    pass's forwards (with gradients on) and the rest from plain forwards; the sensitivities are positive. Without the
+    pass, the same inputs and unit weights."""
     from densesparse import stats
 
     monkeypatch.setattr(stats, "SENSITIVITY_WINDOWS", 2)
@@ -437,6 +438,11 @@ def test_collect_keeps_every_windows_ffn_inputs_in_order(arch, monkeypatch):
     samples = stats.collect(model, layout, windows)
     for sample, inputs in zip(samples, want):
         assert not sample.x.requires_grad and sample.weight > 0
+        torch.testing.assert_close(sample.x, torch.cat(inputs), rtol=0, atol=0)
+    # without the sensitivity pass (what a conversion with the loss probe runs): the same inputs, every weight 1
+    plain = stats.collect(model, layout, windows, sensitivity=False)
+    assert [s.weight for s in plain] == [1.0] * len(want)
+    for sample, inputs in zip(plain, want):
         torch.testing.assert_close(sample.x, torch.cat(inputs), rtol=0, atol=0)
 
 
