@@ -15,8 +15,8 @@ default) runs each layer alone at its point of the PROBE_BUDGET allocation and r
 model's KL from the dense model over that point's error; without the probe, each layer's error is weighted by its
 loss sensitivity (mean squared gradient of the LM loss w.r.t. that FFN's output, a diagonal Fisher). A weight the
 probe would also apply cancels in its ratio, so conversions with the probe skip the sensitivity's backward passes
-(the weight only chooses which point each layer is probed at). A Lagrangian sweep then picks one combination per layer so
-that the total FLOPs meet the target at the least weighted error; layers differ.
+(the weight only chooses which point each layer is probed at). A Lagrangian sweep then picks one combination per
+layer so that the total FLOPs meet the target at the least weighted error; layers differ.
 """
 from __future__ import annotations
 
