@@ -262,10 +262,11 @@ def probe_losses(model, mlps: list[SparseMLP], per_layer: list[list[Point]], win
                  step=None, at: float = PROBE_BUDGET, layers: list | None = None) -> list[float]:
     """Per layer, the factor its errors are to be multiplied by: the model's measured KL(dense || sparse) on wins
     when that layer alone runs its point of the allocation for budget `at`, over the point's estimated (weighted)
-    error, divided by the geometric mean of those ratios (the sweep is blind to a common scale). The gradient
-    estimate treats every error direction alike, so it cannot see how much of a layer's error the later layers
-    undo or amplify; the measured ratios differ about 3x from the first layers to the middle ones on SmolLM2. A
-    layer dense at the probe budget keeps the mean factor. The layers are left dense; step() is called per layer.
+    error, divided by the geometric mean of those ratios (the sweep is blind to a common scale). An output error,
+    even weighted by the loss sensitivity (which conversions with the probe skip: weight 1), treats every error
+    direction alike, so it cannot see how much of a layer's error the later layers undo or amplify; against the
+    sensitivity-weighted errors, the measured ratios differed about 3x from the first layers to the middle ones on
+    SmolLM2. A layer dense at the probe budget keeps the mean factor. The layers are left dense; step() is called per layer.
     `layers`: the decoder layers, mlps[i] inside layers[i]; the layers before the probed one then replay their
     dense outputs instead of recomputing them (the same numbers, about 40% less work)."""
     for m in mlps:

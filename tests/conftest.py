@@ -49,6 +49,18 @@ def tiny_model(name: str, seed: int = 0):
     return model.eval()
 
 
+def kl_from_dense(model, mlps, budgets, target, wins) -> float:
+    """KL(dense || sparse at target) per token over wins (the model at the dense budget gives the reference)."""
+    from densesparse.budget import kl_per_token, reference
+    from densesparse.runtime import apply_budget
+
+    apply_budget(mlps, budgets, 1.0)
+    with torch.no_grad():
+        dense = [reference(model, w) for w in wins]
+    apply_budget(mlps, budgets, target)
+    return kl_per_token(model, wins, dense)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, tiny_model
+from conftest import TINY, kl_from_dense, tiny_model
 
 from densesparse.arch import activation_name, resolve_layout
 from densesparse.config import ConvertConfig
@@ -185,17 +185,6 @@ def test_bias_correction(tiny_dir, tmp_path, arch):
     assert all(m.bias_now(ids.float()) is not None for m in sparse_mlps(again))
 
 
-def _kl_from_dense(model, mlps, budgets, target, wins) -> float:
-    """KL(dense || sparse at target) per token over wins, float32."""
-    from densesparse.budget import kl_per_token, reference
-
-    apply_budget(mlps, budgets, 1.0)
-    with torch.no_grad():
-        dense = [reference(model, w) for w in wins]
-    apply_budget(mlps, budgets, target)
-    return kl_per_token(model, wins, dense)
-
-
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
 def test_distilled_biases_lower_the_kl_and_touch_only_their_rows(tiny_dir, tmp_path, arch, monkeypatch):
     """--distill-steps: the chosen budget's bias row moves so that the sparse model's KL from the dense model falls
@@ -209,9 +198,9 @@ def test_distilled_biases_lower_the_kl_and_touch_only_their_rows(tiny_dir, tmp_p
     before = [m.budget_bias.detach().clone() for m in mlps]
     flags = [p.requires_grad for p in model.parameters()]
     wins = list(_ids(48, seed=3))
-    kl0 = _kl_from_dense(model, mlps, spec["budgets"], 0.5, wins)
+    kl0 = kl_from_dense(model, mlps, spec["budgets"], 0.5, wins)
     trace = distill_biases(model, mlps, spec["budgets"], wins, [0.5], 30, torch.Generator().manual_seed(0), bf16=False)
-    kl1 = _kl_from_dense(model, mlps, spec["budgets"], 0.5, wins)
+    kl1 = kl_from_dense(model, mlps, spec["budgets"], 0.5, wins)
     assert kl1 < 0.99 * kl0, (kl0, kl1, trace)  # about 2% on these models: a bias cannot undo much of their error
     row = budget_row(spec["budgets"], 0.5)
     for m, b in zip(mlps, before):

@@ -1361,12 +1361,13 @@ def test_distill_and_quality_budget_on_cuda_use_the_sparse_function(tiny_dir, tm
     the sparse model's KL from dense (measured under runtime.sparse_function, as eval does), and bfloat16 autocast,
     the CUDA default, moves the row by finite steps (the KL of a tiny random model, ~2e-5, is below its
     resolution). The quality budget's bisection measures what eval measures."""
+    from conftest import kl_from_dense
+
     from densesparse import convert, load
-    from densesparse.budget import kl_per_token, reference
     from densesparse.config import ConvertConfig
     from densesparse.distill import budget_row, distill_biases
     from densesparse.evaluate import evaluate_windows, quality_budget
-    from densesparse.runtime import apply_budget, sparse_function, sparse_mlps
+    from densesparse.runtime import sparse_function, sparse_mlps
 
     spec = convert(ConvertConfig(model=str(tiny_dir), out=str(tmp_path / "s"), calib_tokens=600, seq_len=64,
                                  router_epochs=2, expert_size=4, router_width=16, min_budget=0.3, distill_steps=0))
@@ -1393,11 +1394,7 @@ def test_distill_and_quality_budget_on_cuda_use_the_sparse_function(tiny_dir, tm
 
     def kl_at_half() -> float:
         with sparse_function(mlps):
-            apply_budget(mlps, budgets, 1.0)
-            with torch.no_grad():
-                dense = [reference(model, win)]
-            apply_budget(mlps, budgets, 0.5)
-            return kl_per_token(model, [win], dense)
+            return kl_from_dense(model, mlps, budgets, 0.5, [win])
 
     kl0 = kl_at_half()
     trace = distill_biases(model, mlps, budgets, [win], [0.5], 30, torch.Generator().manual_seed(0), bf16=False)
