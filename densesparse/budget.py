@@ -94,7 +94,7 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
     selections = {t: threshold_select(logits, t) for t in MASS_GRID}
     masses = list(selections)
     # per token and neuron, the first mass threshold that keeps it (MASS_GRID ascends, so every later one does too)
-    born = torch.stack([~mlp.neuron_mask(sel) for sel in selections.values()]).sum(0, dtype=torch.int32)
+    born = mlp.neuron_mask(torch.stack([~sel for sel in selections.values()]).sum(0, dtype=torch.int32), shared=0)
     rows = torch.stack([mlp.n_shared + sel.sum(1) * mlp.expert_size for sel in selections.values()]).double()
     router = torch.tensor([float(mlp.router.macs()) if t < 1.0 else 0.0 for t in masses], dtype=torch.float64)
     input_qs = INPUT_GRID if input_skip else (0.0,)
@@ -106,7 +106,7 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
     for q, tau in decide_taus.items():
         channels = x.abs() >= tau
         partial[q] = (*mlp.gate_and_up(x * channels), channels.sum(1).double())
-    cache, screened = {}, []
+    cache, by_scores, screened = {}, {}, []
     for x_q, x_tau in x_taus.items():
         keep_x = x.abs() >= x_tau
         n_in = keep_x.sum(1).double()
@@ -120,21 +120,24 @@ def layer_points(mlp: SparseMLP, x: torch.Tensor, weight: float, down_skip: bool
                                    dtype=torch.float64)
         recall = [float(((true * sel).sum(1) / total_mass).mean()) for sel in selections.values()]
         # deciding on x_tau's own channels is the plain dials; each larger decide threshold is an option
-        options = [(x_tau, g, u, n_in)] + [(decide_taus[q], *partial[q]) for q in decide_qs if q > x_q + 0.05]
-        for dec_tau, g_dec, u_dec, n_dec in options:
-            gate_score = None if g is None else g_dec.abs() * mlp.gate_scale.float()
-            down_score = (u_dec if g is None else g_dec * u_dec).abs() * norms
-            cache[(x_tau, dec_tau)] = (h, gate_score, down_score)
-            screened += _screen(n, d, n_in, n_dec, contrib_sq, gate_score, down_score, born, rows, router,
-                                input_err + dropped_err, recall, masses, x_tau, dec_tau, down_skip)
+        options = [(("plain", x_q), x_tau, g, u, n_in)] + [(("decide", q), decide_taus[q], *partial[q])
+                                                           for q in decide_qs if q > x_q + 0.05]
+        for key, dec_tau, g_dec, u_dec, n_dec in options:
+            if key not in by_scores:  # a decide option's scores are those of its partial sums, whatever x_tau is
+                gate_score = None if g is None else g_dec.abs() * mlp.gate_scale.float()
+                down_score = (u_dec if g is None else g_dec * u_dec).abs() * norms
+                by_scores[key] = _binned(gate_score, down_score, born, len(masses), down_skip)
+            cache[(x_tau, dec_tau)] = (h, by_scores[key])
+            screened += _screen(d, n_in, n_dec, contrib_sq, by_scores[key], rows, router, input_err + dropped_err,
+                                recall, masses, x_tau, dec_tau)
     points = [Point(mlp_macs_dense(d, mlp.intermediate, mlp.gated), 0.0, 1.0, 0.0, 0.0, 1.0)]
     for p in _pareto(screened):
-        h, gate_score, down_score = cache[(p.input_tau, p.decide_tau)]
+        h, scores = cache[(p.input_tau, p.decide_tau)]
         keep = mlp.neuron_mask(selections[p.threshold])
         if p.gate_tau > 0:
-            keep = keep & (gate_score >= p.gate_tau)
+            keep = keep & (scores.gate >= p.gate_tau)
         if p.down_tau > 0:
-            keep = keep & (down_score >= p.down_tau)
+            keep = keep & (scores.down >= p.down_tau)
         miss = y_full - F.linear(h * keep, w_down)
         points.append(Point(p.macs, float(miss.pow(2).sum()) / n * weight, p.threshold, p.down_tau, p.input_tau,
                             p.recall, p.gate_tau, float(selections[p.threshold].float().mean()), p.decide_tau,
@@ -151,12 +154,27 @@ def _reached(values: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     return count
 
 
-def _screen(n, d, n_in, n_dec, contrib_sq, gate_score, down_score, born, rows, router, base_err, recall, masses,
-            x_tau, dec_tau, down_skip) -> list[Point]:
-    """Every (mass, gate, down) threshold combination at one input and decide threshold: MACs as the runtime
-    counts them and a cheap error screen (exact input-skip error + squared norms of what the masks leave out, their
-    cross terms ignored). Mass thresholds are nested: `born` [token, neuron] is the index of the first one that
-    keeps the neuron's expert, so sums binned by it and accumulated over the mass grid serve all at once."""
+@dataclass
+class _Bins:
+    """One pair of gate and down scores [token, neuron], binned for _screen: every mass, down and gate threshold
+    cell a neuron falls in, and per token how many neurons fall in each."""
+    gate: torch.Tensor | None
+    down: torch.Tensor
+    taus: list[float]
+    gate_taus: list[float]
+    bins: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.taus) + 2, len(self.gate_taus) + 1
+
+
+def _binned(gate_score, down_score, born, n_masses, down_skip) -> _Bins:
+    """The scores' quantile thresholds and bins. Mass thresholds are nested: `born` [token, neuron] is the index of
+    the first one that keeps the neuron's expert, so sums binned by it and accumulated over the mass grid serve all
+    at once."""
+    n = down_score.shape[0]
     taus = _quantiles(down_score, RHO_GRID if down_skip else (0.0,))
     gate_taus = _quantiles(gate_score, GATE_GRID) if gate_score is not None else [0.0]
     buckets, levels = len(taus) + 2, len(gate_taus) + 1
@@ -164,25 +182,34 @@ def _screen(n, d, n_in, n_dec, contrib_sq, gate_score, down_score, born, rows, r
     # gate thresholds its score reaches, so gate threshold j skips it iff its level <= j (the thresholds ascend)
     down_bucket = 1 + _reached(down_score, taus).int()
     level = _reached(gate_score, gate_taus) if gate_score is not None else 1
-    size = len(masses) * buckets * levels
+    size = n_masses * buckets * levels
     bins = (born * buckets + down_bucket) * levels + level  # int32: n * size is far below 2^31
-    # per-token counts weighted by the per-token channel counts: integers, so exactly the per-neuron sums
     counts = torch.bincount((bins + (torch.arange(n, dtype=torch.int32) * size)[:, None]).flatten(),
-                            minlength=n * size).view(n, size)
+                            minlength=n * size).view(n, size).double()
+    return _Bins(gate_score, down_score, taus, gate_taus, bins, counts)
+
+
+def _screen(d, n_in, n_dec, contrib_sq, binned: _Bins, rows, router, base_err, recall, masses, x_tau, dec_tau
+            ) -> list[Point]:
+    """Every (mass, gate, down) threshold combination at one input and decide threshold: MACs as the runtime
+    counts them and a cheap error screen (exact input-skip error + squared norms of what the masks leave out, their
+    cross terms ignored)."""
+    n, taus, gate_taus, (buckets, levels) = n_in.shape[0], binned.taus, binned.gate_taus, binned.shape
+    # per-token counts weighted by the per-token channel counts: integers, so exactly the per-neuron sums
     per_token = torch.stack([torch.ones_like(n_in), n_dec, n_in - n_dec], 1)  # rows, decision, completion channels
-    squared = torch.bincount(bins.flatten(), weights=contrib_sq, minlength=size)
-    joint = torch.cat([per_token.T @ counts.double(), squared[None]]).T.reshape(len(masses), buckets, levels, 4)
+    squared = torch.bincount(binned.bins.flatten(), weights=contrib_sq, minlength=binned.counts.shape[1])
+    joint = torch.cat([per_token.T @ binned.counts, squared[None]]).T.reshape(len(masses), buckets, levels, 4)
     from_level = joint.flip(2).cumsum(2).flip(2)  # [mass, bucket, j] = the sums over gate levels >= j
     total = joint.sum((1, 2))
     down_on = torch.tensor(taus, dtype=torch.float64) > 0
     out = []
     for j, g_tau in enumerate(gate_taus):
-        binned = from_level[:, :, j + 1].clone()  # what gate threshold j keeps, by down bucket
-        binned[:, 0] = total - binned.sum(1)
-        cum = binned.cumsum(0).transpose(1, 2).cumsum(2) / n  # [mass, 4, bucket]
+        by_bucket = from_level[:, :, j + 1].clone()  # what gate threshold j keeps, by down bucket
+        by_bucket[:, 0] = total - by_bucket.sum(1)
+        cum = by_bucket.cumsum(0).transpose(1, 2).cumsum(2) / n  # [mass, 4, bucket]
         kept = cum[:, :, -1:] - cum[:, :, :1]  # what the gate dial keeps (every bucket but 0), per token
         after = cum[:, :, -1:] - cum[:, :, 1:-1]  # what down tau i keeps (buckets > i + 1)
-        if gate_score is None:
+        if binned.gate is None:
             gate_cells = torch.zeros(len(masses), 1, dtype=torch.float64)
         else:
             # gate rows are completed for the neurons the last dial keeps (the down skip judges the partial gate)

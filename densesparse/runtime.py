@@ -264,9 +264,10 @@ class SparseMLP(nn.Module):
         w_down_t = self.canonical()[4]
         return w_down_t.float().norm(dim=1)
 
-    def neuron_mask(self, expert_mask: torch.Tensor) -> torch.Tensor:
-        shared = expert_mask.new_ones(expert_mask.shape[0], self.n_shared)
-        return torch.cat([shared, expert_mask.repeat_interleave(self.expert_size, dim=1)], dim=1)
+    def neuron_mask(self, expert_mask: torch.Tensor, shared: int = 1) -> torch.Tensor:
+        """Per token, each expert's entry [T, n_experts] spread over its neurons [T, m]; shared neurons get `shared`."""
+        fill = expert_mask.new_full((expert_mask.shape[0], self.n_shared), shared)
+        return torch.cat([fill, expert_mask.repeat_interleave(self.expert_size, dim=1)], dim=1)
 
     def up_projection(self, x2: torch.Tensor) -> torch.Tensor:
         """The up projection of x2 [T, d] for all m neurons (before any activation)."""
