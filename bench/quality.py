@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -180,7 +181,8 @@ def main():
     started = time.time()
     commit = git_commit()  # the code that runs, even if the tree changes meanwhile
     torch.set_grad_enabled(False)
-    overrides = dict(kv.split("=") for kv in args.convert_args.split(",") if kv)
+    # a comma splits settings only where a key= follows: a value may be a list (distill_budgets=0.35,0.25)
+    overrides = dict(kv.split("=") for kv in re.split(r",(?=\w+=)", args.convert_args) if kv)
     for key, value in overrides.items():
         kind = next(t for t in typing.get_args(HINTS[key]) or (HINTS[key],) if t is not type(None))
         if kind is bool and value.lower() not in ("true", "false", "1", "0"):

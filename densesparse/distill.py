@@ -90,9 +90,8 @@ def distill_biases(model, mlps: list[SparseMLP], budgets: list[dict], windows: l
                         on["t"] = t
                         z = _logits(model, ids, True, bf16)
                         with torch.no_grad():
-                            log_s = torch.log_softmax(z[0].float(), -1)
-                            kl[t] += dense.kl(log_s)
-                            grad = log_s.exp_().sub_(dense.p).div_(n)  # in place: vocab-wide temporaries cost most
+                            kl_t, grad = dense.kl(z[0], grad_div=n)
+                        kl[t] += kl_t
                         z.backward(grad[None].to(z.dtype))
                 for t, opt in enumerate(opts):
                     opt.step()
