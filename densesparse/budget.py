@@ -373,8 +373,8 @@ KL_ROWS = 32  # tokens per step of a vocab-wide computation: its temporaries the
 @dataclass
 class Reference:
     """The dense model's next-token distribution on one window, log p and p [T, vocab], computed once. Everything
-    vocab-wide runs KL_ROWS tokens at a time: on the CPU, whole-window temporaries (100 MB for a 512-token window
-    of a 49k vocabulary) cost about 3x more in memory traffic and page faults than the arithmetic."""
+    vocab-wide runs KL_ROWS tokens at a time: on the 2-core CPU a KL over whole-window temporaries (100 MB for 512
+    tokens of a 49k vocabulary) took about 3x as long, its time going to memory traffic, not arithmetic."""
     log_p: torch.Tensor
     p: torch.Tensor
 
