@@ -509,3 +509,20 @@ def test_balanced_kmeans_recovers_separated_groups():
     assign = balanced_kmeans(feats, k, size, torch.Generator().manual_seed(2))
     assert torch.bincount(assign, minlength=k).tolist() == [size] * k
     assert all(len(set(assign[g * size:(g + 1) * size].tolist())) == 1 for g in range(k))
+
+
+def test_reference_kl_in_chunks_equals_the_whole_window_formula():
+    # 45 tokens: one full chunk of KL_ROWS and a partial one
+    from densesparse.budget import KL_ROWS, Reference
+
+    g = torch.Generator().manual_seed(0)
+    dense, sparse = torch.randn(2, 45, 300, generator=g) * 3
+    ref = Reference.of(dense)
+    log_p = torch.log_softmax(dense, -1)
+    assert 45 > KL_ROWS and torch.equal(ref.log_p, log_p)
+    log_q = torch.log_softmax(sparse, -1)
+    whole = float((log_p.exp() * (log_p - log_q)).sum())
+    kl, grad = ref.kl(sparse, grad_div=45)
+    assert kl == pytest.approx(whole, rel=1e-5) and ref.kl(sparse) == kl
+    assert torch.equal(grad, (log_q.exp() - log_p.exp()) / 45)
+    assert ref.kl(dense) == pytest.approx(0.0, abs=1e-4)
