@@ -293,9 +293,9 @@ def probe_losses(model, mlps: list[SparseMLP], per_layer: list[list[Point]], win
     even weighted by the loss sensitivity (which conversions with the probe skip: weight 1), treats every error
     direction alike, so it cannot see how much of a layer's error the later layers undo or amplify; against the
     sensitivity-weighted errors, the measured ratios differed about 3x from the first layers to the middle ones on
-    SmolLM2. A layer dense at the probe budget keeps the mean factor. The layers are left dense; step() is called per layer.
-    `layers`: the decoder layers, mlps[i] inside layers[i]; the layers before the probed one then replay their
-    dense outputs instead of recomputing them (the same numbers, about 40% less work)."""
+    SmolLM2. A layer dense at the probe budget keeps the mean factor. The layers are left dense; step() is called
+    per layer. `layers`: the decoder layers, mlps[i] inside layers[i]; the layers before the probed one then replay
+    their dense outputs instead of recomputing them (the same numbers, about 40% less work)."""
     for m in mlps:
         set_dials(m, None)
     replay = layers is not None and len(layers) == len(mlps) and all(
