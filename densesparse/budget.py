@@ -383,26 +383,34 @@ class Reference:
         log_p = torch.cat([F.log_softmax(rows.float(), dim=-1) for rows in logits.split(KL_ROWS)])
         return cls(log_p, log_p.exp())
 
-    def kl(self, logits: torch.Tensor, grad_div: float | None = None) -> float | tuple[float, torch.Tensor]:
-        """Sum over tokens of KL(p || softmax(logits)) for logits [T, vocab]; with grad_div, also its gradient
-        w.r.t. the logits divided by grad_div, softmax(logits) - p [T, vocab] in float32."""
-        total, grad = 0.0, None if grad_div is None else torch.empty(logits.shape, device=logits.device)
+    def kl(self, logits: torch.Tensor) -> float:
+        """Sum over tokens of KL(p || softmax(logits)) for logits [T, vocab]."""
+        return self._chunks(logits, None, 1.0)
+
+    def kl_and_grad(self, logits: torch.Tensor, grad_div: float) -> tuple[float, torch.Tensor]:
+        """kl(logits) and its gradient w.r.t. the logits divided by grad_div, (softmax(logits) - p) / grad_div
+        [T, vocab] in float32."""
+        grad = torch.empty(logits.shape, device=logits.device)
+        return self._chunks(logits, grad, grad_div), grad
+
+    def _chunks(self, logits: torch.Tensor, grad: torch.Tensor | None, grad_div: float) -> float:
+        total = 0.0
         for i in range(0, logits.shape[0], KL_ROWS):
             rows = slice(i, i + KL_ROWS)
             log_q = F.log_softmax(logits[rows].float(), dim=-1)
             if grad is not None:
                 torch.sub(log_q.exp(), self.p[rows], out=grad[rows]).div_(grad_div)
             total += float((self.log_p[rows] - log_q).mul_(self.p[rows]).sum())
-        return total if grad is None else (total, grad)
+        return total
 
 
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+def _window_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids[None], use_cache=False).logits[0]
 
 
 @torch.no_grad()
 def reference(model, ids: torch.Tensor) -> Reference:
-    return Reference.of(_logits(model, ids))
+    return Reference.of(_window_logits(model, ids))
 
 
 @torch.no_grad()
@@ -413,7 +421,7 @@ def kl_per_token(model, wins: list[torch.Tensor], dense: list[Reference], prefix
     kl = 0.0
     for j, (w, ref) in enumerate(zip(wins, dense)):
         with _replayed(*(prefixes[j] if prefixes else ([], []))):
-            kl += ref.kl(_logits(model, w))
+            kl += ref.kl(_window_logits(model, w))
     return kl / sum(w.numel() for w in wins)
 
 

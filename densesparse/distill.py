@@ -90,7 +90,7 @@ def distill_biases(model, mlps: list[SparseMLP], budgets: list[dict], windows: l
                         on["t"] = t
                         z = _logits(model, ids, True, bf16)
                         with torch.no_grad():
-                            kl_t, grad = dense.kl(z[0], grad_div=n)
+                            kl_t, grad = dense.kl_and_grad(z[0], n)
                         kl[t] += kl_t
                         z.backward(grad[None].to(z.dtype))
                 for t, opt in enumerate(opts):

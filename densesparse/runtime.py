@@ -52,7 +52,8 @@ def threshold_select(logits: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def decides_early(decide_tau: float, input_tau: float, gate_tau: float, down_tau: float) -> bool:
-    """A layer's dials decide on partial sums: its decision channels are fewer than input skip's and a dial uses them."""
+    """A layer's dials decide on partial sums: its decision channels are fewer than input skip's, and a dial uses
+    them."""
     return decide_tau > input_tau and (gate_tau > 0 or down_tau > 0)
 
 
