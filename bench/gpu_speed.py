@@ -111,6 +111,13 @@ def replay_in_turn(graphs, reps, warm):
     return ts
 
 
+# issue 4's grid for the MLP layer (--sweep); 8 is convert's default expert size
+SWEEP_SHAPES = ("smollm2-135m", "llama2-7b", "llama3-8b")
+SWEEP_E = (8, 16, 32, 64, 128)
+SWEEP_KEPT = (0.75, 0.5, 0.35, 0.25)
+SWEEP_T = (1, 4, 16)
+
+
 def n_copies(bytes_one):
     return max(2, math.ceil(2.5 * L2_BYTES / bytes_one))
 
@@ -1802,6 +1809,20 @@ def print_gate_dial(rows):
               f"{r['mlp_fused_us']} floor {r.get('floor_mlp_us')}")
 
 
+def print_sweep(res):
+    """Per shape and expert size: dense/sparse at each kept, batch 1, and the lowest ratio at batch > 1."""
+    print(f"\n=== MLP layer, bf16, dense / sparse (router included); batch 1 by kept, then the lowest at batch "
+          f"{'/'.join(str(t) for t in SWEEP_T if t > 1)} ===")
+    for shape in SWEEP_SHAPES:
+        for e in SWEEP_E:
+            rows = [r for r in res["mlp"] if r["shape"] == shape and r["expert_size"] == e]
+            one = {r["kept"]: r["dense_us"] / r["sparse_us"] for r in rows if r["batch"] == 1}
+            more = [r["dense_us"] / r["sparse_us"] for r in rows if r["batch"] > 1]
+            if rows:
+                print(f"{shape:13s} e={e:<3d} " + " ".join(f"{k}: x{v:.2f}" for k, v in sorted(one.items()))
+                      + (f" | batch>1 min x{min(more):.3f}" if more else ""))
+
+
 def print_table(res):
     co = res.get("crossover")
     if co:
@@ -1907,6 +1928,10 @@ def main(argv=None):
     ap.add_argument("--routed-trials", action="store_true",
                     help="routed_trials() alone (selection in the gate/up tiles vs the select kernel's mask) into a "
                          "new record")
+    ap.add_argument("--sweep", action="store_true",
+                    help="the MLP layer alone over issue 4's whole grid (every shape, expert sizes "
+                         f"{'/'.join(map(str, SWEEP_E))}, kept {'/'.join(map(str, SWEEP_KEPT))}, batch "
+                         f"{'/'.join(map(str, SWEEP_T))}) into a new record; saved after each shape")
     ap.add_argument("--dial-mix", default=None,
                     help="a bench/dial_mix.py record: bench_dial_mix alone into a new record at --out")
     a = ap.parse_args(argv)
@@ -1923,6 +1948,21 @@ def main(argv=None):
             json.dump(res, f, indent=1)
         for b in res["dial_mix"]["budgets"]:
             print({k: v for k, v in b.items() if k != "layers"})
+        return
+
+    if a.sweep:
+        from densesparse.config import ConvertConfig
+        t0 = time.time()
+        res = {**run_info(a.note), "default_expert_size": ConvertConfig().expert_size, "config": dict(K.CONFIG),
+               "decode_max_t": K.DECODE_MAX_T, "dense_above_tokens": DENSE_ABOVE,
+               "copy_gbps": round(copy_bandwidth(), 1), "mlp": []}
+        for shape in SWEEP_SHAPES:
+            res["mlp"] += bench_mlp([shape], SWEEP_E, SWEEP_KEPT, SWEEP_T, res["copy_gbps"])
+            res["wall_s"] = round(time.time() - t0, 1)
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=1)
+        print_sweep(res)
         return
 
     if a.compact_crossover:
