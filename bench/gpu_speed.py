@@ -53,8 +53,11 @@ sys.path.insert(0, ROOT)
 from densesparse import kernels as K  # noqa: E402
 from densesparse.runtime import COMPACT_BELOW, DENSE_ABOVE_TOKENS as DENSE_ABOVE  # noqa: E402
 
-SHAPES = {"llama3-8b": (4096, 14336), "llama2-7b": (4096, 11008), "smollm2-135m": (576, 1536)}
-ROUTER_R = {"llama3-8b": 64, "llama2-7b": 64, "smollm2-135m": 64}  # ConvertConfig.router_width
+SHAPES = {"llama3-8b": (4096, 14336), "llama2-7b": (4096, 11008), "smollm2-135m": (576, 1536),
+          # between the default model's MLP and Llama-2-7B's: where sparsity starts to pay (--sweep --shapes)
+          "smollm2-360m": (960, 2560), "qwen2.5-0.5b": (896, 4864), "llama3.2-1b": (2048, 8192),
+          "llama3.2-3b": (3072, 8192)}
+ROUTER_R = dict.fromkeys(SHAPES, 64)  # ConvertConfig.router_width
 L2_BYTES = 50e6
 DT = torch.bfloat16
 DEV = "cuda"
@@ -1809,12 +1812,12 @@ def print_gate_dial(rows):
               f"{r['mlp_fused_us']} floor {r.get('floor_mlp_us')}")
 
 
-def print_sweep(res):
+def print_sweep(res, shapes, es):
     """Per shape and expert size: dense/sparse at each kept, batch 1, and the lowest ratio at batch > 1."""
     print(f"\n=== MLP layer, bf16, dense / sparse (router included); batch 1 by kept, then the lowest at batch "
-          f"{'/'.join(str(t) for t in SWEEP_T if t > 1)} ===")
-    for shape in SWEEP_SHAPES:
-        for e in SWEEP_E:
+          "> 1 ===")
+    for shape in shapes:
+        for e in es:
             rows = [r for r in res["mlp"] if r["shape"] == shape and r["expert_size"] == e]
             one = {r["kept"]: r["dense_us"] / r["sparse_us"] for r in rows if r["batch"] == 1}
             more = [r["dense_us"] / r["sparse_us"] for r in rows if r["batch"] > 1]
@@ -1932,6 +1935,9 @@ def main(argv=None):
                     help="the MLP layer alone over issue 4's whole grid (every shape, expert sizes "
                          f"{'/'.join(map(str, SWEEP_E))}, kept {'/'.join(map(str, SWEEP_KEPT))}, batch "
                          f"{'/'.join(map(str, SWEEP_T))}) into a new record; saved after each shape")
+    ap.add_argument("--shapes", default=None, help=f"--sweep: comma-separated shapes of {', '.join(SHAPES)}")
+    ap.add_argument("--expert-sizes", default=None, help="--sweep: comma-separated expert sizes")
+    ap.add_argument("--batches", default=None, help="--sweep: comma-separated tokens per call")
     ap.add_argument("--dial-mix", default=None,
                     help="a bench/dial_mix.py record: bench_dial_mix alone into a new record at --out")
     a = ap.parse_args(argv)
@@ -1956,13 +1962,16 @@ def main(argv=None):
         res = {**run_info(a.note), "default_expert_size": ConvertConfig().expert_size, "config": dict(K.CONFIG),
                "decode_max_t": K.DECODE_MAX_T, "dense_above_tokens": DENSE_ABOVE,
                "copy_gbps": round(copy_bandwidth(), 1), "mlp": []}
-        for shape in SWEEP_SHAPES:
-            res["mlp"] += bench_mlp([shape], SWEEP_E, SWEEP_KEPT, SWEEP_T, res["copy_gbps"])
+        shapes = a.shapes.split(",") if a.shapes else SWEEP_SHAPES
+        es = tuple(int(e) for e in a.expert_sizes.split(",")) if a.expert_sizes else SWEEP_E
+        batches = tuple(int(t) for t in a.batches.split(",")) if a.batches else SWEEP_T
+        for shape in shapes:
+            res["mlp"] += bench_mlp([shape], es, SWEEP_KEPT, batches, res["copy_gbps"])
             res["wall_s"] = round(time.time() - t0, 1)
             os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)
-        print_sweep(res)
+        print_sweep(res, shapes, es)
         return
 
     if a.compact_crossover:
