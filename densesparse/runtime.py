@@ -119,6 +119,28 @@ DENSE_ABOVE_TOKENS = 2
 # spread). With the gate dial it wins further (+4% at 0.425). Expert size 32 crosses earlier (+2.8% at 0.325,
 # +0.9% at 0.35, -0.8% at 0.375): up to ~1% lost there between 0.35 and 0.375.
 COMPACT_BELOW = 0.375
+# CUDA only: a layer whose dense MLP weights (bytes at the activations' dtype) are fewer than the bound for its
+# `expert_frac` runs the dense MLP at every token count: the sparse path's fixed cost (router launches, the gaps
+# between kernels) exceeds what skipping saves. Measured (bench/results/gpu-h100-sweep.json, H100, batch 1, bf16,
+# expert sizes 8-128): SmolLM2-135M's MLP (5.3 MB) 0.61-0.93x dense at every kept fraction, Llama-2-7B's (271 MB)
+# and Llama-3-8B's (352 MB) 1.19-2.41x. Bounds: where a line through the two ends' times (fixed cost + time per MB,
+# at expert size 8) crosses dense, at 25 / 35 / 50 / 75% of the experts (20 / 29 / 65 / 113 MB), times 1.25 (that
+# line missed Llama-2-7B's sparse time by up to 11%); linear between them, the 25% bound below it, dense above 75%.
+# The sizes between are not measured yet (`gpu_speed.py --sweep --shapes ...` does it).
+SPARSE_MIN_MB = ((0.25, 25.0), (0.35, 36.0), (0.5, 81.0), (0.75, 141.0))
+
+
+def sparse_pays_on_gpu(weight_bytes: float, expert_frac: float) -> bool:
+    """SPARSE_MIN_MB's rule: do the sparse kernels beat the dense MLP for this layer size and expert fraction?"""
+    if expert_frac > SPARSE_MIN_MB[-1][0]:
+        return False
+    bound = SPARSE_MIN_MB[0][1]
+    for (f0, b0), (f1, b1) in zip(SPARSE_MIN_MB, SPARSE_MIN_MB[1:]):
+        if expert_frac > f0:
+            bound = b0 + (b1 - b0) * (min(expert_frac, f1) - f0) / (f1 - f0)
+    return weight_bytes >= bound * 1e6
+
+
 # The attributes that decide what a SparseMLP computes at a budget (bias correction aside); expert_frac only picks
 # CUDA kernels
 DIALS = ("threshold", "input_tau", "gate_tau", "down_tau", "decide_tau")
@@ -133,6 +155,7 @@ class SparseMLP(nn.Module):
 
     is_densesparse_mlp = True  # duck-typed marker: the remote-code copy of this class is a different class object
     dense_above_tokens = DENSE_ABOVE_TOKENS  # CUDA path: more tokens than this in a call -> dense MLP
+    size_rule = True  # CUDA path: a layer too small for the kernels to pay runs dense (SPARSE_MIN_MB)
 
     def __init__(self, layout: dict, act: str, parts: dict, n_shared: int, expert_size: int, n_experts: int,
                  router_width: int, hidden: int):
@@ -406,7 +429,9 @@ class SparseMLP(nn.Module):
                                   self.down_norms())
 
     def _cuda_forward(self, x2):
-        if x2.shape[0] > self.dense_above_tokens:
+        weight_bytes = (3 if self.gated else 2) * self.intermediate * x2.shape[1] * x2.element_size()
+        if x2.shape[0] > self.dense_above_tokens or (self.size_rule
+                                                     and not sparse_pays_on_gpu(weight_bytes, self.expert_frac)):
             if self.stats is not None:  # every neuron and input channel computed, router not run
                 full = torch.full((x2.shape[0],), self.n_experts, dtype=torch.long)
                 cells = torch.full_like(full, self.intermediate * x2.shape[1])
@@ -528,16 +553,17 @@ def sparse_mlps(model) -> list[SparseMLP]:
 
 @contextmanager
 def sparse_function(mlps: list[SparseMLP]):
-    """Meanwhile, many-token calls on CUDA compute the sparse function instead of taking the dense MLP (what a
-    perplexity or a quality budget measures); each layer's setting comes back after."""
-    saved = [m.dense_above_tokens for m in mlps]
+    """Meanwhile, calls on CUDA compute the sparse function instead of taking the dense MLP (many tokens, or a layer
+    too small for the kernels to pay: what a perplexity or a quality budget measures); each layer's settings come
+    back after."""
+    saved = [(m.dense_above_tokens, m.size_rule) for m in mlps]
     for m in mlps:
-        m.dense_above_tokens = 1 << 30
+        m.dense_above_tokens, m.size_rule = 1 << 30, False
     try:
         yield
     finally:
-        for m, value in zip(mlps, saved):
-            m.dense_above_tokens = value
+        for m, (tokens, rule) in zip(mlps, saved):
+            m.dense_above_tokens, m.size_rule = tokens, rule
 
 
 def apply_budget(mlps: list[SparseMLP], budgets: list[dict], target: float) -> None:

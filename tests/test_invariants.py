@@ -526,3 +526,23 @@ def test_reference_kl_in_chunks_equals_the_whole_window_formula():
     assert kl == pytest.approx(whole, rel=1e-5) and ref.kl(sparse) == kl
     assert torch.equal(grad, (log_q.exp() - log_p.exp()) / 45)
     assert ref.kl(dense) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_gpu_size_rule_agrees_with_the_measured_sweep():
+    # every batch-1 row of the H100 sweep: the rule picks the sparse kernels exactly where they beat dense
+    import json
+    from pathlib import Path
+
+    from densesparse.runtime import SPARSE_MIN_MB, sparse_pays_on_gpu
+
+    record = json.loads((Path(__file__).parents[1] / "bench/results/gpu-h100-sweep.json").read_text())
+    shapes = {"smollm2-135m": (576, 1536), "llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
+    rows = [r for r in record["mlp"] if r["batch"] == 1]
+    assert len(rows) == 60
+    for r in rows:
+        d, m = shapes[r["shape"]]
+        assert sparse_pays_on_gpu(3 * d * m * 2, r["kept"]) == (r["dense_us"] > r["sparse_us"]), r
+    bounds = [b for _, b in SPARSE_MIN_MB]
+    assert bounds == sorted(bounds)
+    assert not sparse_pays_on_gpu(1e12, 0.8) and sparse_pays_on_gpu(bounds[0] * 1e6, 0.1)
+    assert sparse_pays_on_gpu(bounds[1] * 1e6, 0.35) and not sparse_pays_on_gpu(bounds[1] * 1e6 - 1, 0.35)

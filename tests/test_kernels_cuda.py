@@ -18,6 +18,14 @@ from densesparse import kernels as K  # noqa: E402
 DEV = "cuda"
 
 
+@pytest.fixture(autouse=True)
+def kernels_at_every_size(monkeypatch):
+    """The tiny test layers are far below runtime.SPARSE_MIN_MB: the size rule off, so they run the kernels
+    (test_size_rule_runs_small_layers_dense turns it back on)."""
+    from densesparse.runtime import SparseMLP
+    monkeypatch.setattr(SparseMLP, "size_rule", False)
+
+
 @pytest.fixture(params=[False, True], ids=["old", "compact"])
 def compact(request, monkeypatch):
     """Both Triton decode paths: the old one (tiles in neuron order) and the compacted one (CONFIG["compact"]:
@@ -1412,3 +1420,35 @@ def test_distill_and_quality_budget_on_cuda_use_the_sparse_function(tiny_dir, tm
     rows = evaluate_windows(model, [win], False, [m["target"] for m in q["measured"]], budgets)["rows"]
     assert q["measured"] and all(abs(m["ppl"] - r["ppl"]) < 1e-4 * r["ppl"] for m, r in zip(q["measured"], rows))
     assert [m.dense_above_tokens for m in mlps] == dispatch
+
+
+def test_size_rule_runs_small_layers_dense(monkeypatch):
+    """With the size rule on, a one-token call of a layer below SPARSE_MIN_MB returns the dense MLP's output and
+    never routes; under sparse_function it runs the kernels (the sparse function) again."""
+    from densesparse import runtime
+    from densesparse.runtime import SparseMLP, sparse_function
+
+    monkeypatch.setattr(SparseMLP, "size_rule", True)
+    transformers = pytest.importorskip("transformers")
+    from densesparse import arch
+    d, m = 256, 512
+    cfg = transformers.LlamaConfig(hidden_size=d, intermediate_size=m, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(DEV, torch.bfloat16)
+    spec = {"layout": arch.LAYOUTS["LlamaForCausalLM"].to_dict(), "activation": "silu", "hidden_size": d,
+            "n_shared": 0, "expert_size": 8, "n_experts": m // 8, "router_width": 64}
+    mlp = runtime.install(model, spec)[0]
+    mlp.threshold, mlp.expert_frac = 0.5, 0.5
+    x = torch.randn(1, d, device=DEV, dtype=torch.bfloat16)
+    calls = []
+    route, route_logits = K.route, K.route_logits
+    monkeypatch.setattr(K, "route", lambda *a, **k: calls.append(1) or route(*a, **k))
+    monkeypatch.setattr(K, "route_logits", lambda *a, **k: calls.append(1) or route_logits(*a, **k))
+    assert not runtime.sparse_pays_on_gpu(3 * d * m * 2, 0.5)
+    with torch.no_grad():
+        y = mlp._cuda_forward(x)
+        assert calls == [] and torch.equal(y, mlp._dense_forward(x))
+        with sparse_function([mlp]):
+            mlp._cuda_forward(x)
+    assert calls and mlp.size_rule
