@@ -98,25 +98,26 @@ def gpu_table(g: dict) -> str:
 
 def sweep_table(g: dict) -> str:
     """gpu_speed.py --sweep: per shape and expert size, the batch-1 speedup at each kept fraction (and the
-    pre-sliced ideal's), and the lowest speedup at larger batches."""
+    pre-sliced ideal's), and (where measured) the lowest speedup at larger batches."""
     kepts = sorted({r["kept"] for r in g["mlp"]}, reverse=True)
     more = sorted({r["batch"] for r in g["mlp"] if r["batch"] > 1})
     lines = [f"{g['device']}, torch {g['torch']}, triton {g['triton']}, commit {g.get('commit')}. One MLP layer, bf16, "
              "random weights and routers (decode: each router's threshold bisected to the kept fraction). Each cell: "
              "dense / sparse at batch 1, sparse = router + selection + MLP (in parentheses: dense / the pre-sliced "
-             f"cuBLAS ideal); last column: the lowest dense / sparse at batch {' and '.join(map(str, more))} over "
-             "every kept fraction (those calls take the dense MLP above `runtime.DENSE_ABOVE_TOKENS` = "
-             f"{g['dense_above_tokens']}).", "",
-             "| shape | expert size | " + " | ".join(f"{k:.0%} kept" for k in kepts) + " | batch > 1, lowest |",
-             "|---|---|" + "---|" * len(kepts) + "---|"]
+             "cuBLAS ideal)" + (f"; last column: the lowest dense / sparse at batch {' and '.join(map(str, more))} "
+                                "over every kept fraction (those calls take the dense MLP above "
+                                f"`runtime.DENSE_ABOVE_TOKENS` = {g['dense_above_tokens']})" if more else "") + ".",
+             "", "| shape | expert size | " + " | ".join(f"{k:.0%} kept" for k in kepts)
+             + (" | batch > 1, lowest |" if more else " |"), "|---|---|" + "---|" * (len(kepts) + bool(more))]
     for shape in dict.fromkeys(r["shape"] for r in g["mlp"]):
         for e in sorted({r["expert_size"] for r in g["mlp"] if r["shape"] == shape}):
             rows = [r for r in g["mlp"] if r["shape"] == shape and r["expert_size"] == e]
             one = {r["kept"]: r for r in rows if r["batch"] == 1}
             cells = [f"{one[k]['dense_us'] / one[k]['sparse_us']:.2f}x ({one[k]['dense_us'] / one[k]['ideal_us']:.2f}x)"
                      if k in one else "n/a" for k in kepts]
-            low = min((r["dense_us"] / r["sparse_us"] for r in rows if r["batch"] > 1), default=None)
-            lines.append(f"| {shape} | {e} | " + " | ".join(cells) + f" | {'n/a' if low is None else f'{low:.3f}x'} |")
+            if more:
+                cells.append(f"{min(r['dense_us'] / r['sparse_us'] for r in rows if r['batch'] > 1):.3f}x")
+            lines.append(f"| {shape} | {e} | " + " | ".join(cells) + " |")
     lines.append(f"\nCommand: `{g['command'].split(' --note')[0]}` (one device call, {g['wall_s']:.0f} s).")
     return "\n".join(lines)
 
@@ -221,6 +222,7 @@ BLOCKS = {
     "gpu": ("gpu-h100.json", gpu_table),
     "gpu-h200": ("gpu-h200.json", gpu_table),
     "gpu-sweep": ("gpu-h100-sweep.json", sweep_table),
+    "gpu-size": ("gpu-h100-size-crossover.json", sweep_table),
     "gpu-dial-mix": ("gpu-h100-dial-mix.json", dial_mix_table),
 }
 

@@ -121,13 +121,14 @@ DENSE_ABOVE_TOKENS = 2
 COMPACT_BELOW = 0.375
 # CUDA only: a layer whose dense MLP weights (bytes at the activations' dtype) are fewer than the bound for its
 # `expert_frac` runs the dense MLP at every token count: the sparse path's fixed cost (router launches, the gaps
-# between kernels) exceeds what skipping saves. Measured (bench/results/gpu-h100-sweep.json, H100, batch 1, bf16,
-# expert sizes 8-128): SmolLM2-135M's MLP (5.3 MB) 0.61-0.93x dense at every kept fraction, Llama-2-7B's (271 MB)
-# and Llama-3-8B's (352 MB) 1.19-2.41x. Bounds: where a line through the two ends' times (fixed cost + time per MB,
-# at expert size 8) crosses dense, at 25 / 35 / 50 / 75% of the experts (20 / 29 / 65 / 113 MB), times 1.25 (that
-# line missed Llama-2-7B's sparse time by up to 11%); linear between them, the 25% bound below it, dense above 75%.
-# The sizes between are not measured yet (`gpu_speed.py --sweep --shapes ...` does it).
-SPARSE_MIN_MB = ((0.25, 25.0), (0.35, 36.0), (0.5, 81.0), (0.75, 141.0))
+# between kernels: about 20 to 26 us) exceeds what skipping saves. Measured at batch 1, bf16, on an H100
+# (bench/results/gpu-h100-size-crossover.json, expert size 8, six MLP shapes, 15 to 151 MB between SmolLM2-135M's
+# 5.3 and Llama-2-7B's 271; bench/results/gpu-h100-sweep.json, expert sizes 8-128): at 25-75% of the experts the
+# kernels lost at 26 MB and below (Qwen2.5-0.5B 0.74-0.86x, SmolLM2-135M 0.60-0.93x) and won at 101 MB and above
+# (Llama-3.2-1B 1.14-1.25x at 25-50%, but 1.02x at 75%: a tie, so 75% waits for Llama-3.2-3B's 151 MB, 1.10x).
+# The bounds are those smallest winning sizes; between 26 and 101 MB nothing is measured, so such layers stay
+# dense. Linear between the two bounds, the first one below 50%, dense above 75%.
+SPARSE_MIN_MB = ((0.5, 100.0), (0.75, 150.0))
 
 
 def sparse_pays_on_gpu(weight_bytes: float, expert_frac: float) -> bool:

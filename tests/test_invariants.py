@@ -528,21 +528,26 @@ def test_reference_kl_in_chunks_equals_the_whole_window_formula():
     assert ref.kl(dense) == pytest.approx(0.0, abs=1e-4)
 
 
-def test_gpu_size_rule_agrees_with_the_measured_sweep():
-    # every batch-1 row of the H100 sweep: the rule picks the sparse kernels exactly where they beat dense
+def test_gpu_size_rule_agrees_with_the_measured_sweeps():
+    # every batch-1 row of the two H100 records: the rule runs dense wherever the kernels lost, and the kernels
+    # wherever they won by 5% or more (between, a near tie, either is fine)
     import json
     from pathlib import Path
 
     from densesparse.runtime import SPARSE_MIN_MB, sparse_pays_on_gpu
 
-    record = json.loads((Path(__file__).parents[1] / "bench/results/gpu-h100-sweep.json").read_text())
-    shapes = {"smollm2-135m": (576, 1536), "llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
-    rows = [r for r in record["mlp"] if r["batch"] == 1]
-    assert len(rows) == 60
+    results = Path(__file__).parents[1] / "bench/results"
+    shapes = {"smollm2-135m": (576, 1536), "smollm2-360m": (960, 2560), "qwen2.5-0.5b": (896, 4864),
+              "llama3.2-1b": (2048, 8192), "llama3.2-3b": (3072, 8192), "llama2-7b": (4096, 11008),
+              "llama3-8b": (4096, 14336)}
+    rows = [r for name in ("gpu-h100-sweep.json", "gpu-h100-size-crossover.json")
+            for r in json.loads((results / name).read_text())["mlp"] if r["batch"] == 1]
+    assert len(rows) == 84 and {r["shape"] for r in rows} == set(shapes)
     for r in rows:
         d, m = shapes[r["shape"]]
-        assert sparse_pays_on_gpu(3 * d * m * 2, r["kept"]) == (r["dense_us"] > r["sparse_us"]), r
+        speedup, pays = r["dense_us"] / r["sparse_us"], sparse_pays_on_gpu(3 * d * m * 2, r["kept"])
+        assert (not pays) if speedup < 1 else pays or speedup < 1.05, r
     bounds = [b for _, b in SPARSE_MIN_MB]
     assert bounds == sorted(bounds)
     assert not sparse_pays_on_gpu(1e12, 0.8) and sparse_pays_on_gpu(bounds[0] * 1e6, 0.1)
-    assert sparse_pays_on_gpu(bounds[1] * 1e6, 0.35) and not sparse_pays_on_gpu(bounds[1] * 1e6 - 1, 0.35)
+    assert sparse_pays_on_gpu(bounds[-1] * 1e6, 0.75) and not sparse_pays_on_gpu(bounds[-1] * 1e6 - 1, 0.75)
