@@ -1362,13 +1362,13 @@ def test_dense_budget_graph_survives_first_sparse_call():
 # The bias refinement (densesparse.distill) on CUDA
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM"])
-def test_distill_and_quality_budget_on_cuda_use_the_sparse_function(tiny_dir, tmp_path, arch):
+def test_distill_and_quality_budget_on_cuda_use_the_sparse_function(tiny_dir, tmp_path, arch, monkeypatch):
     """distill_biases on a CUDA model refines the sparse function in every layer: a many-token call would take the
     dense MLP (and the kernels have no backward), which the first CUDA version did in layer 0, whose input needs no
     gradient. One float32 step moves the bias row as on the CPU (Adam's first step is the gradient's sign), 30 lower
     the sparse model's KL from dense (measured under runtime.sparse_function, as eval does), and bfloat16 autocast,
     the CUDA default, moves the row by finite steps (the KL of a tiny random model, ~2e-5, is below its
-    resolution). The quality budget's bisection measures what eval measures."""
+    resolution). The quality budget's bisection measures what eval measures, and eval times the dispatch as deployed."""
     from conftest import kl_from_dense
 
     from densesparse import convert, load
@@ -1420,6 +1420,12 @@ def test_distill_and_quality_budget_on_cuda_use_the_sparse_function(tiny_dir, tm
     rows = evaluate_windows(model, [win], False, [m["target"] for m in q["measured"]], budgets)["rows"]
     assert q["measured"] and all(abs(m["ppl"] - r["ppl"]) < 1e-4 * r["ppl"] for m, r in zip(q["measured"], rows))
     assert [m.dense_above_tokens for m in mlps] == dispatch
+    from densesparse import evaluate
+    seen, timed = [], evaluate._timed_pass
+    monkeypatch.setattr(evaluate, "_timed_pass",
+                        lambda mdl, w: seen.append([m.dense_above_tokens for m in mlps]) or timed(mdl, w))
+    assert "tokens_per_s" in evaluate_windows(model, [win], False, [0.5], budgets)["rows"][0]
+    assert seen == [dispatch]
 
 
 def test_size_rule_runs_small_layers_dense(monkeypatch):
