@@ -113,8 +113,8 @@ def cascade_screen(L: Layer, gen) -> list[dict]:
         saved = float(ours - cost)
         more = saved / float(per_neuron.mean()) / max(int(L.keep.sum()), 1)
         raised = L.keep & (L.s_dec >= quantile(L.s_dec[L.keep], more, gen))
-        out.append({"q_a": qa, "f_a": fa, "saved": round(saved / dense, 5), "d_err_cascade": round(L.err(keep) - base, 5),
-                    "d_err_gate_dial": round(L.err(raised) - base, 5)})
+        out.append({"q_a": qa, "f_a": fa, "saved": round(saved / dense, 5),
+                    "d_err_cascade": round(L.err(keep) - base, 5), "d_err_gate_dial": round(L.err(raised) - base, 5)})
     return out
 
 

@@ -1346,7 +1346,8 @@ def bench_e2e(E=8, kepts=(0.5, 0.25), batches=(1, 4, 16), prefill_T=2048, prompt
         out.setdefault("decode_nocache_b1", []).append(
             {"kept": kmeas[kept], "dense_ms": dn1 and round(dn1, 3), "sparse_ms": sp1 and round(sp1, 3)})
         out["prefill"].append({"kept": kmeas[kept], "target": kept, "tokens": prefill_T,
-                               "dense_ms": round(res[(1.0, "prefill")], 2), "sparse_ms": round(res[(kept, "prefill")], 2)})
+                               "dense_ms": round(res[(1.0, "prefill")], 2),
+                               "sparse_ms": round(res[(kept, "prefill")], 2)})
     del model, mlps
     torch.cuda.empty_cache()
     return out
@@ -1514,7 +1515,8 @@ def bench_compact(copy_gbps, es=(8, 16, 32), kepts=(0.5, 0.25), Ts=(1, 2), shape
                 rows.append(row)
                 print(f"compact e={e} T={T} kept={kept} union {union:.3f}: dense {dense:.1f} | router+MLP old {old:.1f}"
                       f" compact {comp:.1f} | MLP old {m_old:.1f} compact {m_comp:.1f} (sep. kernel {m_kern:.1f}) | "
-                      f"ideal {ideal:.1f} floor {floor:.1f} | compaction {cpt:.1f} router {router:.1f} | rel {diff:.1e}",
+                      f"ideal {ideal:.1f} floor {floor:.1f} | compaction {cpt:.1f} router {router:.1f} | "
+                      f"rel {diff:.1e}",
                       flush=True)
     del L
     torch.cuda.empty_cache()
@@ -1804,11 +1806,13 @@ def print_compact(res):
 def print_gate_dial(rows):
     print("\n=== gate dial, llama3-8b layer (us; sparse = router + MLP; default tile first) ===")
     for r in rows:
-        print(f"e={r['expert_size']} T={r['batch']}: experts {r['experts_kept']:.3f}, up rows {r['up_rows_kept_of_selected']:.3f}"
+        print(f"e={r['expert_size']} T={r['batch']}: experts {r['experts_kept']:.3f}, up rows "
+              f"{r['up_rows_kept_of_selected']:.3f}"
               f" of selected, MLP FLOPs {r['kept_flops_frac']:.3f} (no dial {r['kept_flops_frac_nodial']:.3f}) | dense "
               f"{r['dense_us']} sparse {r['sparse_us']} ({r['default_tile']}) x{r['speedup_vs_dense']:.2f} | no dial "
-              f"{r['sparse_nodial_us']} (dial x{r['speedup_vs_nodial']:.2f}) | two-phase {r['sparse_two_phase_us']} fused "
-              f"{r['sparse_fused_us']} | MLP alone: no dial {r['mlp_nodial_us']} two-phase {r['mlp_two_phase_us']} fused "
+              f"{r['sparse_nodial_us']} (dial x{r['speedup_vs_nodial']:.2f}) | two-phase "
+              f"{r['sparse_two_phase_us']} fused {r['sparse_fused_us']} | MLP alone: no dial {r['mlp_nodial_us']} "
+              f"two-phase {r['mlp_two_phase_us']} fused "
               f"{r['mlp_fused_us']} floor {r.get('floor_mlp_us')}")
 
 
@@ -1858,7 +1862,8 @@ def print_table(res):
                       f"{r['ideal_us']:7.1f} {r['router_us']:5.1f} {100 * r['router_us'] / r['sparse_us']:5.1f}% "
                       f"{r['floor_us']:6.1f} {r['gbps']:7.0f} {r['sparse_us'] - r['router_us']:7.1f}")
     for r in res.get("prefill_layer", []):
-        print(f"prefill layer {r['shape']} e={r['expert_size']} kept {r['kept']} T={r['tokens']}: dense {r['dense_us']} "
+        print(f"prefill layer {r['shape']} e={r['expert_size']} kept {r['kept']} T={r['tokens']}: dense "
+              f"{r['dense_us']} "
               f"sparse {r['sparse_us']} ({r['path']}) ratio {r['dense_us'] / r['sparse_us']:.3f} (router + masked "
               f"{r['router_masked_mlp_us']}, router {r['router_us']})")
     if res.get("gate_dial"):
@@ -1879,7 +1884,8 @@ def print_table(res):
         print(f"e2e decode KV cache: {res['kv_cache']}")
     for r in res.get("decode", []):
         print(f"e2e decode kept {r['kept']} B={r['batch']}: dense {r['dense_tok_s']} tok/s sparse {r['sparse_tok_s']} "
-              f"tok/s ratio {r['sparse_tok_s'] / r['dense_tok_s'] if r['dense_tok_s'] and r['sparse_tok_s'] else 'n/a'}")
+              "tok/s ratio "
+              f"{r['sparse_tok_s'] / r['dense_tok_s'] if r['dense_tok_s'] and r['sparse_tok_s'] else 'n/a'}")
     for r in res.get("decode_compiled", []):
         print(f"e2e decode, torch.compile, kept {r['kept']} B={r['batch']}: dense {r['dense_tok_s']} tok/s sparse "
               f"{r['sparse_tok_s']} tok/s ratio {r['speedup']}")
@@ -1924,7 +1930,8 @@ def main(argv=None):
                     help="JSON list of kernel CONFIG overrides --down-trials times in both of its cases (the first "
                          "should be {}: outputs are compared with it), e.g. '[{}, {\"dn_BD\": 512, \"dn_BN\": 16}]'")
     ap.add_argument("--decide-trials", action="store_true",
-                    help="decide_trials() alone (early decisions on vs off, a layer at batch 1 and 2) into a new record")
+                    help="decide_trials() alone (early decisions on vs off, a layer at batch 1 and 2) into a new "
+                         "record")
     ap.add_argument("--decide-cfgs", default="{}",
                     help="JSON list of kernel CONFIG overrides the deciding variants of --decide-trials are also "
                          "timed with, e.g. '[{}, {\"gd_BN\": 32}]'")

@@ -263,9 +263,9 @@ def main():
             convert_seconds = round(time.time() - t, 1)
         spec = read_spec(sparse_dir)
         state["convert_seconds"] = convert_seconds
-        state["settings"] = {k: spec.get(k) for k in ("expert_size", "n_shared", "grouping", "router_width", "down_skip",
-                                                      "input_skip", "early_decisions", "calibration", "seed",
-                                                      "bias_distill", "seconds", "phase_seconds")}
+        state["settings"] = {k: spec.get(k) for k in ("expert_size", "n_shared", "grouping", "router_width",
+                                                      "down_skip", "input_skip", "early_decisions", "calibration",
+                                                      "seed", "bias_distill", "seconds", "phase_seconds")}
         sparse = load(sparse_dir, mlp_flops=1.0)
         if "densesparse" in methods:
             res = evaluate_windows(sparse, wins, bos, list(TARGETS), spec["budgets"])

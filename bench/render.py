@@ -65,7 +65,8 @@ def predictors_table(p: dict) -> str:
 def gpu_table(g: dict) -> str:
     lines = [f"{g['device']}, torch {g['torch']}, triton {g['triton']}, commit {g.get('commit')}. One MLP layer, bf16, "
              "time = what SparseMLP runs: router + selection + sparse MLP (Triton) at up to "
-             f"{g['dense_above_tokens']} tokens per call, the plain dense MLP above that (`runtime.DENSE_ABOVE_TOKENS`, "
+             f"{g['dense_above_tokens']} tokens per call, the plain dense MLP above that "
+             "(`runtime.DENSE_ABOVE_TOKENS`, "
              "the measured crossover, key `crossover`; the router is then not run) (medians of CUDA-graph replays, "
              "weights rotated against L2).", "",
              "| shape | expert size | kept | batch | dense us | sparse us | ideal us | router us | speedup | path |",
@@ -75,10 +76,12 @@ def gpu_table(g: dict) -> str:
             continue
         lines.append(f"| {r['shape']} | {r['expert_size']} | {r['kept']} | {r['batch']} | {r['dense_us']:.1f} | "
                      f"{r['sparse_us']:.1f} | {r['ideal_us']:.1f} | {r['router_us']:.1f} | "
-                     f"{r['dense_us'] / r['sparse_us']:.2f}x | {r.get('path', 'triton')}{' (compacted)' if r.get('compact') else ''} |")
+                     f"{r['dense_us'] / r['sparse_us']:.2f}x | {r.get('path', 'triton')}"
+                     f"{' (compacted)' if r.get('compact') else ''} |")
     run = g.get("gate_dial_run", {})
     for r in g.get("gate_dial", []):
-        lines.append(f"\nGate dial (commit {run.get('commit', g.get('commit'))}; {r['shape']}, expert size {r['expert_size']}, "
+        lines.append(f"\nGate dial (commit {run.get('commit', g.get('commit'))}; {r['shape']}, "
+                     f"expert size {r['expert_size']}, "
                      f"batch {r['batch']}; "
                      f"{r['experts_kept']:.0%} of experts, the gate keeping {r['up_rows_kept_of_selected']:.0%} of "
                      f"their up rows; MLP FLOPs kept {r['kept_flops_frac']:.3f}): dense {r['dense_us']:.1f} us, "
