@@ -52,11 +52,9 @@ sys.path.insert(0, ROOT)
 
 from densesparse import kernels as K  # noqa: E402
 from densesparse.runtime import COMPACT_BELOW, DENSE_ABOVE_TOKENS as DENSE_ABOVE  # noqa: E402
+from mlp_shapes import SHAPES  # noqa: E402
+from render import sweep_table  # noqa: E402
 
-SHAPES = {"llama3-8b": (4096, 14336), "llama2-7b": (4096, 11008), "smollm2-135m": (576, 1536),
-          # between the default model's MLP and Llama-2-7B's: where sparsity starts to pay (--sweep --shapes)
-          "smollm2-360m": (960, 2560), "qwen2.5-0.5b": (896, 4864), "llama3.2-1b": (2048, 8192),
-          "llama3.2-3b": (3072, 8192)}
 ROUTER_R = dict.fromkeys(SHAPES, 64)  # ConvertConfig.router_width
 L2_BYTES = 50e6
 DT = torch.bfloat16
@@ -1382,6 +1380,15 @@ def decode_compiled(model, budget, decode_side_by_side, kepts, kmeas, batches):
     return rows
 
 
+def write_record(res, out, t0=None):
+    """res as JSON at out (its folder made if missing); with t0, res["wall_s"] = seconds since t0 first."""
+    if t0 is not None:
+        res["wall_s"] = round(time.time() - t0, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
 def run_info(note):
     """The head of every record: device, versions, commit (DS_COMMIT: the device copy's git metadata is stale),
     command line and note."""
@@ -1816,20 +1823,6 @@ def print_gate_dial(rows):
               f"{r['mlp_fused_us']} floor {r.get('floor_mlp_us')}")
 
 
-def print_sweep(res, shapes, es):
-    """Per shape and expert size: dense/sparse at each kept, batch 1, and the lowest ratio at batch > 1."""
-    print(f"\n=== MLP layer, bf16, dense / sparse (router included); batch 1 by kept, then the lowest at batch "
-          "> 1 ===")
-    for shape in shapes:
-        for e in es:
-            rows = [r for r in res["mlp"] if r["shape"] == shape and r["expert_size"] == e]
-            one = {r["kept"]: r["dense_us"] / r["sparse_us"] for r in rows if r["batch"] == 1}
-            more = [r["dense_us"] / r["sparse_us"] for r in rows if r["batch"] > 1]
-            if rows:
-                print(f"{shape:13s} e={e:<3d} " + " ".join(f"{k}: x{v:.2f}" for k, v in sorted(one.items()))
-                      + (f" | batch>1 min x{min(more):.3f}" if more else ""))
-
-
 def print_table(res):
     co = res.get("crossover")
     if co:
@@ -1955,10 +1948,7 @@ def main(argv=None):
         with open(a.dial_mix) as f:
             mix = json.load(f)
         res = {**run_info(a.note), "dial_mix": bench_dial_mix(mix, Ts=(1, 2))}
-        res["wall_s"] = round(time.time() - t0, 1)
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_record(res, a.out, t0)
         for b in res["dial_mix"]["budgets"]:
             print({k: v for k, v in b.items() if k != "layers"})
         return
@@ -1974,11 +1964,8 @@ def main(argv=None):
         batches = tuple(int(t) for t in a.batches.split(",")) if a.batches else SWEEP_T
         for shape in shapes:
             res["mlp"] += bench_mlp([shape], es, SWEEP_KEPT, batches, res["copy_gbps"])
-            res["wall_s"] = round(time.time() - t0, 1)
-            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-            with open(a.out, "w") as f:
-                json.dump(res, f, indent=1)
-        print_sweep(res, shapes, es)
+            write_record(res, a.out, t0)
+        print("\n" + sweep_table(res))
         return
 
     if a.compact_crossover:
@@ -1996,19 +1983,14 @@ def main(argv=None):
             "summary": crossover_summary(rows), "rows": rows, "wall_s": round(time.time() - t0, 1)}
         if prev:  # earlier sweeps stay, newest last
             res["compact_crossover"]["earlier_runs"] = prev.pop("earlier_runs", []) + [prev]
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_record(res, a.out)
         print(json.dumps(res["compact_crossover"]["summary"], indent=1))
         return
 
     if a.routed_trials:
         t0 = time.time()
         res = {**run_info(a.note), "config": dict(K.CONFIG), "routed_trials": routed_trials()}
-        res["wall_s"] = round(time.time() - t0, 1)
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_record(res, a.out, t0)
         for r in res["routed_trials"]:
             print({k: v for k, v in r.items() if k != "kernels_us"})
         return
@@ -2048,10 +2030,7 @@ def main(argv=None):
             import traceback
             traceback.print_exc()
             res["e2e_error"] = f"{type(ex).__name__}: {str(ex)[:500]}"
-        res["wall_s"] = round(time.time() - t0, 1)
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_record(res, a.out, t0)
         for r in res.get("decode", []) + res.get("decode_compiled", []):
             print(r)
         for r in res.get("prefill", []):
@@ -2063,10 +2042,7 @@ def main(argv=None):
         res = run_info(a.note)
 
         def save_c():
-            res["wall_s"] = round(time.time() - t0, 1)
-            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-            with open(a.out, "w") as f:
-                json.dump(res, f, indent=1)
+            write_record(res, a.out, t0)
         res["copy_gbps"] = round(copy_bandwidth(), 1)
         res["config_default"] = dict(K.CONFIG)
         if not a.no_trials:
@@ -2102,10 +2078,7 @@ def main(argv=None):
            "decode": [], "prefill": []}
 
     def save():
-        res["wall_s"] = round(time.time() - t0, 1)
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_record(res, a.out, t0)
 
     def run_e2e():
         if a.no_e2e:

@@ -429,10 +429,13 @@ class SparseMLP(nn.Module):
             self._kernel_cache = (k.pack(w_gate, w_up, w_down_t, self.expert_size, self.n_shared // self.expert_size),
                                   self.down_norms())
 
-    def _cuda_forward(self, x2):
+    def _kernels_pay(self, x2) -> bool:
+        """SPARSE_MIN_MB's rule for this layer: its dense weights' bytes at the dtype of x2, its expert fraction."""
         weight_bytes = (3 if self.gated else 2) * self.intermediate * x2.shape[1] * x2.element_size()
-        if x2.shape[0] > self.dense_above_tokens or (self.size_rule
-                                                     and not sparse_pays_on_gpu(weight_bytes, self.expert_frac)):
+        return sparse_pays_on_gpu(weight_bytes, self.expert_frac)
+
+    def _cuda_forward(self, x2):
+        if x2.shape[0] > self.dense_above_tokens or (self.size_rule and not self._kernels_pay(x2)):
             if self.stats is not None:  # every neuron and input channel computed, router not run
                 full = torch.full((x2.shape[0],), self.n_experts, dtype=torch.long)
                 cells = torch.full_like(full, self.intermediate * x2.shape[1])

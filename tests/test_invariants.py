@@ -531,15 +531,17 @@ def test_reference_kl_in_chunks_equals_the_whole_window_formula():
 def test_gpu_size_rule_agrees_with_the_measured_sweeps():
     # every batch-1 row of the two H100 records: the rule runs dense wherever the kernels lost, and the kernels
     # wherever they won by 5% or more (between, a near tie, either is fine)
+    import importlib.util
     import json
     from pathlib import Path
 
     from densesparse.runtime import SPARSE_MIN_MB, sparse_pays_on_gpu
 
-    results = Path(__file__).parents[1] / "bench/results"
-    shapes = {"smollm2-135m": (576, 1536), "smollm2-360m": (960, 2560), "qwen2.5-0.5b": (896, 4864),
-              "llama3.2-1b": (2048, 8192), "llama3.2-3b": (3072, 8192), "llama2-7b": (4096, 11008),
-              "llama3-8b": (4096, 14336)}
+    bench = Path(__file__).parents[1] / "bench"
+    spec = importlib.util.spec_from_file_location("mlp_shapes", bench / "mlp_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shapes, results = module.SHAPES, bench / "results"
     rows = [r for name in ("gpu-h100-sweep.json", "gpu-h100-size-crossover.json")
             for r in json.loads((results / name).read_text())["mlp"] if r["batch"] == 1]
     assert len(rows) == 84 and {r["shape"] for r in rows} == set(shapes)
