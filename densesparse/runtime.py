@@ -121,7 +121,8 @@ DENSE_ABOVE_TOKENS = 2
 COMPACT_BELOW = 0.375
 # CUDA only: a layer whose dense MLP weights (bytes at the activations' dtype) are fewer than the bound for its
 # `expert_frac` runs the dense MLP at every token count: the sparse path's fixed cost (router launches, the gaps
-# between kernels: about 20 to 26 us) exceeds what skipping saves. Measured at batch 1, bf16, on an H100
+# between kernels) exceeds what skipping saves (SmolLM2-135M's layer: 17.7 us or more even at 25% of the experts,
+# the router alone 4.7-5.7 us, against 16.4 us for the whole dense MLP). Measured at batch 1, bf16, on an H100
 # (bench/results/gpu-h100-size-crossover.json, expert size 8, six MLP shapes, 15 to 151 MB between SmolLM2-135M's
 # 5.3 and Llama-2-7B's 271; bench/results/gpu-h100-sweep.json, expert sizes 8-128): at 25-75% of the experts the
 # kernels lost at 26 MB and below (Qwen2.5-0.5B 0.74-0.86x, SmolLM2-135M 0.60-0.93x) and won at 101 MB and above
